@@ -1,0 +1,21 @@
+"""Test-wide setup.
+
+Triton kernels run through Triton's interpreter on machines without CUDA; the interpreter is chosen
+when `@triton.jit` is applied, so the variable must be set before any kernel module is imported.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords or "multigpu" in item.keywords:
+            item.add_marker(skip_gpu)
