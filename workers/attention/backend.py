@@ -1,0 +1,62 @@
+"""The attention seam: what a layer hands to an attention backend, and what a backend must do.
+
+A step's tokens are laid out flat: first the tokens of every prefill (or chunked-prefill) sequence, then one
+token per decoding sequence. The backend writes the new keys and values into its paged cache at
+`slot_mapping` (slot = block * block_size + offset) and attends each query to its sequence's cached context.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class PrefillSeq:
+    """One prefill chunk: queries [query_start, query_start + query_len) of the flat batch, attending to the
+    first `context_len` cached tokens of its sequence (the chunk's own tokens included)."""
+
+    query_start: int
+    query_len: int
+    context_len: int
+    block_table: torch.Tensor  # [num_blocks_of_seq] int32
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each new token goes and what each query attends to.
+
+    slot_mapping: [num_tokens] int64, -1 for padding tokens (not written).
+    prefills: the prefill chunks, covering tokens [0, num_prefill_tokens).
+    decode_block_tables: [num_decodes, max_blocks] int32; decode_context_lens: [num_decodes] int32.
+    max_decode_context_len: a host-side bound on decode_context_lens (sizes the work, never read from device).
+    """
+
+    slot_mapping: torch.Tensor
+    num_prefill_tokens: int
+    prefills: list[PrefillSeq]
+    decode_block_tables: torch.Tensor
+    decode_context_lens: torch.Tensor
+    max_decode_context_len: int
+
+    @property
+    def num_decodes(self) -> int:
+        return int(self.decode_block_tables.shape[0])
+
+
+class AttentionBackend(Protocol):
+    """Owns the paged KV cache of every layer and computes attention over it."""
+
+    name: str
+
+    def allocate(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        """Creates the cache: `num_blocks` blocks of `block_size` tokens per layer."""
+
+    def bytes_per_block(self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes in one layer (keys and values), to size the cache from a memory budget."""
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                scale: float, sliding_window: int | None) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] of the new tokens -> attention output [T, Hq, D]."""

@@ -1,0 +1,231 @@
+"""The engine: requests in, tokens out, one scheduler step at a time.
+
+`add_request` validates and queues; `step` schedules a batch, runs the model, samples, applies stop rules
+and returns the outputs of that step; `abort` drops a request and frees its blocks at once. The engine is
+synchronous and not thread-safe: serving layers drive it from one thread.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from partita.workers.config import EngineConfig, ModelConfig
+from partita.workers.engine.block_manager import BlockManager
+from partita.workers.engine.model_runner import ModelRunner
+from partita.workers.engine.outputs import EngineStats, RequestOutput
+from partita.workers.engine.sampler import SampleRequest, sample
+from partita.workers.engine.scheduler import Scheduler
+from partita.workers.engine.sequence import Sequence
+from partita.workers.errors import InvalidRequestError, ModelLoadError
+from partita.workers.presets import PRESETS
+from partita.workers.sampling_params import SamplingParams
+from partita.workers.tokenizer import IncrementalDetokenizer, Tokenizer, byte_tokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+KV_FORMATS = ("auto", "none")
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    emitted_chars: int = 0
+    pending_logprobs: list[dict] | None = None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
+    """'auto' is the checkpoint's dtype on CUDA and float32 on CPU (where bf16 matmuls are slow)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        return dtype
+    if dtype == "auto":
+        return _DTYPES[config.dtype] if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use auto, float32, float16 or bfloat16")
+    return _DTYPES[dtype]
+
+
+def resolve_model(model: str | ModelConfig) -> tuple[ModelConfig, str | None]:
+    """A preset name, a ModelConfig (random weights) or a checkpoint directory -> (config, checkpoint dir)."""
+    if isinstance(model, ModelConfig):
+        return model, None
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model must be a checkpoint directory, a preset name or a ModelConfig, got {model!r}")
+    if model in PRESETS:
+        return PRESETS[model], None
+    if os.path.isdir(model):
+        return ModelConfig.from_dir(model), model
+    raise ModelLoadError(f"model {model!r} is neither a directory nor a preset ({', '.join(PRESETS)})")
+
+
+class Engine:
+    def __init__(self, model: str | ModelConfig = "tiny-llama", device: str | torch.device = "auto",
+                 dtype: str | torch.dtype = "auto", kv_format: str = "auto", config: EngineConfig | None = None,
+                 tokenizer: Tokenizer | None = None):
+        self.config = config or EngineConfig()
+        model_config, checkpoint = resolve_model(model)
+        if kv_format not in KV_FORMATS:
+            raise ValueError(f"kv_format {kv_format!r} is not supported; use one of {KV_FORMATS}")
+        self.kv_format = "none"
+        self.model_config = model_config
+        self.model_name = model if isinstance(model, str) else model_config.name
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, model_config, self.device)
+        self.max_model_len = self.config.max_model_len or model_config.max_position_embeddings
+        if self.max_model_len > model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"{model_config.max_position_embeddings}")
+        if tokenizer is None:
+            tokenizer = (Tokenizer.from_dir(checkpoint, model_config.eos_token_ids) if checkpoint
+                         else byte_tokenizer(model_config.eos_token_ids))
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(model_config.eos_token_ids or tokenizer.eos_token_ids)
+        self.runner = ModelRunner(model_config, self.config, self.device, self.dtype, checkpoint, self.max_model_len)
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill:
+            budget = max(budget, self.max_model_len)
+        self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, budget, self.config.enable_chunked_prefill)
+        self.requests: dict[str, _Request] = {}
+        self._aborted: list[RequestOutput] = []
+        self._arrival = itertools.count()
+        self._generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens", self.model_name, self.device,
+                 self.dtype, self.runner.num_blocks, self.config.block_size)
+
+    # --- requests -------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        """Queues a request; raises InvalidRequestError naming the bad field, leaving the engine unchanged."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id", f"must be a non-empty string, got {request_id!r}")
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params", f"must be SamplingParams, got {type(params).__name__}")
+        token_ids = self._prompt_ids(prompt)
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError("prompt", f"{len(token_ids)} tokens leave no room to generate within "
+                                                f"max_model_len={self.max_model_len}")
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError("max_tokens", f"prompt ({len(token_ids)} tokens) + max_tokens "
+                                                    f"({params.max_tokens}) exceeds max_model_len={self.max_model_len}")
+        seq = Sequence(request_id, list(token_ids), len(token_ids), params, next(self._arrival))
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        detok = IncrementalDetokenizer.start(self.tokenizer, token_ids, params.skip_special_tokens)
+        self.requests[request_id] = _Request(seq, detok, generator)
+        self.scheduler.add(seq)
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            vocab = self.model_config.vocab_size
+            for i, t in enumerate(prompt):
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise InvalidRequestError("prompt", f"token id at index {i} ({t!r}) is not in [0, {vocab})")
+            ids = list(prompt)
+        else:
+            raise InvalidRequestError("prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise InvalidRequestError("prompt", "is empty")
+        return ids
+
+    def abort(self, request_id: str) -> bool:
+        """Drops a request and frees its blocks now; its final output (finish_reason 'abort') comes from the
+        next step(). Returns False for an unknown or finished request."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req.seq, "abort")
+        self._aborted.append(RequestOutput(request_id, [], "", True, "abort", req.seq.num_prompt_tokens,
+                                           req.seq.num_output_tokens))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.num_free_blocks,
+                           self.blocks.num_blocks, self.blocks.usage, self.scheduler.num_preemptions)
+
+    # --- steps ----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._aborted = self._aborted, []
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return outputs
+        step = self.runner.run(batch)
+        for seq, n in batch.prefills:
+            seq.num_computed_tokens += n
+        for seq in batch.decodes:
+            seq.num_computed_tokens += 1
+        if not step.sampled:
+            return outputs
+        rows = [SampleRequest(s.params, self.requests[s.request_id].generator, s.token_ids) for s in step.sampled]
+        results = sample(step.logits, rows, self._generator)
+        for seq, result in zip(step.sampled, results):
+            outputs.append(self._append_token(seq, result))
+        return outputs
+
+    def _append_token(self, seq: Sequence, result) -> RequestOutput:
+        req = self.requests[seq.request_id]
+        token = result.token_id
+        seq.token_ids.append(token)
+        params = seq.params
+        req.detok.add([token])
+        reason = None
+        if not params.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif token in params.stop_token_ids:
+            reason = "stop"
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        text = req.detok.text
+        stop_at = _find_stop(text, params.stop, req.emitted_chars)
+        if stop_at is not None:
+            text, reason = text[:stop_at], "stop"
+        hold = 0 if reason or not params.stop else max(len(s) for s in params.stop) - 1
+        visible = max(req.emitted_chars, len(text) - hold)
+        delta = text[req.emitted_chars:visible]
+        req.emitted_chars = visible
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = [{"token_id": token, "logprob": result.logprob, "top": result.top_logprobs or {}}]
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self.requests[seq.request_id]
+        return RequestOutput(seq.request_id, [token], delta, reason is not None, reason, seq.num_prompt_tokens,
+                             seq.num_output_tokens, logprobs)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> int | None:
+    """Index where the earliest stop string starts in the not-yet-final tail of text, or None."""
+    if not stops:
+        return None
+    start = max(0, emitted - max(len(s) for s in stops))
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,229 @@
+"""Builds the model on its device, sizes and allocates the KV cache, and runs one step over a batch.
+
+A step's tokens are laid out flat (prefill chunks, then decodes) into a ForwardBatch. Decode-only steps on
+CUDA replay CUDA graphs captured per (padded batch size, block-table width), captured lazily on first use.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from partita.workers.attention.backend import AttentionMetadata, PrefillSeq
+from partita.workers.attention.torch_paged import TorchPagedAttention
+from partita.workers.config import EngineConfig, ModelConfig
+from partita.workers.engine.scheduler import ScheduledBatch
+from partita.workers.engine.sequence import Sequence
+from partita.workers.errors import EngineCapacityError
+from partita.workers.models.decoder import DecoderModel, ForwardBatch
+from partita.workers.models.loader import init_random, load_checkpoint
+from partita.workers.models.ops import select_ops
+
+log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 256 * 2**20
+
+
+@dataclass
+class StepOutput:
+    """Logits of the rows to sample, and the sequences they belong to (same order)."""
+
+    logits: torch.Tensor
+    sampled: list[Sequence]
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, device: torch.device,
+                 dtype: torch.dtype, checkpoint: str | None, max_model_len: int):
+        self.config = model_config
+        self.engine_config = engine_config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = engine_config.block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.ops = select_ops(device)
+        self.backend = TorchPagedAttention()
+        with torch.device(device):
+            self.model = DecoderModel(model_config, self.backend, ops=self.ops, dtype=dtype)
+        if checkpoint is None:
+            init_random(self.model, engine_config.seed)
+        else:
+            load_checkpoint(self.model, checkpoint)
+        self.model.eval()
+        self.num_blocks = self._plan_num_blocks()
+        self.backend.allocate(model_config.num_layers, self.num_blocks, self.block_size, model_config.num_kv_heads,
+                              model_config.head_dim, dtype, device)
+        self.graphs: dict[tuple[int, int], _DecodeGraph] = {}
+        self.graph_pool = None
+        self.use_graphs = (device.type == "cuda" and not engine_config.enforce_eager
+                           and (not model_config.is_moe or self.ops.name != "torch"))
+
+    # --- capacity -------------------------------------------------------------------------------------
+    def _plan_num_blocks(self) -> int:
+        cfg, ecfg = self.config, self.engine_config
+        per_block = self.backend.bytes_per_block(self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        per_block *= cfg.num_layers
+        if ecfg.num_kv_blocks is not None:
+            num_blocks = ecfg.num_kv_blocks
+        elif ecfg.kv_cache_memory_bytes is not None:
+            num_blocks = ecfg.kv_cache_memory_bytes // per_block
+        elif self.device.type == "cuda":
+            num_blocks = self._profile_free_bytes() // per_block
+        else:
+            num_blocks = min(CPU_KV_CACHE_BYTES // per_block,
+                             ecfg.max_num_seqs * self.max_blocks_per_seq)
+        if num_blocks * self.block_size < self.max_model_len:
+            raise EngineCapacityError(
+                f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens ({num_blocks * self.block_size} "
+                f"tokens), fewer than max_model_len={self.max_model_len}; give it more memory or lower max_model_len")
+        return int(num_blocks)
+
+    @torch.inference_mode()
+    def _profile_free_bytes(self) -> int:
+        """Runs the largest prefill step once and returns the memory left for the KV cache."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        cfg = self.config
+        self.backend.allocate(cfg.num_layers, 1, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype,
+                              self.device)
+        n = min(self.engine_config.max_num_batched_tokens, self.max_model_len)
+        tokens = torch.zeros(n, dtype=torch.long, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((n,), -1, dtype=torch.long, device=self.device), num_prefill_tokens=n,
+            prefills=[PrefillSeq(0, n, n, torch.zeros(1, dtype=torch.int32, device=self.device))],
+            decode_block_tables=torch.zeros(0, 1, dtype=torch.int32, device=self.device),
+            decode_context_lens=torch.zeros(0, dtype=torch.int32, device=self.device), max_decode_context_len=0)
+        hidden = self.model(ForwardBatch(tokens, torch.arange(n, device=self.device), meta))
+        self.model.compute_logits(hidden[-self.engine_config.max_num_seqs:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        self.backend.allocate(cfg.num_layers, 0, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype,
+                              self.device)
+        torch.cuda.empty_cache()
+        return max(0, int(total * self.engine_config.gpu_memory_utilization) - peak)
+
+    # --- steps ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepOutput:
+        if not batch.prefills and self.use_graphs and len(batch.decodes) <= self._max_graph_batch():
+            return self._run_decode_graph(batch.decodes)
+        fb, sample_rows, sampled = self._prepare(batch)
+        hidden = self.model(fb)
+        return StepOutput(self.model.compute_logits(hidden[sample_rows]), sampled)
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[ForwardBatch, torch.Tensor, list[Sequence]]:
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillSeq] = []
+        sample_rows: list[int] = []
+        sampled: list[Sequence] = []
+        for seq, n in batch.prefills:
+            start = seq.num_computed_tokens
+            prefills.append(PrefillSeq(len(tokens), n, start + n, self._tensor(seq.block_table, torch.int32)))
+            tokens += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            slots += self._slots(seq, start, start + n)
+            if start + n == seq.num_tokens:
+                sample_rows.append(len(tokens) - 1)
+                sampled.append(seq)
+        num_prefill_tokens = len(tokens)
+        for seq in batch.decodes:
+            pos = seq.num_computed_tokens
+            tokens.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots += self._slots(seq, pos, pos + 1)
+            sample_rows.append(len(tokens) - 1)
+            sampled.append(seq)
+        width = max((len(s.block_table) for s in batch.decodes), default=1)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.decodes]
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.long), num_prefill_tokens=num_prefill_tokens, prefills=prefills,
+            decode_block_tables=self._tensor(tables, torch.int32).reshape(len(tables), width),
+            decode_context_lens=self._tensor([s.num_computed_tokens + 1 for s in batch.decodes], torch.int32),
+            max_decode_context_len=max((s.num_computed_tokens + 1 for s in batch.decodes), default=0))
+        fb = ForwardBatch(self._tensor(tokens, torch.long), self._tensor(positions, torch.long), meta)
+        return fb, self._tensor(sample_rows, torch.long), sampled
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    # --- CUDA graphs ----------------------------------------------------------------------------------
+    def _max_graph_batch(self) -> int:
+        sizes = [b for b in self.engine_config.cuda_graph_batch_sizes if b <= self.engine_config.max_num_seqs]
+        return sizes[-1] if sizes else 0
+
+    def _run_decode_graph(self, decodes: list[Sequence]) -> StepOutput:
+        n = len(decodes)
+        padded = next(b for b in self.engine_config.cuda_graph_batch_sizes if b >= n)
+        need = max(len(s.block_table) for s in decodes)
+        width = min(self.max_blocks_per_seq, 1 << max(3, (need - 1).bit_length()))
+        key = (padded, width)
+        if key not in self.graphs:
+            if self.graph_pool is None:
+                self.graph_pool = torch.cuda.graph_pool_handle()
+            self.graphs[key] = _DecodeGraph(self, padded, width)
+        graph = self.graphs[key]
+        logits = graph.replay(decodes)
+        return StepOutput(logits[:n], decodes)
+
+
+class _DecodeGraph:
+    """A captured decode step for `batch_size` sequences with block tables `width` blocks wide.
+
+    Static inputs are filled in place before each replay; padding rows write to the scratch slot (-1) and
+    attend to one cached token, and their logits are dropped.
+    """
+
+    def __init__(self, runner: ModelRunner, batch_size: int, width: int):
+        dev = runner.device
+        self.runner = runner
+        self.token_ids = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.slots = torch.full((batch_size,), -1, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(batch_size, width, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(batch_size, dtype=torch.int32, device=dev)
+        self.mask = torch.zeros(batch_size, dtype=torch.long, device=dev)
+        self.host = torch.zeros(5, batch_size, width, dtype=torch.long).pin_memory()
+        meta = AttentionMetadata(self.slots, 0, [], self.tables, self.lens, width * runner.block_size)
+        self.batch = ForwardBatch(self.token_ids, self.positions, meta, self.mask)
+        model = runner.model
+        for _ in range(2):  # warm-up: kernels compile and autotune outside capture
+            model.compute_logits(model(self.batch))
+        torch.cuda.synchronize(dev)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
+            self.logits = model.compute_logits(model(self.batch))
+
+    def replay(self, decodes: list[Sequence]) -> torch.Tensor:
+        n, bs = len(decodes), self.runner.block_size
+        host = self.host
+        host.zero_()
+        host[2, :, 0] = -1
+        host[4, :, 0] = 1
+        for i, s in enumerate(decodes):
+            pos = s.num_computed_tokens
+            host[0, i, 0] = s.token_ids[pos]
+            host[1, i, 0] = pos
+            host[2, i, 0] = s.block_table[pos // bs] * bs + pos % bs
+            host[3, i, :len(s.block_table)] = torch.tensor(s.block_table)
+            host[4, i, 0] = pos + 1
+        self.mask.zero_()
+        self.mask[:n] = 1
+        self.token_ids.copy_(host[0, :, 0], non_blocking=True)
+        self.positions.copy_(host[1, :, 0], non_blocking=True)
+        self.slots.copy_(host[2, :, 0], non_blocking=True)
+        self.tables.copy_(host[3], non_blocking=True)
+        self.lens.copy_(host[4, :, 0], non_blocking=True)
+        self.graph.replay()
+        return self.logits
