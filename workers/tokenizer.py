@@ -123,19 +123,20 @@ class IncrementalDetokenizer:
     prefix_offset: int = 0
     read_offset: int = 0
     text: str = ""
+    prefix_text: str = ""  # decode(ids[prefix_offset:read_offset]), kept so each token costs one decode
 
     @classmethod
     def start(cls, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool) -> "IncrementalDetokenizer":
         tail = list(prompt_ids[-5:])  # context for tokenizers that add a leading space to a word's first piece
-        return cls(tokenizer, skip_special_tokens, tail, 0, len(tail))
+        return cls(tokenizer, skip_special_tokens, tail, 0, len(tail), "", tokenizer.decode(tail, skip_special_tokens))
 
     def add(self, new_ids: list[int]) -> str:
         self.ids.extend(new_ids)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
         full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(full) <= len(self.prefix_text) or full.endswith("\ufffd"):
             return ""
-        delta = full[len(prefix):]
+        delta = full[len(self.prefix_text):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
         self.text += delta
         return delta

@@ -44,6 +44,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.ops = select_ops(device)
+        # Memory other engines of this process hold already; not ours to count.
+        self._baseline_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         self.backend = TorchPagedAttention()
         with torch.device(device):
             self.model = DecoderModel(model_config, self.backend, ops=self.ops, dtype=dtype)
@@ -82,7 +84,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_free_bytes(self) -> int:
-        """Runs the largest prefill step once and returns the memory left for the KV cache."""
+        """Runs the largest prefill step once; returns this engine's share of the GPU (gpu_memory_utilization
+        of its memory) less its weights and activation peak, bounded by what is actually free."""
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         cfg = self.config
@@ -98,12 +101,15 @@ class ModelRunner:
         hidden = self.model(ForwardBatch(tokens, torch.arange(n, device=self.device), meta))
         self.model.compute_logits(hidden[-self.engine_config.max_num_seqs:])
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        total = torch.cuda.get_device_properties(self.device).total_memory
+        peak = torch.cuda.max_memory_allocated(self.device) - self._baseline_bytes
         self.backend.allocate(cfg.num_layers, 0, self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype,
                               self.device)
         torch.cuda.empty_cache()
-        return max(0, int(total * self.engine_config.gpu_memory_utilization) - peak)
+        free, total = torch.cuda.mem_get_info(self.device)
+        activations = peak - (torch.cuda.memory_allocated(self.device) - self._baseline_bytes)
+        share = int(total * self.engine_config.gpu_memory_utilization) - peak
+        # Keep the activation peak (and CUDA-graph pools) free beside the cache.
+        return max(0, min(share, free - activations - 256 * 2**20))
 
     # --- steps ----------------------------------------------------------------------------------------
     @torch.inference_mode()
