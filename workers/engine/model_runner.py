@@ -200,7 +200,11 @@ class _DecodeGraph:
         self.tables = torch.zeros(batch_size, width, dtype=torch.int32, device=dev)
         self.lens = torch.ones(batch_size, dtype=torch.int32, device=dev)
         self.mask = torch.zeros(batch_size, dtype=torch.long, device=dev)
-        self.host = torch.zeros(5, batch_size, width, dtype=torch.long).pin_memory()
+        # Pinned staging: rows of token ids, positions, slots and mask (int64); context lengths and block
+        # tables (int32), so that every copy is a same-dtype asynchronous copy.
+        self.host_rows = torch.zeros(4, batch_size, dtype=torch.long).pin_memory()
+        self.host_lens = torch.ones(batch_size, dtype=torch.int32).pin_memory()
+        self.host_tables = torch.zeros(batch_size, width, dtype=torch.int32).pin_memory()
         meta = AttentionMetadata(self.slots, 0, [], self.tables, self.lens, width * runner.block_size)
         self.batch = ForwardBatch(self.token_ids, self.positions, meta, self.mask)
         model = runner.model
@@ -212,24 +216,20 @@ class _DecodeGraph:
             self.logits = model.compute_logits(model(self.batch))
 
     def replay(self, decodes: list[Sequence]) -> torch.Tensor:
-        n, bs = len(decodes), self.runner.block_size
-        host = self.host
-        host.zero_()
-        host[2, :, 0] = -1
-        host[4, :, 0] = 1
-        for i, s in enumerate(decodes):
-            pos = s.num_computed_tokens
-            host[0, i, 0] = s.token_ids[pos]
-            host[1, i, 0] = pos
-            host[2, i, 0] = s.block_table[pos // bs] * bs + pos % bs
-            host[3, i, :len(s.block_table)] = torch.tensor(s.block_table)
-            host[4, i, 0] = pos + 1
-        self.mask.zero_()
-        self.mask[:n] = 1
-        self.token_ids.copy_(host[0, :, 0], non_blocking=True)
-        self.positions.copy_(host[1, :, 0], non_blocking=True)
-        self.slots.copy_(host[2, :, 0], non_blocking=True)
-        self.tables.copy_(host[3], non_blocking=True)
-        self.lens.copy_(host[4, :, 0], non_blocking=True)
+        n, bs, width = len(decodes), self.runner.block_size, self.tables.shape[1]
+        pos = [s.num_computed_tokens for s in decodes]
+        rows = self.host_rows
+        rows[:, n:] = torch.tensor([[0], [0], [-1], [0]])
+        rows[:, :n] = torch.tensor([
+            [s.token_ids[p] for s, p in zip(decodes, pos)], pos,
+            [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos)], [1] * n])
+        self.host_lens[n:] = 1
+        self.host_lens[:n] = torch.tensor(pos, dtype=torch.int32) + 1
+        self.host_tables[:n] = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decodes],
+                                            dtype=torch.int32)
+        for dst, src in zip((self.token_ids, self.positions, self.slots, self.mask), rows):
+            dst.copy_(src, non_blocking=True)
+        self.lens.copy_(self.host_lens, non_blocking=True)
+        self.tables.copy_(self.host_tables, non_blocking=True)
         self.graph.replay()
         return self.logits
