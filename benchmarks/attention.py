@@ -1,0 +1,277 @@
+"""Paged attention benchmark: decode per KV format against copy bandwidth and torch SDPA.
+
+    python benchmarks/attention.py --md benchmarks/results/<date>-attention-h200.md [--sweep]
+
+Shape: Llama-3-8B attention (32 query heads, 8 kv heads, head_dim 128, bf16), pages of 16 tokens
+(kivi2: 32, its residual unit), sequences on shuffled pages, K/V written through `fmt.write`.
+Each case is timed as a CUDA graph of 20 calls (which also proves the decode path capturable),
+median of 5 replays; caches smaller than 256 MB are replicated and rotated so L2 (50 MB on H200)
+cannot serve them.
+
+Columns: time per call; bytes the call must read (KV pages per `fmt.bytes_per_token` plus the
+kivi2 residual, queries and outputs) over time, also as a share of the copy bandwidth measured in
+the same run (read + write bytes of a 2 GiB device copy, the DESIGN.md convention); speedup over
+torch SDPA on a contiguous bf16 cache [B, 8, ctx, 128] (enable_gqa) and over the bf16 paged kernel.
+`--sweep` adds the tiling sweeps used to choose `attention_config` and the split heuristic.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from partita.kernels.kv_formats import get_kv_format
+from partita.kernels.kv_testing import make_paged_batch, outlier_kv, output_errors
+from partita.kernels.paged_attention import (AttentionConfig, attention_config,
+                                             choose_num_splits, paged_decode_attention,
+                                             paged_prefill_attention)
+
+HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
+SHAPES = [(1, 4096), (1, 32768), (32, 4096), (64, 8192)]  # (batch, context)
+FORMATS = ["none", "fp8", "int8", "int4", "int4:group_size=64", "kivi2"]
+L2_BYTES = 256 << 20
+
+
+def time_graph(fn, iters: int = 20, reps: int = 5) -> float:
+    """Seconds per call of `fn`, captured `iters` times in one CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy, counting read + write."""
+    x = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * x.numel() / time_graph(lambda: y.copy_(x), iters=5)
+
+
+_BUILT: dict = {}
+
+
+def build_cache(spec: str, batch_size: int, ctx: int, seed: int = 0):
+    """A filled cache, its batch and queries for `batch_size` sequences of `ctx` tokens."""
+    key = (spec, batch_size, ctx, seed)
+    if key not in _BUILT:
+        _BUILT[key] = _build_cache(spec, batch_size, ctx, seed)
+    return _BUILT[key]
+
+
+def _build_cache(spec: str, batch_size: int, ctx: int, seed: int):
+    fmt = get_kv_format(spec)
+    block_size = 32 if fmt.name == "kivi2" else 16
+    g = torch.Generator().manual_seed(seed)
+    batch = make_paged_batch([ctx] * batch_size, block_size, max_num_seqs=batch_size,
+                             device="cuda", generator=g)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    cache = fmt.allocate(int(batch.block_tables.max()) + 1, block_size, HKV, D, DTYPE, "cuda",
+                         max_num_seqs=batch_size)
+    slots, seqs, _ = batch.write_plan([0] * batch_size)
+    chunk = 1 << 16
+    for i in range(0, len(slots), chunk):
+        k, v = outlier_kv(min(chunk, len(slots) - i), HKV, D, dtype=DTYPE, device="cuda",
+                          generator=g)
+        if fmt.name == "fp8" and i == 0:
+            fmt.calibrate(cache, k, v)
+        fmt.write(cache, k, v, slots[i:i + chunk], seqs[i:i + chunk])
+    q = torch.randn(batch_size, HQ, D, generator=g, device="cuda").to(DTYPE)
+    return cache, batch, q
+
+
+def read_bytes(cache, batch_size: int, ctx: int) -> int:
+    fmt = cache.fmt
+    residual = ctx % fmt.r if fmt.name == "kivi2" else 0  # full-precision rows outside pages
+    kv = batch_size * ((ctx - residual) * fmt.bytes_per_token(HKV, D) + residual * HKV * D * 4)
+    return int(kv + 2 * batch_size * HQ * D * 2)
+
+
+def bench_decode(spec: str, batch_size: int, ctx: int, *, num_splits=None, config=None) -> dict:
+    cache, batch, q = build_cache(spec, batch_size, ctx)
+    nbytes = read_bytes(cache, batch_size, ctx)
+    copies = [cache] + [build_cache(spec, batch_size, ctx, seed)[0]
+                        for seed in range(1, math.ceil(L2_BYTES / nbytes))]
+    state = {"i": 0}
+
+    def call():
+        c = copies[state["i"] % len(copies)]
+        state["i"] += 1
+        paged_decode_attention(q, c, batch.block_tables, batch.context_lens, D ** -0.5,
+                               max_context_len=ctx, seq_slots=batch.seq_slots,
+                               num_splits=num_splits, config=config)
+    t = time_graph(call, iters=max(20, len(copies)))
+    splits = num_splits or choose_num_splits(batch_size, HKV, ctx,
+                                             torch.cuda.get_device_properties(0).multi_processor_count)
+    return {"kind": "decode", "format": spec, "batch": batch_size, "ctx": ctx, "time_s": t,
+            "bytes": nbytes, "splits": splits,
+            "config": str(config or attention_config(cache.fmt.name, D, True))}
+
+
+def bench_sdpa(batch_size: int, ctx: int) -> dict:
+    nbytes = 2 * batch_size * HKV * ctx * D * 2
+    copies = max(1, math.ceil(L2_BYTES / nbytes))
+    ks = [torch.randn(batch_size, HKV, ctx, D, device="cuda", dtype=DTYPE) for _ in range(copies)]
+    vs = [torch.randn_like(ks[0]) for _ in range(copies)]
+    q = torch.randn(batch_size, HQ, 1, D, device="cuda", dtype=DTYPE)
+    state = {"i": 0}
+
+    def call():
+        i = state["i"] % copies
+        state["i"] += 1
+        F.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True)
+    t = time_graph(call, iters=max(20, copies))
+    return {"kind": "sdpa", "format": "sdpa-contiguous", "batch": batch_size, "ctx": ctx,
+            "time_s": t, "bytes": nbytes + 2 * batch_size * HQ * D * 2}
+
+
+def bench_prefill(spec: str, num_seqs: int, cached: int, new: int) -> list[dict]:
+    """Chunked prefill: `new` tokens per sequence over `cached` ones; Triton vs SDPA (bf16)."""
+    ctx = cached + new
+    cache, batch, _ = build_cache(spec, num_seqs, ctx)
+    q = torch.randn(num_seqs * new, HQ, D, device="cuda", dtype=DTYPE)
+    cu = torch.arange(0, num_seqs + 1, device="cuda", dtype=torch.int32) * new
+    flops = 4 * num_seqs * HQ * D * (new * cached + new * (new + 1) / 2)
+    t = time_graph(lambda: paged_prefill_attention(q, cache, cu, batch.context_lens,
+                                                   batch.block_tables, D ** -0.5,
+                                                   max_query_len=new, seq_slots=batch.seq_slots),
+                   iters=5)
+    rows = [{"kind": "prefill", "format": spec, "batch": num_seqs, "ctx": ctx, "new": new,
+             "time_s": t, "tflops": flops / t / 1e12}]
+    if spec == "none":
+        from torch.nn.attention.bias import causal_lower_right
+        qs = torch.randn(num_seqs, HQ, new, D, device="cuda", dtype=DTYPE)
+        k = torch.randn(num_seqs, HQ, ctx, D, device="cuda", dtype=DTYPE)  # MHA: flash path
+        v = torch.randn_like(k)
+        mask = causal_lower_right(new, ctx) if cached else None
+        t = time_graph(lambda: F.scaled_dot_product_attention(qs, k, v, attn_mask=mask,
+                                                              is_causal=not cached), iters=5)
+        rows.append({"kind": "prefill", "format": "sdpa-contiguous", "batch": num_seqs,
+                     "ctx": ctx, "new": new, "time_s": t, "tflops": flops / t / 1e12})
+    return rows
+
+
+def sweeps() -> list[dict]:
+    rows = []
+    for b, ctx in [(64, 8192), (32, 4096)]:
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 4):
+                    cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=stages)
+                    rows.append(bench_decode("none", b, ctx, config=cfg))
+    for bn in (64, 128):
+        for stages in (1, 2):
+            for bm in (4, 16):
+                for ki in (False, True):
+                    cfg = AttentionConfig(block_n=bn, num_stages=stages, decode_block_m=bm,
+                                          k_int8=ki)
+                    rows.append(bench_decode("int4", 64, 8192, config=cfg))
+    for stages in (1, 2):
+        for bm in (4, 16):
+            for ki, vi in ((False, False), (True, False), (True, True)):
+                cfg = AttentionConfig(num_stages=stages, decode_block_m=bm, k_int8=ki, v_int8=vi)
+                rows.append(bench_decode("kivi2", 64, 8192, config=cfg))
+    for spec in ("none", "int4", "kivi2"):
+        for ctx in (4096, 32768):
+            for splits in (8, 16, 32, 64):
+                rows.append(bench_decode(spec, 1, ctx, num_splits=splits))
+    return rows
+
+
+def accuracy() -> str:
+    """Relative attention-output error per format on keys with outlier channels."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k, v = outlier_kv(4096, HKV, D, dtype=DTYPE, device="cuda", generator=g)
+    q = torch.randn(1, HQ, D, generator=g, device="cuda").to(DTYPE)
+    out = ["| format | decode kernel | keys only | values only |", "|---|---|---|---|"]
+    for spec in ("none", "fp8", "int8", "int4:group_size=32", "int4:group_size=64", "int4",
+                 "kivi2", "kivi2:value_group_size=128"):
+        e = output_errors(spec, k, v, q)
+        out.append(f"| {spec} | {e['kernel']:.4f} | {e['keys']:.4f} | {e['values']:.4f} |")
+    return "\n".join(out)
+
+
+def table(rows: list[dict], copy_bw: float) -> str:
+    sdpa = {(r["batch"], r["ctx"]): r["time_s"] for r in rows if r["kind"] == "sdpa"}
+    bf16 = {(r["batch"], r["ctx"]): r["time_s"] for r in rows
+            if r["kind"] == "decode" and r["format"] == "none" and "sweep" not in r}
+    out = ["| format | batch | context | splits | time (us) | read (MB) | TB/s | % of copy BW "
+           "| x SDPA | x bf16 paged |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] not in ("decode", "sdpa") or "sweep" in r:
+            continue
+        key = (r["batch"], r["ctx"])
+        bw = r["bytes"] / r["time_s"]
+        out.append(f"| {r['format']} | {r['batch']} | {r['ctx']} | {r.get('splits', '-')} | "
+                   f"{r['time_s'] * 1e6:.1f} | {r['bytes'] / 1e6:.1f} | {bw / 1e12:.2f} | "
+                   f"{100 * bw / copy_bw:.0f}% | {sdpa.get(key, float('nan')) / r['time_s']:.2f} | "
+                   f"{bf16.get(key, float('nan')) / r['time_s']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--md", help="write the markdown report here")
+    ap.add_argument("--json", help="write all rows here")
+    ap.add_argument("--sweep", action="store_true", help="also run the tiling/split sweeps")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    args = ap.parse_args(argv)
+    copy_bw = copy_bandwidth()
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+    rows: list[dict] = []
+
+    def add(new_rows):
+        for r in new_rows if isinstance(new_rows, list) else [new_rows]:
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"copy_bw": copy_bw, "rows": rows}, f, indent=1)
+    for b, ctx in SHAPES:
+        add(bench_sdpa(b, ctx))
+        for spec in args.formats.split(","):
+            add(bench_decode(spec, b, ctx))
+    for spec in ("none", "int4", "kivi2"):
+        add(bench_prefill(spec, 1, 0, 4096))
+        add(bench_prefill(spec, 4, 3584, 512))
+    report = table(rows, copy_bw)
+    prefill = ["| prefill | seqs | context | new tokens | time (us) | TFLOP/s |", "|---|---|---|---|---|---|"]
+    prefill += [f"| {r['format']} | {r['batch']} | {r['ctx']} | {r['new']} | "
+                f"{r['time_s'] * 1e6:.1f} | {r['tflops']:.1f} |" for r in rows if r["kind"] == "prefill"]
+    report += "\n\n" + "\n".join(prefill)
+    report += ("\n\nRelative attention-output error, 4096 tokens, keys with outlier channels "
+               "(kv_testing.outlier_kv):\n\n" + accuracy())
+    print(report)
+    if args.md:
+        dev = torch.cuda.get_device_name(0)
+        cmd = "python " + " ".join(sys.argv)
+        with open(args.md, "w") as f:
+            f.write(f"# Paged decode attention, {dev}, {datetime.date.today()}\n\n"
+                    f"Command: `{cmd}`  \nCopy bandwidth (read+write, same run): "
+                    f"{copy_bw / 1e12:.2f} TB/s\n\n{report}\n")
+    if args.sweep:
+        for r in sweeps():
+            r["sweep"] = True
+            add(r)
+
+
+if __name__ == "__main__":
+    main()

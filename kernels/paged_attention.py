@@ -1,0 +1,179 @@
+"""Paged attention over any KV format: decode (split-KV) and chunked prefill. The engine's API.
+
+    out = paged_decode_attention(q, cache, block_tables, context_lens, scale,
+                                 max_context_len=..., seq_slots=None)
+        q [num_seqs, Hq, D] (one new token per sequence, already written to the cache)
+    out = paged_prefill_attention(q, cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                  max_query_len=None, seq_slots=None)
+        q [num_tokens, Hq, D]; sequence b's new tokens are rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
+        (int32 [num_seqs + 1]) and sit at the last positions of its context_lens[b] tokens; they
+        attend causally to everything cached before them (chunked prefill) and to each other.
+    out: like q. cache: a `PagedKVCache` (kv_formats); seq_slots [num_seqs] int32 for kivi2.
+
+Both write the new tokens first (`fmt.write`) and then read every key/value from pages, so a
+prefill sees its own tokens exactly as decode will later (quantized where the format says so).
+Tensors on CUDA run the Triton kernels (`paged_attention_dense`, `_int4`, `_kivi`), others the
+torch reference (`paged_attention_ref`); `impl` forces one.
+
+Prefill runs on the same Triton kernels (BLOCK_M query rows per program) rather than torch SDPA:
+SDPA cannot read pages or quantized codes, so it would need the whole context dequantized into a
+contiguous copy for every chunk (an extra write and read of the cache) and one call per sequence
+for variable lengths; `benchmarks/attention.py` measures both.
+
+Decode is CUDA-graph capturable: the grid and the split count depend only on shapes, the SM
+count and the caller's `max_context_len` bound (pass it; without it the launcher reads
+context_lens.max() on the host). Split count: `choose_num_splits`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from partita.kernels.kv_base import PagedKVCache, use_triton
+from partita.kernels.paged_attention_common import combine_splits
+from partita.kernels.paged_attention_dense import dense_attention_kernel, dense_cache_args
+from partita.kernels.paged_attention_int4 import int4_attention_kernel, int4_cache_args
+from partita.kernels.paged_attention_kivi import kivi_attention_kernel, kivi_cache_args
+from partita.kernels.paged_attention_ref import paged_attention_reference
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tiling of one launch (kivi2 tiles are always one key group)."""
+
+    block_n: int = 64  # cached tokens per tile
+    block_m: int = 64  # prefill query rows (tokens x GQA heads) per program
+    decode_block_m: int = 16  # decode rows at least (the GQA group, padded with idle rows)
+    num_warps: int = 4
+    num_stages: int = 2
+    k_int8: bool = False  # int4/kivi2: int8 tensor-core dots for the scores where shapes allow
+    v_int8: bool = False  # int4/kivi2: int8 dots for P V (P quantized per row and group)
+
+
+def attention_config(fmt_name: str, head_dim: int, is_decode: bool) -> AttentionConfig:
+    """Default tiling per format (tuned on H200, benchmarks/results/)."""
+    if not is_decode:
+        return AttentionConfig(block_n=64 if head_dim <= 64 else 32, block_m=64, num_warps=4)
+    if fmt_name in ("none", "fp8", "int8"):
+        return AttentionConfig(block_n=64, num_warps=4, num_stages=3)
+    return AttentionConfig(block_n=64, num_warps=4, num_stages=2)
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int,
+                      min_tokens_per_split: int = 256, waves: int = 2) -> int:
+    """FlashDecoding split count: enough programs for `waves` per SM, splits >= min tokens."""
+    programs = num_seqs * num_kv_heads
+    if programs >= waves * num_sms:
+        return 1
+    by_len = max(1, max_context_len // min_tokens_per_split)
+    return max(1, min(triton.cdiv(waves * num_sms, programs), by_len, 64))
+
+
+def _check(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
+           context_lens: torch.Tensor, seq_slots: torch.Tensor | None, num_seqs: int) -> None:
+    if q.dim() != 3 or q.shape[2] != cache.head_dim or q.shape[1] % cache.num_kv_heads:
+        raise ValueError(f"q.shape={tuple(q.shape)}: expected [*, k * {cache.num_kv_heads}, "
+                         f"{cache.head_dim}]")
+    if q.dtype != cache.dtype or q.stride(-1) != 1:
+        raise ValueError(f"q: expected {cache.dtype} with a contiguous last dim")
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or \
+            block_tables.dtype != torch.int32:
+        raise ValueError(f"block_tables: expected int32 [{num_seqs}, max_blocks_per_seq]")
+    if tuple(context_lens.shape) != (num_seqs,) or context_lens.dtype != torch.int32:
+        raise ValueError(f"context_lens: expected int32 [{num_seqs}]")
+    if cache.fmt.needs_seq_slots and (seq_slots is None or tuple(seq_slots.shape) != (num_seqs,)):
+        raise ValueError(f"seq_slots: kv_format {cache.fmt.name!r} needs int32 [{num_seqs}]")
+
+
+def _launch(q, cache, block_tables, context_lens, cu_seqlens_q, seq_slots, scale, out, *,
+            is_decode: bool, num_splits: int, grid_q: int, cfg: AttentionConfig) -> None:
+    num_seqs, hkv, d = block_tables.shape[0], cache.num_kv_heads, cache.head_dim
+    gq = q.shape[1] // hkv
+    gq_pad = triton.next_power_of_2(gq)
+    block_m = max(cfg.decode_block_m, gq_pad) if is_decode else max(cfg.block_m, gq_pad)
+    block_n = cfg.block_n
+    name = cache.fmt.name
+    if name == "int4":
+        kernel = int4_attention_kernel
+        cache_args, meta = int4_cache_args(cache, cfg.k_int8, cfg.v_int8)
+    elif name == "kivi2":
+        kernel = kivi_attention_kernel
+        cache_args, meta = kivi_cache_args(cache, cfg.k_int8, cfg.v_int8)
+        block_n = cache.fmt.group_size
+    else:
+        kernel = dense_attention_kernel
+        cache_args, meta = dense_cache_args(cache)
+    part_acc = part_ml = out  # unused unless split
+    if num_splits > 1:
+        part_acc = torch.empty(num_seqs, q.shape[1], num_splits, d, dtype=torch.float32,
+                               device=q.device)
+        part_ml = torch.empty(num_seqs, q.shape[1], num_splits, 2, dtype=torch.float32,
+                              device=q.device)
+    kernel[(num_seqs, grid_q * num_splits, hkv)](
+        out, q, block_tables, context_lens,
+        context_lens if cu_seqlens_q is None else cu_seqlens_q,
+        context_lens if seq_slots is None else seq_slots,
+        part_acc, part_ml, scale * math.log2(math.e),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        *cache_args,
+        NUM_KV_HEADS=hkv, HEAD_DIM=d, BLOCK_SIZE=cache.block_size, GQ=gq, GQ_PAD=gq_pad,
+        BLOCK_Q=1 if is_decode else block_m // gq_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, IS_DECODE=is_decode, **meta,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if num_splits > 1:
+        combine_splits(out, part_acc, part_ml)
+
+
+def paged_decode_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, *,
+                           max_context_len: int | None = None,
+                           seq_slots: torch.Tensor | None = None,
+                           num_splits: int | None = None, config: AttentionConfig | None = None,
+                           out: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+    """One query per sequence over its paged context; see the module docstring."""
+    num_seqs = q.shape[0]
+    _check(q, cache, block_tables, context_lens, seq_slots, num_seqs)
+    if not use_triton(impl, q):
+        ref = paged_attention_reference(q, cache, block_tables, context_lens, scale,
+                                        seq_slots=seq_slots)
+        return ref.to(q.dtype) if out is None else out.copy_(ref)
+    out = torch.empty_like(q) if out is None else out
+    if num_splits is None:
+        if max_context_len is None:
+            max_context_len = int(context_lens.max())  # host sync: pass it under CUDA graphs
+        num_sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
+                   if q.is_cuda else 4)
+        num_splits = choose_num_splits(num_seqs, cache.num_kv_heads, max_context_len, num_sms)
+    cfg = config or attention_config(cache.fmt.name, cache.head_dim, True)
+    _launch(q, cache, block_tables, context_lens, None, seq_slots, scale, out, is_decode=True,
+            num_splits=num_splits, grid_q=1, cfg=cfg)
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, cache: PagedKVCache, cu_seqlens_q: torch.Tensor,
+                            context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                            *, max_query_len: int | None = None,
+                            seq_slots: torch.Tensor | None = None,
+                            config: AttentionConfig | None = None,
+                            out: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+    """Causal attention of new tokens over their paged contexts; see the module docstring."""
+    num_seqs = context_lens.shape[0]
+    _check(q, cache, block_tables, context_lens, seq_slots, num_seqs)
+    if tuple(cu_seqlens_q.shape) != (num_seqs + 1,) or cu_seqlens_q.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens_q: expected int32 [{num_seqs + 1}]")
+    if not use_triton(impl, q):
+        ref = paged_attention_reference(q, cache, block_tables, context_lens, scale,
+                                        cu_seqlens_q=cu_seqlens_q, seq_slots=seq_slots)
+        return ref.to(q.dtype) if out is None else out.copy_(ref)
+    out = torch.empty_like(q) if out is None else out
+    if max_query_len is None:
+        max_query_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())  # host sync
+    cfg = config or attention_config(cache.fmt.name, cache.head_dim, False)
+    gq_pad = triton.next_power_of_2(q.shape[1] // cache.num_kv_heads)
+    block_q = max(cfg.block_m, gq_pad) // gq_pad
+    _launch(q, cache, block_tables, context_lens, cu_seqlens_q, seq_slots, scale, out,
+            is_decode=False, num_splits=1, grid_q=triton.cdiv(max_query_len, block_q), cfg=cfg)
+    return out

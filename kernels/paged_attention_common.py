@@ -1,0 +1,141 @@
+"""Pieces shared by the paged-attention kernels of every KV format.
+
+Work split. One program handles one kv head of one sequence for a tile of query rows, and, in
+decode, one of `NUM_SPLITS` slices of the context (FlashDecoding). A row is (query token, query
+head of the kv head's GQA group): row r -> token r // GQ_PAD, head r % GQ_PAD. Decode has one
+token per sequence, so its rows are the GQA group (padded to the 16 rows a tensor-core dot
+needs) and every K/V byte is read once for all query heads of the group. Prefill tiles take
+BLOCK_M // GQ_PAD tokens.
+
+Context slice of a program: tokens [lo, hi), tiles of BLOCK_N; tiles below `full_hi` are visible
+to every row (no mask), the rest take the causal mask (query at absolute position
+context_len - q_len + i sees keys 0..position).
+
+Softmax (FlashDecoding++'s unified max, made safe): scores are kept in log2 units against one
+reference max per row; a tile rescales the accumulators only when some row's tile max exceeds
+the reference by more than TAU = 8, so p = exp2(s - m) <= 256 can never overflow (nor the fp16
+dot operands built from it) and most tiles skip the rescale. Split partials (m, l, acc) are merged
+by `_combine_kernel` with the usual log-sum-exp weights.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+TAU = tl.constexpr(8.0)  # log2 headroom before a rescale: p <= 2**8
+NEG_BIG = tl.constexpr(-1.0e30)  # initial reference max: finite, so exp2(m - m_new) never sees inf - inf
+
+
+@triton.jit
+def program_rows(context_lens_ptr, cu_seqlens_q_ptr,
+                 GQ: tl.constexpr, GQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                 IS_DECODE: tl.constexpr):
+    """This program's sequence, rows and context slice (see the module docstring)."""
+    b = tl.program_id(0)
+    ctx_len = tl.load(context_lens_ptr + b)
+    if IS_DECODE:
+        q_start = b
+        q_len = 1
+        q_tile = 0
+        split = tl.program_id(1)
+    else:
+        q_start = tl.load(cu_seqlens_q_ptr + b)
+        q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
+        q_tile = tl.program_id(1)
+        split = 0
+    r = tl.arange(0, BLOCK_M)
+    i = r // GQ_PAD
+    q_idx = q_tile * BLOCK_Q + i
+    row_valid = ((r % GQ_PAD) < GQ) & (i < BLOCK_Q) & (q_idx < q_len)
+    tok = q_start + q_idx
+    head = tl.program_id(2) * GQ + r % GQ_PAD
+    first_pos = ctx_len - q_len + q_tile * BLOCK_Q
+    pos = first_pos + i
+    kv_end = tl.minimum(ctx_len, first_pos + BLOCK_Q)
+    chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(kv_end, lo + chunk)
+    visible = tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0)
+    full_hi = lo + visible // BLOCK_N * BLOCK_N
+    is_done = q_tile * BLOCK_Q >= q_len
+    return b, split, is_done, row_valid, tok, head, pos, lo, full_hi, hi
+
+
+@triton.jit
+def causal_mask(s, n, pos, hi):
+    """Scores s [M, N] of keys n [N] for rows at positions pos [M]; keys >= hi are out."""
+    keep = (n[None, :] <= pos[:, None]) & (n[None, :] < hi)
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def codes_operand(x, INT8: tl.constexpr):
+    """Small unsigned codes (uint8, < 1024) as a dot operand: int8, or float16 exactly."""
+    if INT8:
+        return x.to(tl.int8)
+    else:
+        # 0x6400 is float16 1024.0: OR-ing a code into its mantissa gives 1024 + code exactly,
+        # cheaper than an int-to-float conversion
+        return ((x.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
+
+
+@triton.jit
+def quantize_rows(x, row_scale, INT8: tl.constexpr):
+    """Dot operand of float32 x: int8 of x / row_scale (row_scale broadcast to x), or float16."""
+    if INT8:
+        return tl.clamp(tl.floor(x / row_scale + 0.5), -127.0, 127.0).to(tl.int8)
+    else:
+        return x.to(tl.float16)
+
+
+@triton.jit
+def store_output(acc, l_b, ch, out_rows, part_rows, mask, out_ptr, part_acc_ptr,
+                 NUM_SPLITS: tl.constexpr):
+    """Normalized output, or the unnormalized split partial. acc any shape; the rest broadcast."""
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + out_rows + ch, (acc / l_b).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_acc_ptr + part_rows + ch, acc, mask=mask)
+
+
+@triton.jit
+def store_split_stats(m, l, b, head, split, row_valid, part_ml_ptr,
+                      NUM_Q_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    if NUM_SPLITS > 1:
+        idx = ((b * NUM_Q_HEADS + head) * NUM_SPLITS + split) * 2
+        tl.store(part_ml_ptr + idx, m, mask=row_valid)
+        tl.store(part_ml_ptr + idx + 1, l, mask=row_valid)
+
+
+@triton.jit
+def _combine_kernel(
+    # output [B, Hq, D]; split partials acc [B, Hq, S, D] and (m, l) [B, Hq, S, 2], float32
+    out_ptr, part_acc_ptr, part_ml_ptr,
+    # strides of the output, in elements
+    stride_ot, stride_oh,
+    # shapes
+    NUM_Q_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    ok = s < NUM_SPLITS
+    base = (b * NUM_Q_HEADS + h) * NUM_SPLITS + s
+    m = tl.load(part_ml_ptr + base * 2, mask=ok, other=-1.0e30)
+    l = tl.load(part_ml_ptr + base * 2 + 1, mask=ok, other=0.0)
+    w = tl.where(ok, tl.exp2(m - tl.max(m, 0)), 0.0)  # empty splits have l = 0: weight 0
+    acc = tl.load(part_acc_ptr + base[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None],
+                  other=0.0)
+    o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
+    tl.store(out_ptr + b * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+
+
+def combine_splits(out, part_acc, part_ml) -> None:
+    """out [B, Hq, D] from split partials [B, Hq, S, D] and [B, Hq, S, 2]."""
+    b, hq, s, d = part_acc.shape
+    _combine_kernel[(b, hq)](out, part_acc, part_ml, out.stride(0), out.stride(1),
+                             NUM_Q_HEADS=hq, NUM_SPLITS=s, SPLITS_PAD=triton.next_power_of_2(s),
+                             HEAD_DIM=d, num_warps=4)

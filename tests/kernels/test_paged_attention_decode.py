@@ -1,0 +1,98 @@
+"""Paged decode attention: the Triton kernels against the float64 reference over the same cache.
+
+Every format, GQA groups of 4 and 1, one and three context splits, odd lengths on shuffled pages,
+fresh random inputs each run (the seed is in the failure message). The reference dequantizes the
+same cache in float64, so the error measured is the kernel's own arithmetic:
+    ||out - ref|| / ||ref|| <= TOL
+    float operands (none: model dtype; fp8/int8/int4/kivi2: float16) and a 16-bit output: 1e-2
+        (the CPU interpreter truncates to bf16: 2**-8 per element)
+    int8 operands (int4/kivi2 `k_int8`/`v_int8`: query and P quantized per row to 8 bits): 4e-2
+Outputs are poisoned with NaN first, so every row must be written.
+"""
+import pytest
+import torch
+
+from partita.kernels.kv_formats import get_kv_format
+from partita.kernels.kv_testing import make_paged_batch, outlier_kv
+from partita.kernels.paged_attention import AttentionConfig, paged_decode_attention
+from partita.kernels.paged_attention_ref import paged_attention_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL_FLOAT, TOL_INT8 = 1e-2, 4e-2
+LENS = [1, 37, 150, 97]
+# (spec, block_size, head_dim, dtype)
+FORMATS = [("none", 16, 64, torch.bfloat16), ("none", 32, 128, torch.float16),
+           ("fp8", 16, 64, torch.bfloat16), ("int8", 16, 64, torch.float16),
+           ("int4", 16, 128, torch.bfloat16), ("int4:group_size=32", 32, 64, torch.float16),
+           ("kivi2", 32, 64, torch.bfloat16),
+           ("kivi2:residual=64,value_group_size=128", 64, 128, torch.float16)]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like",
+                        lambda *a, **k: real(*a, **k).fill_(float("nan")))
+
+
+def make_case(spec, block_size, head_dim, dtype, lens, num_kv_heads=2, seed=0):
+    """A filled cache (all tokens written in one call), its batch, and queries [B, 4 H, D]."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = get_kv_format(spec)
+    batch = make_paged_batch(lens, block_size, max_num_seqs=len(lens) + 2, device=DEVICE,
+                             generator=g)
+    cache = fmt.allocate(int(batch.block_tables.max()) + 1, block_size, num_kv_heads, head_dim,
+                         dtype, DEVICE, max_num_seqs=len(lens) + 2)
+    slots, seqs, _ = batch.write_plan([0] * len(lens))
+    k, v = outlier_kv(len(slots), num_kv_heads, head_dim, dtype=dtype, device=DEVICE,
+                      generator=g)
+    if fmt.name == "fp8":
+        fmt.calibrate(cache, k, v)
+    fmt.write(cache, k, v, slots, seqs)
+    return cache, batch, g
+
+
+@pytest.mark.parametrize("spec,block_size,head_dim,dtype", FORMATS)
+@pytest.mark.parametrize("group", [4, 1])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_matches_float64_reference(poisoned, spec, block_size, head_dim, dtype, group,
+                                          num_splits):
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    cache, batch, g = make_case(spec, block_size, head_dim, dtype, LENS, seed=seed)
+    q = torch.randn(len(LENS), 2 * group, head_dim, generator=g).to(dtype).to(DEVICE)
+    scale = head_dim ** -0.5
+    ref = paged_attention_reference(q, cache, batch.block_tables, batch.context_lens, scale,
+                                    seq_slots=batch.seq_slots, compute_dtype=torch.float64)
+    configs = [AttentionConfig(k_int8=False, v_int8=False)]
+    if cache.fmt.name in ("int4", "kivi2"):
+        configs.append(AttentionConfig(k_int8=True, v_int8=True))
+    for cfg in configs:
+        out = paged_decode_attention(q, cache, batch.block_tables, batch.context_lens, scale,
+                                     max_context_len=max(LENS), seq_slots=batch.seq_slots,
+                                     num_splits=num_splits, config=cfg, impl="triton")
+        assert torch.isfinite(out).all(), f"rows not written, seed {seed}"
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        tol = TOL_INT8 if (cfg.k_int8 or cfg.v_int8) else TOL_FLOAT
+        assert err <= tol, f"{cfg}: relative error {err:.2e} > {tol}, seed {seed}"
+
+
+def test_split_heuristic():
+    from partita.kernels.paged_attention import choose_num_splits
+    assert choose_num_splits(64, 8, 8192, 132) == 1  # 512 programs: enough without splits
+    assert choose_num_splits(1, 8, 32768, 132) == 33  # 8 programs -> 264, two per SM
+    assert choose_num_splits(1, 8, 300, 132) == 1  # too short to split
+    assert choose_num_splits(2, 8, 2048, 132) == 8  # capped by 256 tokens per split
+
+
+@pytest.mark.gpu
+def test_decode_is_cuda_graph_capturable():
+    cache, batch, g = make_case("int4", 16, 128, torch.bfloat16, [300, 5000, 77])
+    q = torch.randn(3, 8, 128, generator=g).to(torch.bfloat16).to(DEVICE)
+    args = (q, cache, batch.block_tables, batch.context_lens, 128 ** -0.5)
+    eager = paged_decode_attention(*args, max_context_len=8192)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(*args, max_context_len=8192)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
