@@ -6,11 +6,11 @@ from partita.workers.config import ModelConfig
 PRESETS: dict[str, ModelConfig] = {
     "tiny-llama": ModelConfig(
         architecture="LlamaForCausalLM", vocab_size=512, hidden_size=128, intermediate_size=256,
-        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=2048,
         dtype="float32", eos_token_ids=(1,), bos_token_id=0, name="tiny-llama"),
     "tiny-moe": ModelConfig(
         architecture="Qwen3MoeForCausalLM", vocab_size=512, hidden_size=128, intermediate_size=256,
-        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=2048,
         qk_norm=True, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
         moe_layers=(0, 1), moe_style="qwen3_moe", dtype="float32", eos_token_ids=(1,), bos_token_id=0,
         name="tiny-moe"),

@@ -140,3 +140,12 @@ class IncrementalDetokenizer:
         self.prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
         self.text += delta
         return delta
+
+    def flush(self) -> str:
+        """At the end of a sequence: emits what an incomplete character held back, as U+FFFD."""
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
+        delta = full[len(self.prefix_text):] if len(full) > len(self.prefix_text) else ""
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.prefix_text = ""
+        self.text += delta
+        return delta

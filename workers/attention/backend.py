@@ -31,6 +31,13 @@ class AttentionMetadata:
     prefills: the prefill chunks, covering tokens [0, num_prefill_tokens).
     decode_block_tables: [num_decodes, max_blocks] int32; decode_context_lens: [num_decodes] int32.
     max_decode_context_len: a host-side bound on decode_context_lens (sizes the work, never read from device).
+
+    The same prefills as batched tensors, for kernels that take them in one launch:
+    prefill_cu_seqlens [P + 1] int32 (query offsets), prefill_context_lens [P] int32, prefill_block_tables
+    [P, max_blocks] int32, max_prefill_query_len (host-side).
+    Sequence slots (formats with per-sequence state, such as kivi2's residual): an index in [0, max_num_seqs)
+    fixed while a sequence holds blocks; token_seq_slots [num_tokens], prefill_seq_slots [P] and
+    decode_seq_slots [num_decodes], all int32.
     """
 
     slot_mapping: torch.Tensor
@@ -39,6 +46,13 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor
     decode_context_lens: torch.Tensor
     max_decode_context_len: int
+    prefill_cu_seqlens: torch.Tensor | None = None
+    prefill_context_lens: torch.Tensor | None = None
+    prefill_block_tables: torch.Tensor | None = None
+    max_prefill_query_len: int = 0
+    token_seq_slots: torch.Tensor | None = None
+    prefill_seq_slots: torch.Tensor | None = None
+    decode_seq_slots: torch.Tensor | None = None
 
     @property
     def num_decodes(self) -> int:
@@ -56,6 +70,9 @@ class AttentionBackend(Protocol):
 
     def bytes_per_block(self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes one block takes in one layer (keys and values), to size the cache from a memory budget."""
+
+    def fixed_bytes(self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes per layer that do not scale with the block count (per-sequence state)."""
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 scale: float, sliding_window: int | None) -> torch.Tensor:

@@ -28,6 +28,9 @@ class TorchPagedAttention:
     def bytes_per_block(self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
+    def fixed_bytes(self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()  # scratch
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 scale: float, sliding_window: int | None) -> torch.Tensor:
         k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]

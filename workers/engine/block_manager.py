@@ -2,6 +2,10 @@
 
 Each action has a side-effect-free check beside it (`can_allocate` / `allocate`), so that the scheduler
 decides first and acts second. Blocks carry reference counts, so that a later prefix cache can share them.
+
+A sequence that holds blocks also holds a *sequence slot* (`seq.kv_slot`, in [0, num_seq_slots)): KV formats
+with per-sequence state (kivi2's full-precision residual) index it. Every holder has at least one block, so
+`num_seq_slots` defaults to the block count; the engine passes max_num_seqs.
 """
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ from partita.workers.engine.sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, num_seq_slots: int | None = None):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"BlockManager needs positive num_blocks and block_size, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_seq_slots: deque[int] = deque(range(num_seq_slots or num_blocks))
 
     @property
     def num_free_blocks(self) -> int:
@@ -39,6 +44,10 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_tokens)
         if needed > self.num_free_blocks:
             raise RuntimeError(f"allocate: {needed} blocks needed, {self.num_free_blocks} free")
+        if needed and seq.kv_slot < 0:
+            if not self.free_seq_slots:
+                raise RuntimeError("allocate: no free sequence slot (more sequences hold blocks than max_num_seqs)")
+            seq.kv_slot = self.free_seq_slots.popleft()
         for _ in range(needed):
             block = self.free_blocks.popleft()
             self.ref_counts[block] = 1
@@ -60,6 +69,9 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free_blocks.append(block)
         seq.block_table.clear()
+        if seq.kv_slot >= 0:
+            self.free_seq_slots.append(seq.kv_slot)
+            seq.kv_slot = -1
 
     def slot(self, seq: Sequence, position: int) -> int:
         """Cache slot (block * block_size + offset) of token `position` of `seq`."""

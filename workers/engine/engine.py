@@ -6,6 +6,7 @@ synchronous and not thread-safe: serving layers drive it from one thread.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from partita.workers.attention.selector import make_backend, parse_kv_format
 from partita.workers.config import EngineConfig, ModelConfig
 from partita.workers.engine.block_manager import BlockManager
 from partita.workers.engine.model_runner import ModelRunner
@@ -30,7 +32,6 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-KV_FORMATS = ("auto", "none")
 
 
 @dataclass
@@ -85,9 +86,12 @@ class Engine:
                  tokenizer: Tokenizer | None = None):
         self.config = config or EngineConfig()
         model_config, checkpoint = resolve_model(model)
-        if kv_format not in KV_FORMATS:
-            raise ValueError(f"kv_format {kv_format!r} is not supported; use one of {KV_FORMATS}")
-        self.kv_format = "none"
+        fmt = parse_kv_format(kv_format, model_config.head_dim)
+        if self.config.block_size % fmt.block_multiple():
+            log.info("kv_format %s stores blocks of a multiple of %d tokens: block_size %d -> %d", fmt.name,
+                     fmt.block_multiple(), self.config.block_size, fmt.block_multiple())
+            self.config = dataclasses.replace(self.config, block_size=fmt.block_multiple())
+        self.kv_format = fmt
         self.model_config = model_config
         self.model_name = model if isinstance(model, str) else model_config.name
         self.device = resolve_device(device)
@@ -101,18 +105,22 @@ class Engine:
                          else byte_tokenizer(model_config.eos_token_ids))
         self.tokenizer = tokenizer
         self.eos_token_ids = set(model_config.eos_token_ids or tokenizer.eos_token_ids)
-        self.runner = ModelRunner(model_config, self.config, self.device, self.dtype, checkpoint, self.max_model_len)
+        backend = make_backend(fmt, model_config, self.device, self.dtype, self.config.block_size, self.max_model_len,
+                               self.config.max_num_seqs)
+        self.runner = ModelRunner(model_config, self.config, self.device, self.dtype, checkpoint, self.max_model_len,
+                                  backend)
         budget = self.config.max_num_batched_tokens
         if not self.config.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)
-        self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, budget, self.config.enable_chunked_prefill)
         self.requests: dict[str, _Request] = {}
         self._aborted: list[RequestOutput] = []
         self._arrival = itertools.count()
         self._generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens", self.model_name, self.device,
-                 self.dtype, self.runner.num_blocks, self.config.block_size)
+        log.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, kv_format %s (%s attention)",
+                 self.model_name, self.device, self.dtype, self.runner.num_blocks, self.config.block_size, fmt.name,
+                 backend.name)
 
     # --- requests -------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
@@ -204,6 +212,8 @@ class Engine:
             reason = "stop"
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
+        if reason is not None:
+            req.detok.flush()
         text = req.detok.text
         stop_at = _find_stop(text, params.stop, req.emitted_chars)
         if stop_at is not None:

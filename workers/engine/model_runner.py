@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from partita.workers.attention.backend import AttentionMetadata, PrefillSeq
-from partita.workers.attention.torch_paged import TorchPagedAttention
+from partita.workers.attention.backend import AttentionBackend, AttentionMetadata, PrefillSeq
 from partita.workers.config import EngineConfig, ModelConfig
 from partita.workers.engine.scheduler import ScheduledBatch
 from partita.workers.engine.sequence import Sequence
@@ -35,7 +34,7 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype, checkpoint: str | None, max_model_len: int):
+                 dtype: torch.dtype, checkpoint: str | None, max_model_len: int, backend: AttentionBackend):
         self.config = model_config
         self.engine_config = engine_config
         self.device = device
@@ -46,7 +45,7 @@ class ModelRunner:
         self.ops = select_ops(device)
         # Memory other engines of this process hold already; not ours to count.
         self._baseline_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        self.backend = TorchPagedAttention()
+        self.backend = backend
         with torch.device(device):
             self.model = DecoderModel(model_config, self.backend, ops=self.ops, dtype=dtype)
         if checkpoint is None:
@@ -67,14 +66,16 @@ class ModelRunner:
         cfg, ecfg = self.config, self.engine_config
         per_block = self.backend.bytes_per_block(self.block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         per_block *= cfg.num_layers
+        fixed = cfg.num_layers * self.backend.fixed_bytes(self.block_size, cfg.num_kv_heads, cfg.head_dim,
+                                                          self.dtype)
         if ecfg.num_kv_blocks is not None:
             num_blocks = ecfg.num_kv_blocks
         elif ecfg.kv_cache_memory_bytes is not None:
-            num_blocks = ecfg.kv_cache_memory_bytes // per_block
+            num_blocks = max(0, ecfg.kv_cache_memory_bytes - fixed) // per_block
         elif self.device.type == "cuda":
-            num_blocks = self._profile_free_bytes() // per_block
+            num_blocks = max(0, self._profile_free_bytes() - fixed) // per_block
         else:
-            num_blocks = min(CPU_KV_CACHE_BYTES // per_block,
+            num_blocks = min(max(0, CPU_KV_CACHE_BYTES - fixed) // per_block,
                              ecfg.max_num_seqs * self.max_blocks_per_seq)
         if num_blocks * self.block_size < self.max_model_len:
             raise EngineCapacityError(
@@ -93,11 +94,8 @@ class ModelRunner:
                               self.device)
         n = min(self.engine_config.max_num_batched_tokens, self.max_model_len)
         tokens = torch.zeros(n, dtype=torch.long, device=self.device)
-        meta = AttentionMetadata(
-            slot_mapping=torch.full((n,), -1, dtype=torch.long, device=self.device), num_prefill_tokens=n,
-            prefills=[PrefillSeq(0, n, n, torch.zeros(1, dtype=torch.int32, device=self.device))],
-            decode_block_tables=torch.zeros(0, 1, dtype=torch.int32, device=self.device),
-            decode_context_lens=torch.zeros(0, dtype=torch.int32, device=self.device), max_decode_context_len=0)
+        # Every page of the table is block 0 of a one-block cache; slot -1 writes nothing.
+        meta = self._metadata([-1] * n, [(0, n, n, [0] * -(-n // self.block_size), 0)], [])
         hidden = self.model(ForwardBatch(tokens, torch.arange(n, device=self.device), meta))
         self.model.compute_logits(hidden[-self.engine_config.max_num_seqs:])
         torch.cuda.synchronize(self.device)
@@ -124,12 +122,12 @@ class ModelRunner:
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        prefills: list[PrefillSeq] = []
+        prefills: list[tuple[int, int, int, list[int], int]] = []
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
         for seq, n in batch.prefills:
             start = seq.num_computed_tokens
-            prefills.append(PrefillSeq(len(tokens), n, start + n, self._tensor(seq.block_table, torch.int32)))
+            prefills.append((len(tokens), n, start + n, seq.block_table, seq.kv_slot))
             tokens += seq.token_ids[start:start + n]
             positions += range(start, start + n)
             slots += self._slots(seq, start, start + n)
@@ -144,15 +142,33 @@ class ModelRunner:
             slots += self._slots(seq, pos, pos + 1)
             sample_rows.append(len(tokens) - 1)
             sampled.append(seq)
-        width = max((len(s.block_table) for s in batch.decodes), default=1)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.decodes]
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.long), num_prefill_tokens=num_prefill_tokens, prefills=prefills,
-            decode_block_tables=self._tensor(tables, torch.int32).reshape(len(tables), width),
-            decode_context_lens=self._tensor([s.num_computed_tokens + 1 for s in batch.decodes], torch.int32),
-            max_decode_context_len=max((s.num_computed_tokens + 1 for s in batch.decodes), default=0))
+        decodes = [(s.num_computed_tokens + 1, s.block_table, s.kv_slot) for s in batch.decodes]
+        meta = self._metadata(slots, prefills, decodes)
         fb = ForwardBatch(self._tensor(tokens, torch.long), self._tensor(positions, torch.long), meta)
         return fb, self._tensor(sample_rows, torch.long), sampled
+
+    def _metadata(self, slots: list[int], prefills: list[tuple[int, int, int, list[int], int]],
+                  decodes: list[tuple[int, list[int], int]]) -> AttentionMetadata:
+        """prefills: (query_start, query_len, context_len, block_table, kv_slot); decodes: (context_len,
+        block_table, kv_slot); both in the flat token order."""
+        def table(rows: list[list[int]]) -> torch.Tensor:
+            width = max((len(r) for r in rows), default=1)
+            return self._tensor([r + [0] * (width - len(r)) for r in rows], torch.int32).reshape(len(rows), width)
+
+        token_slots = [p[4] for p in prefills for _ in range(p[1])] + [d[2] for d in decodes]
+        return AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.long), num_prefill_tokens=sum(p[1] for p in prefills),
+            prefills=[PrefillSeq(p[0], p[1], p[2], self._tensor(p[3], torch.int32)) for p in prefills],
+            decode_block_tables=table([d[1] for d in decodes]),
+            decode_context_lens=self._tensor([d[0] for d in decodes], torch.int32),
+            max_decode_context_len=max((d[0] for d in decodes), default=0),
+            prefill_cu_seqlens=self._tensor([0] + [p[0] + p[1] for p in prefills], torch.int32),
+            prefill_context_lens=self._tensor([p[2] for p in prefills], torch.int32),
+            prefill_block_tables=table([p[3] for p in prefills]),
+            max_prefill_query_len=max((p[1] for p in prefills), default=0),
+            token_seq_slots=self._tensor(token_slots, torch.int32),
+            prefill_seq_slots=self._tensor([p[4] for p in prefills], torch.int32),
+            decode_seq_slots=self._tensor([d[2] for d in decodes], torch.int32))
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -200,12 +216,14 @@ class _DecodeGraph:
         self.tables = torch.zeros(batch_size, width, dtype=torch.int32, device=dev)
         self.lens = torch.ones(batch_size, dtype=torch.int32, device=dev)
         self.mask = torch.zeros(batch_size, dtype=torch.long, device=dev)
-        # Pinned staging: rows of token ids, positions, slots and mask (int64); context lengths and block
-        # tables (int32), so that every copy is a same-dtype asynchronous copy.
+        self.seq_slots = torch.zeros(batch_size, dtype=torch.int32, device=dev)
+        # Pinned staging: rows of token ids, positions, slots and mask (int64); context lengths, sequence
+        # slots and block tables (int32), so that every copy is a same-dtype asynchronous copy.
         self.host_rows = torch.zeros(4, batch_size, dtype=torch.long).pin_memory()
-        self.host_lens = torch.ones(batch_size, dtype=torch.int32).pin_memory()
+        self.host_lens = torch.ones(2, batch_size, dtype=torch.int32).pin_memory()
         self.host_tables = torch.zeros(batch_size, width, dtype=torch.int32).pin_memory()
-        meta = AttentionMetadata(self.slots, 0, [], self.tables, self.lens, width * runner.block_size)
+        meta = AttentionMetadata(self.slots, 0, [], self.tables, self.lens, width * runner.block_size,
+                                 token_seq_slots=self.seq_slots, decode_seq_slots=self.seq_slots)
         self.batch = ForwardBatch(self.token_ids, self.positions, meta, self.mask)
         model = runner.model
         for _ in range(2):  # warm-up: kernels compile and autotune outside capture
@@ -223,13 +241,14 @@ class _DecodeGraph:
         rows[:, :n] = torch.tensor([
             [s.token_ids[p] for s, p in zip(decodes, pos)], pos,
             [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos)], [1] * n])
-        self.host_lens[n:] = 1
-        self.host_lens[:n] = torch.tensor(pos, dtype=torch.int32) + 1
+        self.host_lens[:, n:] = torch.tensor([[1], [0]], dtype=torch.int32)
+        self.host_lens[:, :n] = torch.tensor([[p + 1 for p in pos], [s.kv_slot for s in decodes]], dtype=torch.int32)
         self.host_tables[:n] = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decodes],
                                             dtype=torch.int32)
         for dst, src in zip((self.token_ids, self.positions, self.slots, self.mask), rows):
             dst.copy_(src, non_blocking=True)
-        self.lens.copy_(self.host_lens, non_blocking=True)
+        self.lens.copy_(self.host_lens[0], non_blocking=True)
+        self.seq_slots.copy_(self.host_lens[1], non_blocking=True)
         self.tables.copy_(self.host_tables, non_blocking=True)
         self.graph.replay()
         return self.logits

@@ -30,6 +30,7 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    kv_slot: int = -1  # index of per-sequence KV state while the sequence holds blocks (BlockManager)
     finish_reason: str | None = None
     num_preemptions: int = 0
 

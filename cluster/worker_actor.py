@@ -1,0 +1,168 @@
+"""The worker actor: one engine in one Ray actor, streaming tokens back through Ray streaming generators.
+
+The actor is an async actor. Its engine (synchronous, not thread-safe) runs in one dedicated thread owned
+by `AsyncEngine`; the actor's event loop only moves outputs from that thread into Ray streams, answers
+heartbeats and applies aborts. A caller streams one request with
+
+    gen = worker.generate.options(num_returns="streaming").remote(request_id, prompt, params)
+    async for ref in gen:
+        item = await ref          # a RequestOutput, or a WorkerError as the last item
+
+Failures travel as typed stream values (`WorkerError`), never as pickled exceptions: `invalid` (bad input,
+names the field), `draining` (refused before it started: route it elsewhere) and `unavailable` (the engine
+stopped under the request: re-run it elsewhere). Cancelling the Ray generator, or `abort`, aborts the
+request in the engine and frees its KV blocks.
+
+Roles: only `colocated` is implemented; `check_runnable` says so for a spec that asks for more.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import ray
+
+from partita.cluster.async_engine import AsyncEngine
+from partita.cluster.gateway_engine import EngineUnavailableError, WorkerLoad
+from partita.cluster.spec import ClusterSpec, ModelSpec, SchedulerSpec, SpecError
+from partita.workers.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTED_ROLES = ("colocated",)
+MAX_CONCURRENT_CALLS = 10_000
+
+
+@dataclass(frozen=True)
+class WorkerError:
+    """A request's failure as the last value of its stream. kind: invalid | draining | unavailable."""
+
+    kind: str
+    message: str
+    field: str | None = None
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A worker's answer to the controller: its load, whether its engine lives, whether it drains."""
+
+    worker_id: str
+    load: WorkerLoad
+    is_healthy: bool
+    is_draining: bool
+    num_active: int
+    sent_unix_s: float
+
+
+def check_runnable(spec: ClusterSpec) -> None:
+    """Raises SpecError (naming the path) for what the spec asks but this build cannot run yet."""
+    for i, pool in enumerate(spec.pools):
+        if pool.role not in IMPLEMENTED_ROLES:
+            raise SpecError(f"pools[{i}].role", f"role {pool.role!r} is not implemented yet; implemented: "
+                                                f"{', '.join(IMPLEMENTED_ROLES)}")
+        if pool.tensor_parallel_size > 1:
+            raise SpecError(f"pools[{i}].tensor_parallel_size",
+                            f"{pool.tensor_parallel_size}: the engine has no tensor parallelism yet; use 1")
+
+
+def engine_config(scheduler: SchedulerSpec, model: ModelSpec):
+    """The engine's config from the spec's scheduler section and the model's seed."""
+    from partita.workers import EngineConfig
+
+    return EngineConfig(
+        block_size=scheduler.block_size, max_num_seqs=scheduler.max_num_seqs,
+        max_num_batched_tokens=scheduler.max_num_batched_tokens, max_model_len=scheduler.max_model_len,
+        enable_chunked_prefill=scheduler.enable_chunked_prefill,
+        gpu_memory_utilization=scheduler.gpu_memory_utilization,
+        kv_cache_memory_bytes=scheduler.kv_cache_memory_bytes, num_kv_blocks=scheduler.num_kv_blocks,
+        enforce_eager=scheduler.enforce_eager, seed=model.seed)
+
+
+class WorkerActor:
+    """Hosts one engine. Created by the controller inside the worker's placement group (cluster/placement.py).
+
+    worker_id, pool, role: how the worker appears in loads and status.
+    device: "cuda" when Ray gave the actor GPUs, "cpu" otherwise. num_threads: torch CPU threads.
+    """
+
+    def __init__(self, worker_id: str, pool: str, role: str, model: dict, scheduler: dict, device: str,
+                 num_threads: int = 1):
+        import torch
+
+        from partita.workers import Engine
+
+        if device == "cpu":
+            torch.set_num_threads(max(1, num_threads))
+        model_spec = ModelSpec.parse(model)
+        engine = Engine(model_spec.name, device=device, dtype=model_spec.dtype, kv_format=model_spec.kv_format,
+                        config=engine_config(SchedulerSpec(**scheduler), model_spec))
+        self._worker_id = worker_id
+        self._engine = AsyncEngine(engine, worker_id=worker_id, pool=pool, role=role)
+        self._active: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._is_draining = False
+
+    async def ready(self) -> dict:
+        """The served model's description (the router's ModelInfo); answering means the model is loaded."""
+        info = self._engine.model_info
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "placement_group_id": context.get_placement_group_id(),
+                "model_name": info.model_name, "max_model_len": info.max_model_len,
+                "eos_token_ids": list(info.eos_token_ids), "has_chat_template": info.has_chat_template,
+                "bos_token": info.bos_token, "eos_token": info.eos_token}
+
+    async def generate(self, request_id: str, prompt: str | list[int], params, priority: int = 0):
+        """Streams the request's outputs (call with num_returns="streaming"); module docstring has the contract."""
+        if self._is_draining:
+            yield WorkerError("draining", f"worker {self._worker_id} is draining")
+            return
+        if not self._engine.is_healthy():
+            yield WorkerError("unavailable", f"worker {self._worker_id}'s engine is not running")
+            return
+        self._active.add(request_id)
+        self._idle.clear()
+        try:
+            async for out in self._engine.generate(request_id, prompt, params, priority):
+                yield out
+        except InvalidRequestError as e:
+            yield WorkerError("invalid", e.message, e.field)
+        except EngineUnavailableError as e:
+            yield WorkerError("unavailable", f"worker {self._worker_id}: {e}")
+        finally:
+            self._active.discard(request_id)
+            if not self._active:
+                self._idle.set()
+
+    async def abort(self, request_id: str) -> bool:
+        return await self._engine.abort(request_id)
+
+    async def heartbeat(self) -> Heartbeat:
+        return Heartbeat(self._worker_id, self._engine.loads()[0], self._engine.is_healthy(), self._is_draining,
+                         len(self._active), time.time())
+
+    async def drain(self, timeout_s: float) -> tuple[int, int]:
+        """Refuses new requests, lets running ones finish for up to timeout_s, then stops the engine: requests
+        still running end with an `unavailable` error, which the router re-runs elsewhere.
+        Returns (requests that finished while draining, requests cut off)."""
+        self._is_draining = True
+        before = len(self._active)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        cut = len(self._active)
+        if cut:
+            await self._engine.aclose()
+        return before - cut, cut
+
+    async def shutdown(self) -> None:
+        self._is_draining = True
+        await self._engine.aclose()
+
+
+def remote_worker_class():
+    """The Ray actor class of `WorkerActor` (options are set per worker by the controller)."""
+    return ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=MAX_CONCURRENT_CALLS)(WorkerActor)
