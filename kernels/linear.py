@@ -395,6 +395,11 @@ def _choose(x: torch.Tensor, weight: torch.Tensor, pdl: bool) -> LinearConfig:
     return warmup(M, N, K, x.dtype, x.device, weight, pdl)
 
 
+def cached_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearConfig:
+    """The config `warmup` chose for this shape, else `default_config`; never times anything."""
+    return _tuned.get(_key(M, N, K, dtype, device, pdl_default(device))) or default_config(M, N, K, dtype)
+
+
 def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                    config: LinearConfig | None = None, pdl: bool | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ weight [N, K].T (+ bias [N]); one launch, no host sync, graph-capturable.

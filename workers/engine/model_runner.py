@@ -53,6 +53,7 @@ class ModelRunner:
         else:
             load_checkpoint(self.model, checkpoint)
         self.model.eval()
+        self._tune_linear_kernels()
         self.num_blocks = self._plan_num_blocks()
         self.backend.allocate(model_config.num_layers, self.num_blocks, self.block_size, model_config.num_kv_heads,
                               model_config.head_dim, dtype, device)
@@ -60,6 +61,21 @@ class ModelRunner:
         self.graph_pool = None
         self.use_graphs = (device.type == "cuda" and not engine_config.enforce_eager
                            and (not model_config.is_moe or self.ops.name != "torch"))
+
+    def _tune_linear_kernels(self) -> None:
+        """Times small_m_linear's configs for every weight shape at the decode batch sizes it serves, now,
+        while the memory its timing borrows (a few weight copies) is still free of KV cache."""
+        if self.ops.name != "triton" or self.dtype not in (torch.float16, torch.bfloat16):
+            return
+        from partita.kernels.linear import use_small_m_linear, warmup
+        from partita.workers.models.layers import Linear
+
+        sizes = [m for m in self.engine_config.cuda_graph_batch_sizes if m <= self.engine_config.max_num_seqs]
+        weights = {tuple(m.weight.shape): m.weight for m in self.model.modules() if isinstance(m, Linear)}
+        for (n, k), weight in weights.items():
+            for m in sizes:
+                if use_small_m_linear(m, n, k):
+                    warmup(m, n, k, self.dtype, self.device, weight)
 
     # --- capacity -------------------------------------------------------------------------------------
     def _plan_num_blocks(self) -> int:

@@ -90,13 +90,43 @@ def torch_ops() -> Ops:
     return Ops("torch", rms_norm_torch, silu_and_mul_torch, apply_rotary_torch, linear_torch, grouped_experts_torch)
 
 
+def cuda_ops() -> Ops:
+    """The Triton kernels of `partita.kernels` for fp16/bf16 tensors, torch for float32 (which they skip).
+
+    Linear layers take `small_m_linear` for decode-sized inputs (M <= 16, where it beats cuBLAS) with the
+    config `ModelRunner` tuned ahead of time (never timed mid-run, when the KV cache holds the memory), and
+    cuBLAS otherwise.
+    """
+    from partita.kernels.activation import silu_and_mul
+    from partita.kernels.fused_moe import fused_moe
+    from partita.kernels.linear import cached_config, small_m_linear, use_small_m_linear
+    from partita.kernels.rmsnorm import rms_norm
+    from partita.kernels.rotary import apply_rotary
+
+    half = (torch.float16, torch.bfloat16)
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype in half and weight.dtype == x.dtype and x.shape[0] > 0 and \
+                use_small_m_linear(x.shape[0], weight.shape[0], x.shape[1]):
+            config = cached_config(x.shape[0], weight.shape[0], x.shape[1], x.dtype, x.device)
+            return small_m_linear(x, weight, bias, config=config)
+        return F.linear(x, weight, bias)
+
+    def norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dtype in half and weight.dtype == x.dtype:
+            return rms_norm(x, weight, eps, residual)
+        return rms_norm_torch(x, weight, eps, residual)
+
+    def act(x: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(x) if x.dtype in half else silu_and_mul_torch(x)
+
+    def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
+        (apply_rotary if q.dtype in half else apply_rotary_torch)(q, k, positions, cos_sin)
+
+    return Ops("triton", norm, act, rotary, linear, fused_moe)
+
+
 def select_ops(device: torch.device) -> Ops:
-    """Triton kernels on CUDA where they exist, plain PyTorch elsewhere."""
-    if device.type != "cuda":
-        return torch_ops()
-    ops = torch_ops()
-    try:
-        from partita.kernels.fused_moe import fused_moe
-    except ImportError:
-        return ops
-    return Ops("triton", ops.rms_norm, ops.silu_and_mul, ops.apply_rotary, ops.linear, fused_moe)
+    """Triton kernels on CUDA, plain PyTorch elsewhere."""
+    return cuda_ops() if device.type == "cuda" else torch_ops()
