@@ -20,3 +20,7 @@ class UnsupportedModelError(ModelLoadError):
 
 class EngineCapacityError(RuntimeError):
     """The KV cache cannot hold even one sequence of `max_model_len` tokens."""
+
+
+class KvCapacityError(RuntimeError):
+    """No room now for a migrated request's KV (free blocks or sequence slots); retry later or elsewhere."""

@@ -3,6 +3,14 @@
 `add_request` validates and queues; `step` schedules a batch, runs the model, samples, applies stop rules
 and returns the outputs of that step; `abort` drops a request and frees its blocks at once. The engine is
 synchronous and not thread-safe: serving layers drive it from one thread.
+
+Prefill/decode disaggregation (issue 9) adds two sides. Prefill: `add_request(..., prefill_only=True)`
+prefills as usual and samples the first token, then parks the sequence with its blocks (`Status.HELD`)
+instead of decoding it, until `release_prefilled` (the KV moved elsewhere) or `resume_prefilled` (colocated
+decode as the fallback). Decode: `reserve_migrated` allocates blocks and a sequence slot for a prompt
+without computing it, the migration code writes the KV into them, and `commit_migrated` appends the first
+token and lets the scheduler decode from there; `abort_reserved` frees them. `workers/kv_migration.py`
+moves the bytes.
 """
 from __future__ import annotations
 
@@ -21,8 +29,8 @@ from partita.workers.engine.model_runner import ModelRunner
 from partita.workers.engine.outputs import EngineStats, RequestOutput
 from partita.workers.engine.sampler import SampleRequest, sample
 from partita.workers.engine.scheduler import Scheduler
-from partita.workers.engine.sequence import Sequence
-from partita.workers.errors import InvalidRequestError, ModelLoadError
+from partita.workers.engine.sequence import Sequence, Status
+from partita.workers.errors import InvalidRequestError, KvCapacityError, ModelLoadError
 from partita.workers.presets import PRESETS
 from partita.workers.sampling_params import SamplingParams
 from partita.workers.tokenizer import IncrementalDetokenizer, Tokenizer, byte_tokenizer
@@ -41,6 +49,7 @@ class _Request:
     generator: torch.Generator | None
     emitted_chars: int = 0
     pending_logprobs: list[dict] | None = None
+    prefill_only: bool = False
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -115,6 +124,7 @@ class Engine:
         self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, budget, self.config.enable_chunked_prefill)
         self.requests: dict[str, _Request] = {}
+        self._reserved: dict[str, Sequence] = {}  # reservations awaiting migrated KV (decode side)
         self._aborted: list[RequestOutput] = []
         self._arrival = itertools.count()
         self._generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
@@ -123,12 +133,22 @@ class Engine:
                  backend.name)
 
     # --- requests -------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        """Queues a request; raises InvalidRequestError naming the bad field, leaving the engine unchanged."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    prefill_only: bool = False) -> None:
+        """Queues a request; raises InvalidRequestError naming the bad field, leaving the engine unchanged.
+
+        prefill_only: after the first token the request is held with its KV instead of decoded (module doc);
+        a first token that already finishes it (stop, max_tokens=1) finishes it as usual."""
         params = SamplingParams() if params is None else params
+        seq = self._new_sequence(request_id, prompt, params)
+        self.requests[request_id] = self._new_request(seq)
+        self.requests[request_id].prefill_only = prefill_only
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id", f"must be a non-empty string, got {request_id!r}")
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self._reserved:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params", f"must be SamplingParams, got {type(params).__name__}")
@@ -139,13 +159,16 @@ class Engine:
         if len(token_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError("max_tokens", f"prompt ({len(token_ids)} tokens) + max_tokens "
                                                     f"({params.max_tokens}) exceeds max_model_len={self.max_model_len}")
-        seq = Sequence(request_id, list(token_ids), len(token_ids), params, next(self._arrival))
+        return Sequence(request_id, list(token_ids), len(token_ids), params, next(self._arrival))
+
+    def _new_request(self, seq: Sequence) -> _Request:
+        params = seq.params
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        detok = IncrementalDetokenizer.start(self.tokenizer, token_ids, params.skip_special_tokens)
-        self.requests[request_id] = _Request(seq, detok, generator)
-        self.scheduler.add(seq)
+        detok = IncrementalDetokenizer.start(self.tokenizer, seq.token_ids[:seq.num_prompt_tokens],
+                                             params.skip_special_tokens)
+        return _Request(seq, detok, generator)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -171,6 +194,80 @@ class Engine:
         self.scheduler.finish(req.seq, "abort")
         self._aborted.append(RequestOutput(request_id, [], "", True, "abort", req.seq.num_prompt_tokens,
                                            req.seq.num_output_tokens))
+        return True
+
+    # --- prefill/decode disaggregation ----------------------------------------------------------------
+    def prefilled_sequence(self, request_id: str) -> Sequence:
+        """The held sequence of a prefill-only request whose first token was sampled (its KV is exportable)."""
+        req = self.requests.get(request_id)
+        if req is None or req.seq.status is not Status.HELD:
+            raise InvalidRequestError("request_id", f"{request_id!r} is not a prefilled request held for migration")
+        return req.seq
+
+    def release_prefilled(self, request_id: str) -> None:
+        """Drops a held prefilled request (its KV now lives elsewhere) and frees its blocks; no output follows."""
+        seq = self.prefilled_sequence(request_id)
+        del self.requests[request_id]
+        self.scheduler.finish(seq, "migrated")
+
+    def resume_prefilled(self, request_id: str) -> None:
+        """Decodes a held prefilled request here after all (the fallback when its migration failed)."""
+        seq = self.prefilled_sequence(request_id)
+        self.requests[request_id].prefill_only = False
+        self.scheduler.resume(seq)
+
+    def reserve_migrated(self, request_id: str, prompt: list[int], params: SamplingParams | None = None) -> Sequence:
+        """Allocates blocks and a sequence slot for a prompt whose KV will be written by migration; nothing is
+        computed. Raises InvalidRequestError for bad input, KvCapacityError when there is no room now."""
+        params = SamplingParams() if params is None else params
+        seq = self._new_sequence(request_id, prompt, params)
+        n = seq.num_prompt_tokens
+        if not self.scheduler.has_seq_room():
+            raise KvCapacityError(f"no free sequence slot for {request_id!r}: {len(self.scheduler.running)} "
+                                  f"running and {len(self.scheduler.held)} held of max_num_seqs="
+                                  f"{self.config.max_num_seqs}")
+        if not self.blocks.can_allocate(seq, n):
+            raise KvCapacityError(f"{request_id!r} needs {self.blocks.blocks_needed(seq, n)} KV blocks for {n} "
+                                  f"tokens, {self.blocks.num_free_blocks} free")
+        self.blocks.allocate(seq, n)
+        self.scheduler.hold(seq)
+        self._reserved[request_id] = seq
+        return seq
+
+    def commit_migrated(self, request_id: str, first_token: int, params: SamplingParams | None = None) -> None:
+        """Starts decoding a reservation whose KV is in place: its prompt counts as computed and
+        `first_token` (sampled by the prefill side) is appended, so the next step decodes after it.
+        Raises InvalidRequestError when there is no such reservation or the first token ends the request
+        (the prefill side finishes such requests itself)."""
+        seq = self._reserved.get(request_id)
+        if seq is None:
+            raise InvalidRequestError("request_id", f"{request_id!r} has no reservation")
+        if params is not None:
+            seq.params = params
+        if isinstance(first_token, bool) or not isinstance(first_token, int) \
+                or not 0 <= first_token < self.model_config.vocab_size:
+            raise InvalidRequestError("first_token_id", f"{first_token!r} is not in [0, {self.model_config.vocab_size})")
+        p = seq.params
+        if (not p.ignore_eos and first_token in self.eos_token_ids) or first_token in p.stop_token_ids \
+                or p.max_tokens <= 1 or seq.num_prompt_tokens + p.max_tokens > self.max_model_len:
+            raise InvalidRequestError("first_token_id", f"{request_id!r} has nothing left to decode after its first "
+                                                        f"token (stop token, max_tokens or max_model_len)")
+        del self._reserved[request_id]
+        seq.token_ids.append(first_token)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        req = self._new_request(seq)
+        req.detok.add([first_token])
+        hold = max(len(s) for s in p.stop) - 1 if p.stop else 0
+        req.emitted_chars = max(0, len(req.detok.text) - hold)  # what the prefill side showed already
+        self.requests[request_id] = req
+        self.scheduler.resume(seq)
+
+    def abort_reserved(self, request_id: str) -> bool:
+        """Frees a reservation's blocks and slot; False when there is none (committed, aborted or unknown)."""
+        seq = self._reserved.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
         return True
 
     def has_unfinished(self) -> bool:
@@ -228,6 +325,8 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]
+        elif req.prefill_only:
+            self.scheduler.hold(seq)
         return RequestOutput(seq.request_id, [token], delta, reason is not None, reason, seq.num_prompt_tokens,
                              seq.num_output_tokens, logprobs)
 

@@ -4,6 +4,10 @@ Each step first gives every running decode its one token, then continues running
 waiting requests, until `max_num_batched_tokens` or `max_num_seqs` is reached. When a running sequence
 needs a block and none is free, the most recently arrived running sequence is preempted: its blocks are
 freed and it returns to the front of the waiting queue, to be recomputed (prompt + output so far).
+
+Prefill/decode disaggregation parks sequences in `held`: they keep their blocks and sequence slot but are
+never scheduled (a prefilled request whose KV is being exported, a reservation receiving migrated KV). They
+count against max_num_seqs, since each holds one of its sequence slots.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ class Scheduler:
         self.chunked = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.held: dict[str, Sequence] = {}
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -67,7 +72,7 @@ class Scheduler:
                 batch.prefills.append((seq, n))
                 scheduled.add(seq.request_id)
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + len(self.held) < self.max_num_seqs:
             seq = self.waiting[0]
             n = seq.num_uncomputed_tokens
             if n > budget:
@@ -106,12 +111,31 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def has_seq_room(self) -> bool:
+        """Whether one more sequence may hold blocks (a sequence slot is free for it)."""
+        return len(self.running) + len(self.held) < self.max_num_seqs and bool(self.blocks.free_seq_slots)
+
+    def hold(self, seq: Sequence) -> None:
+        """Parks seq (running, or new with its blocks allocated) in `held`: its blocks stay, it is not scheduled."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        seq.status = Status.HELD
+        self.held[seq.request_id] = seq
+
+    def resume(self, seq: Sequence) -> None:
+        """Moves a held sequence back into the running set; the next step continues it from num_computed_tokens."""
+        del self.held[seq.request_id]
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Removes seq from whichever queue holds it and frees its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is Status.HELD:
+            del self.held[seq.request_id]
         self.blocks.free(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason

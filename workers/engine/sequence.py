@@ -10,6 +10,8 @@ from partita.workers.sampling_params import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    HELD = "held"  # holds blocks outside the running set: a prefilled request awaiting migration, or a
+    #                reservation awaiting migrated KV (prefill/decode disaggregation)
     FINISHED = "finished"
 
 
