@@ -1,0 +1,151 @@
+"""PD disaggregation inside one process: prefill on one engine, move the KV bytes, decode on another.
+
+Greedy output must equal the colocated engine's token for token, for every KV format (against a colocated
+engine with the same format and the same prefill chunking: kivi2's results depend on chunking by design, see
+tests/workers/attention/test_kv_formats_engine.py), and every block and sequence slot must return to the free
+pool on both sides, through commit, abort and release alike.
+"""
+import pytest
+
+from partita.workers import Engine, EngineConfig, InvalidRequestError, SamplingParams
+from partita.workers.errors import KvCapacityError
+from partita.workers.kv_migration import KvLayoutMismatch, export_request, import_payload, kv_layout
+
+FORMATS = ["none", "fp8", "int8", "int4", "kivi2"]
+PROMPTS = [[(5 * i + 7 * j) % 500 + 2 for j in range(n)] for i, n in enumerate((3, 16, 45, 70))]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def make_engine(kv_format: str = "none", model: str = "tiny-llama", **config) -> Engine:
+    config = {"max_model_len": 128, "max_num_seqs": 4, "max_num_batched_tokens": 32, **config}
+    return Engine(model, device="cpu", kv_format=kv_format, config=EngineConfig(**config))
+
+
+def run_to_end(engine: Engine) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
+
+
+def prefill(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams = GREEDY) -> int:
+    engine.add_request(request_id, prompt, params, prefill_only=True)
+    first = run_to_end(engine)[request_id]
+    assert len(first) == 1 and not engine.has_unfinished()
+    return first[0]
+
+
+def migrate(src: Engine, dst: Engine, request_id: str, params: SamplingParams = GREEDY) -> None:
+    export = export_request(src, request_id)
+    kv_layout(dst).check_compatible(export.layout.to_proto())
+    seq = dst.reserve_migrated(request_id, export.prompt_token_ids, params)
+    for layer, index, data in export.payloads:
+        import_payload(dst, seq, export.num_tokens, layer, index, data)
+    assert export.total_bytes == export.layout.total_bytes(export.num_tokens)
+    src.release_prefilled(request_id)
+    dst.commit_migrated(request_id, export.first_token_id)
+
+
+def assert_all_free(*engines: Engine) -> None:
+    for e in engines:
+        assert e.blocks.num_free_blocks == e.blocks.num_blocks
+        assert len(e.blocks.free_seq_slots) == e.config.max_num_seqs
+        assert not e.scheduler.held and not e.requests
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-moe"])
+@pytest.mark.parametrize("kv_format", FORMATS)
+def test_pd_equals_colocated(kv_format, model):
+    colocated = make_engine(kv_format, model)
+    expected = {}
+    for i, p in enumerate(PROMPTS):  # one at a time, so each prompt is chunked as the prefill engine chunks it
+        colocated.add_request(f"r{i}", p, GREEDY)
+        expected.update(run_to_end(colocated))
+    src, dst = make_engine(kv_format, model), make_engine(kv_format, model)
+    got = {}
+    for i, p in enumerate(PROMPTS):
+        got[f"r{i}"] = [prefill(src, f"r{i}", p)]
+        migrate(src, dst, f"r{i}")
+    for rid, toks in run_to_end(dst).items():
+        got[rid].extend(toks)
+    assert got == expected
+    assert_all_free(colocated, src, dst)
+
+
+def test_kivi2_carries_the_residual():
+    """A prompt that is not a multiple of R leaves rows in the residual; they travel as a state payload."""
+    src = make_engine("kivi2")
+    prefill(src, "r", PROMPTS[2])
+    export = export_request(src, "r")
+    layout = export.layout
+    assert 45 % layout.state_period and layout.state_bytes(45) > 0
+    n_blocks = layout.num_blocks(45)
+    assert [i for _, i, _ in export.payloads].count(n_blocks) == layout.num_layers
+    src.release_prefilled("r")
+    assert_all_free(src)
+
+
+def test_fallback_resumes_colocated_decode():
+    colocated = make_engine()
+    colocated.add_request("r", PROMPTS[1], GREEDY)
+    expected = run_to_end(colocated)["r"]
+    src = make_engine()
+    first = prefill(src, "r", PROMPTS[1])
+    src.resume_prefilled("r")
+    assert [first] + run_to_end(src)["r"] == expected
+    assert_all_free(src)
+
+
+def test_reserve_capacity_and_abort():
+    dst = make_engine(num_kv_blocks=8)  # 8 blocks of 16 tokens
+    dst.reserve_migrated("a", [3] * 100, SamplingParams(max_tokens=4))
+    with pytest.raises(KvCapacityError, match="needs 3 KV blocks for 40 tokens, 1 free"):
+        dst.reserve_migrated("b", [3] * 40, SamplingParams(max_tokens=4))
+    with pytest.raises(InvalidRequestError, match="already running"):
+        dst.reserve_migrated("a", [3] * 4)
+    assert dst.abort_reserved("a") and not dst.abort_reserved("a")
+    assert_all_free(dst)
+    with pytest.raises(InvalidRequestError, match="no reservation"):
+        dst.commit_migrated("a", 5)
+
+
+def test_seq_slots_bound_reservations():
+    dst = make_engine()
+    for i in range(4):
+        dst.reserve_migrated(f"r{i}", [3] * 4, GREEDY)
+    with pytest.raises(KvCapacityError, match="sequence slot"):
+        dst.reserve_migrated("r4", [3] * 4, GREEDY)
+    dst.add_request("w", [3] * 4, GREEDY)  # waits: every slot is held, so it is not admitted
+    assert dst.step() == [] and dst.scheduler.waiting
+    for i in range(4):
+        dst.abort_reserved(f"r{i}")
+    assert run_to_end(dst)["w"]
+    assert_all_free(dst)
+
+
+def test_first_token_that_finishes_is_refused():
+    dst = make_engine()
+    dst.reserve_migrated("r", [3] * 4, SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequestError, match="nothing left to decode"):
+        dst.commit_migrated("r", 5)
+    dst.abort_reserved("r")
+    assert_all_free(dst)
+
+
+def test_format_mismatch_is_refused():
+    with pytest.raises(KvLayoutMismatch, match="format conversion is not supported"):
+        kv_layout(make_engine("int8")).check_compatible(kv_layout(make_engine("int4")).to_proto())
+    fp8_a, fp8_b = make_engine("fp8"), make_engine("fp8")
+    fp8_b.runner.backend.caches[1].state["scales"][0, 0] = 2.0
+    with pytest.raises(KvLayoutMismatch, match="scales_crc"):
+        kv_layout(fp8_a).check_compatible(kv_layout(fp8_b).to_proto())
+
+
+def test_abort_of_held_prefill_frees_blocks():
+    src = make_engine()
+    prefill(src, "r", PROMPTS[3])
+    assert src.blocks.num_free_blocks < src.blocks.num_blocks
+    assert src.abort("r")
+    src.step()
+    assert_all_free(src)

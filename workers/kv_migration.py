@@ -1,0 +1,207 @@
+"""Moves one request's KV cache between two engines (prefill -> decode) as bytes, in the cache's stored form.
+
+Wire layout of a request whose prompt fills `num_blocks` blocks, over `num_layers` layers:
+
+    payload (layer l, block_index i), i < num_blocks:  block i of the request's block table in layer l, exactly
+        `bytes_per_block` bytes. Kernel backend: `kernels.kv_base.export_blocks` (every part of the format,
+        scales and zero points included, quantized formats stay quantized). Torch backend (kv_format none on
+        CPU): the block's keys then its values, [block_size, Hkv, D] each, in the model dtype.
+    payload (layer l, block_index num_blocks): the per-sequence state of layer l, only for formats that keep
+        the newest tokens outside the blocks: kivi2's full-precision residual rows [0, num_tokens % R) of the
+        sequence's slot, keys then values (`state_bytes(num_tokens)` bytes). Without it the decode side would
+        read zeros for those tokens.
+
+`KvLayout.descriptor` names everything the bytes depend on (backend, format and its options, cache dtype,
+block size, heads, head_dim, part order) plus a checksum of the per-layer state that must be equal on both
+ends (fp8's per-head scales: codes written under one scale and read under another are wrong). Both ends must
+have the same descriptor; converting between formats is refused (`KvLayoutMismatch`), not attempted.
+
+Export runs after prefill has finished (the whole prompt's KV at once), not layer by layer inside the
+forward pass; `export_layer` is the unit a layer-streaming prefill would call. Every function here touches
+the engine's cache and must run on the engine's thread.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from partita.kernels.kv_base import export_blocks, import_blocks
+from partita.protos.partita.v1 import kv_transfer_pb2 as pb
+from partita.workers.attention.kernel_paged import KernelPagedAttention
+from partita.workers.attention.torch_paged import TorchPagedAttention
+from partita.workers.engine.engine import Engine
+from partita.workers.engine.sequence import Sequence
+
+_BITS = {"none": 16, "fp8": 8, "int8": 8, "int4": 4, "kivi2": 2}
+
+
+class KvLayoutMismatch(ValueError):
+    """The two ends store KV differently (format, options, shape or fp8 scales); no conversion is done."""
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """How one engine's KV bytes are laid out on the wire (module docstring)."""
+
+    descriptor: str
+    format_name: str
+    bits: int
+    group_size: int
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    bytes_per_block: int  # one layer's one block
+    state_row_bytes: int  # per-sequence state bytes per token row (kivi2 residual: K and V), 0 if none
+    state_period: int  # the state holds num_tokens % state_period rows
+
+    def num_blocks(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def state_bytes(self, num_tokens: int) -> int:
+        """Bytes of one layer's per-sequence state payload for a prompt of num_tokens (0: no payload)."""
+        return (num_tokens % self.state_period) * self.state_row_bytes if self.state_row_bytes else 0
+
+    def total_bytes(self, num_tokens: int) -> int:
+        return self.num_layers * (self.num_blocks(num_tokens) * self.bytes_per_block + self.state_bytes(num_tokens))
+
+    def to_proto(self) -> pb.KvFormat:
+        return pb.KvFormat(name=self.format_name, bits=self.bits, group_size=self.group_size,
+                           block_size=self.block_size, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                           has_scales=self.format_name not in ("none",), layout=self.descriptor)
+
+    def check_compatible(self, remote: pb.KvFormat) -> None:
+        """Raises KvLayoutMismatch naming what differs between this (receiving) end and the sender's format."""
+        if remote.layout == self.descriptor:
+            return
+        mine = dict(zip(("backend", "format", "dtype", "block_size", "heads", "head_dim", "parts", "state"),
+                        self.descriptor.split("|")))
+        theirs = dict(zip(mine, remote.layout.split("|")))
+        diff = [f"{k}: sender {theirs.get(k, '?')!r}, receiver {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        raise KvLayoutMismatch("KV layouts differ and format conversion is not supported; use the same kv_format "
+                               "(and model dtype) on both ends: " + "; ".join(diff or [remote.layout]))
+
+
+def kv_layout(engine: Engine) -> KvLayout:
+    """The wire layout of `engine`'s KV cache."""
+    backend, cfg = engine.runner.backend, engine.model_config
+    bs, h, d = engine.config.block_size, cfg.num_kv_heads, cfg.head_dim
+    if isinstance(backend, TorchPagedAttention):
+        dtype = backend.k_caches[0].dtype
+        elem = backend.k_caches[0].element_size()
+        fields = ("torch", "none", str(dtype).removeprefix("torch."), str(bs), str(h), str(d), "k,v", "-")
+        return KvLayout("|".join(fields), "none", 8 * elem, 0, cfg.num_layers, bs, h, d, 2 * bs * h * d * elem, 0, 1)
+    if not isinstance(backend, KernelPagedAttention):
+        raise TypeError(f"KV migration does not know the {type(backend).__name__} attention backend")
+    fmt, cache0 = backend.fmt, backend.caches[0]
+    spec = fmt.name + ":" + ",".join(f"{f.name}={getattr(fmt, f.name)}" for f in dataclasses.fields(fmt))
+    state_crc = 0
+    if "scales" in cache0.state:  # must agree on both ends; not sent (checked through the descriptor)
+        for cache in backend.caches:
+            state_crc = zlib.crc32(cache.state["scales"].cpu().contiguous().view(torch.uint8).numpy(), state_crc)
+    row_bytes, period = 0, 1
+    if "res_k" in cache0.state:
+        res = cache0.state["res_k"]
+        row_bytes = 2 * res[0, 0].numel() * res.element_size()
+        period = res.shape[1]
+    fields = ("kernel", spec, str(cache0.dtype).removeprefix("torch."), str(bs), str(h), str(d),
+              ",".join(cache0.parts), f"scales_crc={state_crc:08x}")
+    return KvLayout("|".join(fields), fmt.name, _BITS.get(fmt.name, 0), int(getattr(fmt, "group_size", 0)),
+                    cfg.num_layers, bs, h, d, cache0.bytes_per_block, row_bytes, period)
+
+
+def _block_ids(seq: Sequence, num_blocks: int, device: torch.device) -> torch.Tensor:
+    if len(seq.block_table) < num_blocks:
+        raise ValueError(f"{seq.request_id!r} holds {len(seq.block_table)} blocks, {num_blocks} expected")
+    return torch.tensor(seq.block_table[:num_blocks], dtype=torch.long, device=device)
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).cpu().numpy().tobytes()
+
+
+def _from_bytes(data: bytes, device: torch.device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+
+
+def export_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) -> list[bytes]:
+    """One layer's payloads for the first num_tokens tokens of seq: each block, then the state (if any)."""
+    layout = kv_layout(engine)
+    n = layout.num_blocks(num_tokens)
+    backend = engine.runner.backend
+    if isinstance(backend, TorchPagedAttention):
+        ids = _block_ids(seq, n, backend.k_caches[layer].device)
+        k = backend.k_caches[layer][ids].reshape(n, -1).view(torch.uint8)
+        v = backend.v_caches[layer][ids].reshape(n, -1).view(torch.uint8)
+        rows = torch.cat([k, v], dim=1).cpu()
+        return [_to_bytes(r) for r in rows]
+    cache = backend.caches[layer]
+    rows = export_blocks(cache, _block_ids(seq, n, cache.device)).cpu()
+    out = [_to_bytes(r) for r in rows]
+    if layout.state_bytes(num_tokens):
+        r = num_tokens % layout.state_period
+        out.append(_to_bytes(cache.state["res_k"][seq.kv_slot, :r]) + _to_bytes(cache.state["res_v"][seq.kv_slot, :r]))
+    return out
+
+
+def import_payload(engine: Engine, seq: Sequence, num_tokens: int, layer: int, block_index: int, data: bytes) -> None:
+    """Writes one payload (layer, block_index) of the wire layout into seq's blocks (or its slot's state).
+    The caller has checked sizes against `kv_layout(engine)`; a wrong size raises ValueError here too."""
+    layout = kv_layout(engine)
+    n = layout.num_blocks(num_tokens)
+    backend = engine.runner.backend
+    if block_index == n:
+        expected = layout.state_bytes(num_tokens)
+        if not expected or len(data) != expected:
+            raise ValueError(f"state payload of layer {layer}: {len(data)} bytes, expected {expected}")
+        cache = backend.caches[layer]
+        r = num_tokens % layout.state_period
+        half = _from_bytes(data, cache.device).view(cache.state["res_k"].dtype).reshape(2, r, *cache.state["res_k"].shape[2:])
+        cache.state["res_k"][seq.kv_slot, :r] = half[0]
+        cache.state["res_v"][seq.kv_slot, :r] = half[1]
+        return
+    if len(data) != layout.bytes_per_block or not 0 <= block_index < n:
+        raise ValueError(f"payload (layer {layer}, block {block_index}): {len(data)} bytes, expected "
+                         f"{layout.bytes_per_block} for a block index below {n}")
+    if isinstance(backend, TorchPagedAttention):
+        k_cache, v_cache = backend.k_caches[layer], backend.v_caches[layer]
+        block = seq.block_table[block_index]
+        raw = _from_bytes(data, k_cache.device).view(k_cache.dtype).reshape(2, *k_cache.shape[1:])
+        k_cache[block] = raw[0]
+        v_cache[block] = raw[1]
+        return
+    cache = backend.caches[layer]
+    ids = torch.tensor([seq.block_table[block_index]], dtype=torch.long, device=cache.device)
+    import_blocks(cache, ids, _from_bytes(data, cache.device).reshape(1, -1))
+
+
+@dataclass
+class KvExport:
+    """A prefilled request ready to migrate: what Reserve and Commit need, and every payload in wire order."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    first_token_id: int
+    layout: KvLayout
+    payloads: list[tuple[int, int, bytes]]  # (layer, block_index, data)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(len(d) for _, _, d in self.payloads)
+
+
+def export_request(engine: Engine, request_id: str) -> KvExport:
+    """Every layer's payloads of a prefill-only request held after its first token (`Engine.prefilled_sequence`)."""
+    seq = engine.prefilled_sequence(request_id)
+    n = seq.num_prompt_tokens
+    payloads = []
+    for layer in range(engine.model_config.num_layers):
+        payloads.extend((layer, i, data) for i, data in enumerate(export_layer(engine, seq, n, layer)))
+    return KvExport(request_id, seq.token_ids[:n], seq.token_ids[n], kv_layout(engine), payloads)
