@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from partita.cluster.gateway_engine import WorkerLoad
 from partita.cluster.placement import (WorkerShape, choose_node, cluster_has_gpus, create_worker_group,
-                                       node_inventory, remove_worker_group, worker_shape)
+                                       engine_memory_share, node_inventory, remove_worker_group, worker_shape)
 from partita.cluster.spec import ClusterSpec, PoolSpec, SpecError, apply_overrides
 from partita.cluster.worker_actor import check_runnable, remote_worker_class
 
@@ -279,9 +279,11 @@ class Controller:
             w.state = "starting"
             strategy = PlacementGroupSchedulingStrategy(w.group, placement_group_bundle_index=0,
                                                         placement_group_capture_child_tasks=True)
+            scheduler = dataclasses.asdict(spec.scheduler)
+            scheduler["gpu_memory_utilization"] = engine_memory_share(spec.scheduler.gpu_memory_utilization, w.shape)
             w.actor = remote_worker_class().options(
-                num_cpus=w.shape.num_cpus, num_gpus=1 if w.shape.num_gpus else 0, scheduling_strategy=strategy,
-            ).remote(w.worker_id, w.pool, w.role, dataclasses.asdict(spec.model), dataclasses.asdict(spec.scheduler),
+                num_cpus=w.shape.num_cpus, num_gpus=min(1.0, w.shape.num_gpus), scheduling_strategy=strategy,
+            ).remote(w.worker_id, w.pool, w.role, dataclasses.asdict(spec.model), scheduler,
                      w.shape.device, max(1, int(w.shape.num_cpus)))
             info = await asyncio.wait_for(w.actor.ready.remote(), deadline - time.monotonic())
         except asyncio.CancelledError:

@@ -24,7 +24,7 @@ class WorkerShape:
     """One worker's resources. bundles: [num_gpus or 1] placement-group bundles; device: cuda or cpu."""
 
     bundles: tuple[dict[str, float], ...]
-    num_gpus: int
+    num_gpus: float  # a fraction below 1: the worker shares its GPU
     num_cpus: float
     device: str
 
@@ -53,6 +53,10 @@ def worker_shape(pool: PoolSpec, cluster_has_gpus: bool) -> WorkerShape:
     cpus = float(pool.cpus_per_worker)
     if gpus == 0:
         return WorkerShape(({"CPU": max(cpus, MIN_CPU_BUNDLE)},), 0, max(cpus, MIN_CPU_BUNDLE), "cpu")
+    if gpus < 1:
+        return WorkerShape(({"GPU": float(gpus), "CPU": max(cpus, MIN_CPU_BUNDLE)},), float(gpus),
+                           max(cpus, MIN_CPU_BUNDLE), "cuda")
+    gpus = int(gpus)
     first = {"GPU": 1.0, "CPU": max(cpus, MIN_CPU_BUNDLE)}
     return WorkerShape((first,) + tuple({"GPU": 1.0} for _ in range(gpus - 1)), gpus, first["CPU"], "cuda")
 
@@ -100,3 +104,9 @@ def remove_worker_group(group) -> None:
         remove_placement_group(group)
     except Exception:  # noqa: BLE001 - already removed, or the cluster is going away
         pass
+
+
+def engine_memory_share(gpu_memory_utilization: float, shape: WorkerShape) -> float:
+    """The GPU memory share one worker's engine sizes itself to: all of it for whole GPUs, its fraction of it
+    for a worker that shares its GPU (two workers at 0.5 each take half of gpu_memory_utilization each)."""
+    return gpu_memory_utilization * shape.num_gpus if 0 < shape.num_gpus < 1 else gpu_memory_utilization

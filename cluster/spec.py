@@ -125,7 +125,9 @@ class PoolSpec:
     role: colocated (prefill and decode in one engine); prefill, decode, attention, ffn as they land.
     replicas: workers to run (0 keeps the pool with no workers).
     gpus_per_worker: GPUs of one worker, packed on one node (STRICT_PACK); 0 runs on CPU; unset (auto) takes
-        tensor_parallel_size GPUs when the Ray cluster has GPUs and runs on CPU otherwise.
+        tensor_parallel_size GPUs when the Ray cluster has GPUs and runs on CPU otherwise. A fraction (0.5)
+        shares one GPU between workers (a prefill and a decode worker, semi-PD's setting): each engine then
+        sizes its memory as that fraction of scheduler.gpu_memory_utilization.
     cpus_per_worker: CPUs reserved for one worker (its engine thread and the actor's event loop).
     tensor_parallel_size: GPUs one model copy is split over.
     """
@@ -133,7 +135,7 @@ class PoolSpec:
     name: str
     role: str = "colocated"
     replicas: int = 1
-    gpus_per_worker: int | None = None
+    gpus_per_worker: float | None = None
     cpus_per_worker: float = 1.0
     tensor_parallel_size: int = 1
 
@@ -147,9 +149,15 @@ class PoolSpec:
         _require(self.cpus_per_worker >= 0, "cpus_per_worker", f"must be >= 0, got {self.cpus_per_worker}")
         gpus = self.gpus_per_worker
         if gpus is not None:
-            _require(gpus >= 0, "gpus_per_worker", f"must be >= 0, got {gpus}")
-            _require(gpus == 0 or gpus % self.tensor_parallel_size == 0, "gpus_per_worker",
-                     f"{gpus} is not a multiple of tensor_parallel_size ({self.tensor_parallel_size})")
+            _require(gpus >= 0, "gpus_per_worker", f"must be >= 0, got {gpus:g}")
+            if 0 < gpus < 1:
+                _require(self.tensor_parallel_size == 1, "gpus_per_worker",
+                         f"a fraction of a GPU ({gpus:g}) cannot hold tensor_parallel_size="
+                         f"{self.tensor_parallel_size}; use whole GPUs")
+            else:
+                _require(gpus == int(gpus), "gpus_per_worker", f"{gpus:g}: above 1, use a whole number of GPUs")
+                _require(gpus % self.tensor_parallel_size == 0, "gpus_per_worker",
+                         f"{gpus:g} is not a multiple of tensor_parallel_size ({self.tensor_parallel_size})")
             _require(gpus > 0 or self.tensor_parallel_size == 1, "tensor_parallel_size",
                      f"{self.tensor_parallel_size} needs GPUs, but gpus_per_worker is 0")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from partita.cluster.controller import _victims, _Worker
 from partita.cluster.gateway_engine import WorkerLoad
-from partita.cluster.placement import NodeInfo, choose_node, fits, worker_shape
+from partita.cluster.placement import NodeInfo, choose_node, engine_memory_share, fits, worker_shape
 from partita.cluster.spec import PoolSpec
 
 
@@ -24,6 +24,17 @@ def test_multi_gpu_worker_has_one_bundle_per_gpu():
     assert shape.bundles == ({"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0})
     assert shape.totals == {"GPU": 4.0, "CPU": 1.0}
     assert worker_shape(PoolSpec(name="a", gpus_per_worker=1, cpus_per_worker=0), True).bundles[0]["CPU"] > 0
+
+
+def test_fractional_gpu_workers_share_a_gpu():
+    shape = worker_shape(PoolSpec(name="a", gpus_per_worker=0.5), cluster_has_gpus=True)
+    assert shape.bundles == ({"GPU": 0.5, "CPU": 1.0},) and shape.device == "cuda" and shape.num_gpus == 0.5
+    one_gpu = NodeInfo("n", {"CPU": 4, "GPU": 1})
+    assert fits(shape, one_gpu)
+    assert not fits(worker_shape(PoolSpec(name="a", gpus_per_worker=0.5), True), NodeInfo("c", {"CPU": 4}))
+    assert engine_memory_share(0.9, shape) == 0.45  # each sharer sizes its KV cache to its half
+    assert engine_memory_share(0.9, worker_shape(PoolSpec(name="a", gpus_per_worker=2, tensor_parallel_size=2),
+                                                 True)) == 0.9
 
 
 def test_replicas_spread_over_nodes_that_fit():
