@@ -1,7 +1,7 @@
 """`AsyncEngine`: the in-process `EngineClient`, an asyncio face on the synchronous `partita.workers.Engine`.
 
 The engine is not thread-safe, so one dedicated thread owns it: it applies queued commands (add, abort,
-stop) between steps, calls `step()` while there is work and blocks on the command queue when idle. Each
+stop, and `submit`/`adopt` calls of other components such as KV migration) between steps, calls `step()` while there is work and blocks on the command queue when idle. Each
 step's outputs cross to the event loop in one `call_soon_threadsafe` call, which appends them to
 per-request streams; a consumer that fell behind takes everything queued at once, merged into one output,
 so the loop's work per step is one wake-up plus one append per running request.
@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from partita.cluster.gateway_engine import EngineUnavailableError, ModelInfo, WorkerLoad, merge_outputs
 from partita.workers.errors import InvalidRequestError
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_ADD, _ABORT, _STOP = "add", "abort", "stop"
+_ADD, _ABORT, _STOP, _START, _CALL = "add", "abort", "stop", "start", "call"
 
 
 class _RequestStream:
@@ -165,16 +165,32 @@ class AsyncEngine:
             return False
         return self._thread is None or self._thread.is_alive()
 
-    async def generate(self, request_id: str, prompt: str | list[int], params: "SamplingParams",
-                       priority: int = 0) -> AsyncIterator["RequestOutput"]:
+    def generate(self, request_id: str, prompt: str | list[int], params: "SamplingParams",
+                 priority: int = 0) -> AsyncIterator["RequestOutput"]:
         """Streams the request's outputs; leaving the loop early aborts it (module docstring of
         cluster/gateway_engine.py states the whole contract)."""
+        return self._follow(request_id, (_ADD, request_id, prompt, params, priority))
+
+    def adopt(self, request_id: str, start: Callable[["Engine"], None]) -> AsyncIterator["RequestOutput"]:
+        """Streams the outputs of a request that `start(engine)` puts into the engine on the engine thread
+        (a migrated request's commit); an exception from `start` ends the stream. Same contract as generate."""
+        return self._follow(request_id, (_START, request_id, start))
+
+    def submit(self, fn: Callable[["Engine"], Any]) -> concurrent.futures.Future:
+        """Runs fn(engine) on the engine thread between steps; the future holds its result or exception.
+        The way for other components (KV migration) to touch the engine, which is not thread-safe."""
+        self._ensure_running()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((_CALL, fn, done))
+        return done
+
+    async def _follow(self, request_id: str, command: tuple) -> AsyncIterator["RequestOutput"]:
         self._ensure_running()
         if request_id in self._streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         stream = _RequestStream(self._loop)
         self._streams[request_id] = stream
-        self._commands.put((_ADD, request_id, prompt, params, priority))
+        self._commands.put(command)
         finished = False
         try:
             while not finished:
@@ -273,6 +289,18 @@ class AsyncEngine:
                         engine.add_request(request_id, prompt, params)
                 except Exception as exc:  # noqa: BLE001 - refused input goes back to its caller only
                     self._post(self._deliver_error, request_id, exc)
+            elif kind == _START:
+                _, request_id, start = command
+                try:
+                    start(engine)
+                except Exception as exc:  # noqa: BLE001 - a refused start goes back to its caller only
+                    self._post(self._deliver_error, request_id, exc)
+            elif kind == _CALL:
+                _, fn, done = command
+                try:
+                    done.set_result(fn(engine))
+                except Exception as exc:  # noqa: BLE001 - the caller owns the failure
+                    done.set_exception(exc)
             elif kind == _ABORT:
                 _, request_id, done = command
                 existed = engine.abort(request_id)
@@ -291,6 +319,8 @@ class AsyncEngine:
                 return
             if command[0] == _ABORT and command[2] is not None and not command[2].done():
                 command[2].set_result(False)
+            elif command[0] == _CALL and not command[2].done():
+                command[2].set_exception(EngineUnavailableError("the engine stopped before running the call"))
 
     def _post(self, callback, *args) -> None:
         try:

@@ -1,0 +1,174 @@
+"""The prefill worker's side of KV migration: send one prefilled request's KV to a decode worker over gRPC.
+
+    export = await asyncio.wrap_future(prefill.submit(lambda e: export_request(e, request_id)))
+    result = await send_kv(channel, export, sampling)     # Reserve, SendStream, Commit
+    then, on the prefill engine's thread: release_prefilled(request_id) on success, or
+    resume_prefilled(request_id) on KvTransferFailed (colocated decode as the fallback)
+
+One attempt is Reserve (the receiver checks the layout and reserves blocks), SendStream of chunks of at most
+min(chunk_bytes, the receiver's max_chunk_bytes) payload bytes, at most `window` chunks unacknowledged (the
+receiver's acks are the backpressure: nothing is buffered beyond the window), then Commit. A failed attempt
+is aborted on the receiver (best effort: the receiver aborts on its own errors and its ttl frees the rest)
+and retried once; a second failure, or a refusal no retry can fix (INVALID_ARGUMENT: formats differ), raises
+KvTransferFailed so the caller can decode on the prefill engine instead.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import grpc
+
+from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
+from partita.workers.kv_migration import KvExport, export_request
+
+if TYPE_CHECKING:
+    from partita.cluster.async_engine import AsyncEngine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 1 * 2**20
+NOT_RETRYABLE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
+
+
+class KvTransferFailed(RuntimeError):
+    """Every attempt failed; `code` is the last attempt's status (None when it failed on this side)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class TransferResult:
+    transfer_id: str
+    attempts: int
+    bytes_sent: int  # payload bytes of the successful attempt
+    num_chunks: int
+    seconds: float  # the successful attempt, Reserve to Commit
+
+
+def build_chunks(transfer_id: str, export: KvExport, chunk_bytes: int) -> Iterator[pb.KvChunk]:
+    """The export's payloads, in order, packed into chunks of at most chunk_bytes payload bytes each."""
+    seq, blocks, size = 0, [], 0
+    for layer, index, data in export.payloads:
+        if len(data) > chunk_bytes:
+            raise ValueError(f"a payload of {len(data)} bytes does not fit the chunk limit of {chunk_bytes} bytes")
+        if blocks and size + len(data) > chunk_bytes:
+            yield pb.KvChunk(transfer_id=transfer_id, seq=seq, blocks=blocks)
+            seq, blocks, size = seq + 1, [], 0
+        blocks.append(pb.KvBlockPayload(layer=layer, block_index=index, data=data, crc32=zlib.crc32(data)))
+        size += len(data)
+    yield pb.KvChunk(transfer_id=transfer_id, seq=seq, blocks=blocks, is_last=True)
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, code: grpc.StatusCode | None, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+async def _attempt(stub: kv_transfer_pb2_grpc.KvTransferStub, export: KvExport, sampling, *, model: str,
+                   sender_id: str, chunk_bytes: int, window: int, ttl_s: float, timeout_s: float) -> TransferResult:
+    start = time.perf_counter()
+    layout = export.layout
+    n = export.num_tokens
+    reserve = pb.ReserveRequest(
+        request_id=export.request_id, model=model, format=layout.to_proto(), num_layers=layout.num_layers,
+        num_blocks=layout.num_blocks(n), num_tokens=n, bytes_per_block=layout.bytes_per_block,
+        expected_total_bytes=layout.total_bytes(n), prompt_token_ids=export.prompt_token_ids, ttl_s=ttl_s,
+        sender_id=sender_id)
+    try:
+        reserved = await stub.Reserve(reserve, timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        raise _AttemptFailed(e.code(), f"Reserve: {e.details()}") from None
+    tid = reserved.transfer_id
+    try:
+        limit = min(chunk_bytes, reserved.max_chunk_bytes or chunk_bytes)
+        num_chunks = await _stream(stub, tid, build_chunks(tid, export, limit), window, timeout_s)
+        await stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=export.first_token_id,
+                                           sampling=sampling), timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        await _abort(stub, tid, e.details() or str(e.code()))
+        raise _AttemptFailed(e.code(), f"transfer {tid}: {e.details()}") from None
+    except (_AttemptFailed, ValueError) as e:
+        await _abort(stub, tid, str(e))
+        raise _AttemptFailed(getattr(e, "code", None), f"transfer {tid}: {e}") from None
+    return TransferResult(tid, 1, export.total_bytes, num_chunks, time.perf_counter() - start)
+
+
+async def _stream(stub, transfer_id: str, chunks: Iterator[pb.KvChunk], window: int, timeout_s: float) -> int:
+    """Sends the chunks over SendStream with at most `window` unacknowledged; returns the chunk count."""
+    call = stub.SendStream(timeout=timeout_s)
+    sent = acked = 0
+
+    async def read_ack() -> None:
+        nonlocal acked
+        ack = await call.read()
+        if ack is grpc.aio.EOF:
+            raise _AttemptFailed(await call.code(), f"SendStream ended early: {await call.details()}")
+        if ack.seq != acked:
+            raise _AttemptFailed(None, f"ack for chunk {ack.seq}, expected {acked}")
+        acked += 1
+
+    for chunk in chunks:
+        if sent - acked >= window:
+            await read_ack()
+        await call.write(chunk)
+        sent += 1
+    await call.done_writing()
+    while acked < sent:
+        await read_ack()
+    return sent
+
+
+async def _abort(stub, transfer_id: str, reason: str) -> None:
+    try:
+        await stub.Abort(pb.AbortTransferRequest(transfer_id=transfer_id, reason=reason[:500]), timeout=5.0)
+    except grpc.aio.AioRpcError as e:  # the receiver's ttl frees the reservation if this does not arrive
+        log.warning("Abort of transfer %s failed: %s", transfer_id, e.details())
+
+
+async def send_kv(channel: grpc.aio.Channel, export: KvExport, sampling: inference_pb2.SamplingParams | None = None,
+                  *, model: str = "", sender_id: str = "", chunk_bytes: int = DEFAULT_CHUNK_BYTES, window: int = 4,
+                  ttl_s: float = 30.0, timeout_s: float = 30.0, attempts: int = 2) -> TransferResult:
+    """Migrates `export` to the decode worker behind `channel` (module docstring); KvTransferFailed if every
+    attempt failed. The caller keeps the prefilled request until this returns (release or resume it then)."""
+    if window < 1 or chunk_bytes < 1 or attempts < 1:
+        raise ValueError(f"window={window}, chunk_bytes={chunk_bytes}, attempts={attempts}: each must be >= 1")
+    stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
+    last: _AttemptFailed | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            result = await _attempt(stub, export, sampling, model=model, sender_id=sender_id, chunk_bytes=chunk_bytes,
+                                    window=window, ttl_s=ttl_s, timeout_s=timeout_s)
+        except _AttemptFailed as e:
+            last = e
+            log.warning("KV transfer of %s, attempt %d of %d failed: %s", export.request_id, attempt, attempts,
+                        e.message)
+            if e.code in NOT_RETRYABLE:
+                break
+            continue
+        result.attempts = attempt
+        return result
+    raise KvTransferFailed(f"KV transfer of {export.request_id!r} failed: {last.message}", last.code)
+
+
+async def migrate_or_resume(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str,
+                            sampling: inference_pb2.SamplingParams | None = None, **send_kwargs) -> TransferResult | None:
+    """For a prefill-only request held on `prefill` after its first token: exports its KV, sends it, and
+    releases it there; if the transfer fails, resumes it on `prefill` (colocated decode) and returns None."""
+    export = await asyncio.wrap_future(prefill.submit(lambda e: export_request(e, request_id)))
+    try:
+        result = await send_kv(channel, export, sampling, **send_kwargs)
+    except KvTransferFailed as e:
+        log.warning("%s; decoding %s on the prefill worker instead", e, request_id)
+        await asyncio.wrap_future(prefill.submit(lambda eng: eng.resume_prefilled(request_id)))
+        return None
+    await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
+    return result

@@ -1,0 +1,328 @@
+"""The decode worker's side of KV migration: a `partita.v1.KvTransfer` servicer over an `AsyncEngine`.
+
+Per transfer (protos/partita/v1/kv_transfer.proto):
+    Reserve   checks the sender's layout against this engine's (`workers/kv_migration.py`: same format,
+              options, shapes and fp8 scales, else INVALID_ARGUMENT) and the announced sizes, then reserves
+              blocks and a sequence slot on the engine thread (RESOURCE_EXHAUSTED when there is no room).
+    Send /    chunks numbered 0, 1, ...; each payload checked (layer, block index, not seen before, exact size,
+    SendStream crc32) and written into the reserved blocks on the engine thread. Any failure aborts the
+              transfer and frees its blocks at once: a partial or corrupt transfer is never used.
+              SendStream acknowledges every chunk, so the sender bounds what is in flight.
+    Commit    only when every expected payload arrived (else FAILED_PRECONDITION, and the transfer is
+              aborted); the request joins the engine's running set after its first token, and its outputs go
+              to `on_commit`.
+    Abort     frees the reservation.
+A reaper frees reservations not committed within their ttl. The engine is not thread-safe: every engine
+mutation goes through `AsyncEngine.submit`/`adopt`, which run it on the engine thread between steps; the
+transfer table is touched on the event loop only.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Callable
+
+import grpc
+
+from partita.cluster.grpc_server import sampling_from_proto
+from partita.protos.partita.v1 import kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
+from partita.workers.engine.sequence import Sequence, Status
+from partita.workers.errors import InvalidRequestError, KvCapacityError
+from partita.workers.kv_migration import KvLayout, KvLayoutMismatch, import_payload, kv_layout
+
+if TYPE_CHECKING:
+    from partita.cluster.async_engine import AsyncEngine
+    from partita.workers import Engine, RequestOutput
+
+log = logging.getLogger(__name__)
+
+KV_TRANSFER_SERVICE = "partita.v1.KvTransfer"
+DEFAULT_MAX_CHUNK_BYTES = 4 * 2**20
+OnCommit = Callable[[str, AsyncIterator["RequestOutput"]], None]
+
+
+class TransferError(Exception):
+    """Ends an RPC with `code`; the transfer it names has been aborted already."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class _Transfer:
+    transfer_id: str
+    request_id: str
+    seq: Sequence  # read and written on the engine thread only
+    num_tokens: int
+    expected: dict[tuple[int, int], int]  # (layer, block_index) -> exact payload size
+    deadline: float
+    received: set[tuple[int, int]] = field(default_factory=set)
+    next_seq: int = 0
+    bytes_received: int = 0
+    sending: bool = False  # a Send/SendStream is running: a second one is refused
+
+    @property
+    def complete(self) -> bool:
+        return len(self.received) == len(self.expected)
+
+
+class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
+    """Receives migrated KV into `engine` (module docstring). on_commit(request_id, outputs) takes the decode
+    outputs of each committed request (default: drained and dropped, so the request still runs to its end)."""
+
+    def __init__(self, engine: "AsyncEngine", *, model_name: str = "", max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                 default_ttl_s: float = 30.0, max_ttl_s: float = 600.0, on_commit: OnCommit | None = None):
+        self._engine = engine
+        self._model_name = model_name
+        self.max_chunk_bytes = max_chunk_bytes
+        self._default_ttl_s = default_ttl_s
+        self._max_ttl_s = max_ttl_s
+        self._on_commit = on_commit or self._drain
+        self._layout: KvLayout | None = None
+        self.transfers: dict[str, _Transfer] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._reaper: asyncio.Task | None = None
+
+    async def _run(self, fn: Callable[["Engine"], object]) -> object:
+        return await asyncio.wrap_future(self._engine.submit(fn))
+
+    # --- Reserve --------------------------------------------------------------------------------------
+    async def Reserve(self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext) -> pb.ReserveResponse:
+        try:
+            return await self._reserve(request)
+        except TransferError as e:
+            await context.abort(e.code, e.message)
+
+    async def _reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        if self._layout is None:
+            self._layout = await self._run(kv_layout)
+        layout = self._layout
+        if self._model_name and request.model and request.model != self._model_name:
+            raise TransferError(bad, f"model: this worker serves {self._model_name!r}, not {request.model!r}")
+        try:
+            layout.check_compatible(request.format)
+        except KvLayoutMismatch as e:
+            raise TransferError(bad, f"format: {e}") from None
+        n = request.num_tokens
+        if n == 0 or len(request.prompt_token_ids) != n:
+            raise TransferError(bad, f"num_tokens: {n}, with {len(request.prompt_token_ids)} prompt_token_ids")
+        for name, got, want in (("num_layers", request.num_layers, layout.num_layers),
+                                ("num_blocks", request.num_blocks, layout.num_blocks(n)),
+                                ("bytes_per_block", request.bytes_per_block, layout.bytes_per_block),
+                                ("expected_total_bytes", request.expected_total_bytes, layout.total_bytes(n))):
+            if got != want:
+                raise TransferError(bad, f"{name}: {got}, this worker expects {want} for {n} tokens")
+        if layout.bytes_per_block > self.max_chunk_bytes:
+            raise TransferError(bad, f"bytes_per_block: {layout.bytes_per_block} exceeds the chunk limit "
+                                     f"{self.max_chunk_bytes}")
+        prompt = list(request.prompt_token_ids)
+        try:
+            seq = await self._run(lambda e: e.reserve_migrated(request.request_id, prompt))
+        except KvCapacityError as e:
+            raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except InvalidRequestError as e:
+            raise TransferError(bad, str(e)) from None
+        num_blocks = layout.num_blocks(n)
+        expected = {(l, i): layout.bytes_per_block for l in range(layout.num_layers) for i in range(num_blocks)}
+        if layout.state_bytes(n):
+            expected.update({(l, num_blocks): layout.state_bytes(n) for l in range(layout.num_layers)})
+        ttl = min(request.ttl_s or self._default_ttl_s, self._max_ttl_s)
+        t = _Transfer(uuid.uuid4().hex, request.request_id, seq, n, expected, time.monotonic() + ttl)
+        self.transfers[t.transfer_id] = t
+        return pb.ReserveResponse(transfer_id=t.transfer_id, max_chunk_bytes=self.max_chunk_bytes,
+                                  block_ids=seq.block_table[:num_blocks])
+
+    # --- Send / SendStream ----------------------------------------------------------------------------
+    async def Send(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.SendSummary:
+        t: _Transfer | None = None
+        try:
+            async for chunk in request_iterator:
+                t = await self._receive(t, chunk)
+        except TransferError as e:
+            await context.abort(e.code, e.message)
+        finally:
+            if t is not None:
+                t.sending = False
+        if t is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chunks: the stream was empty")
+        return pb.SendSummary(transfer_id=t.transfer_id, num_chunks=t.next_seq, bytes_received=t.bytes_received,
+                              num_blocks_written=len(t.received))
+
+    async def SendStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        t: _Transfer | None = None
+        try:
+            async for chunk in request_iterator:
+                t = await self._receive(t, chunk)
+                yield pb.KvAck(transfer_id=t.transfer_id, seq=chunk.seq, bytes_received=t.bytes_received)
+        except TransferError as e:
+            await context.abort(e.code, e.message)
+        finally:
+            if t is not None:
+                t.sending = False
+
+    async def _receive(self, t: _Transfer | None, chunk: pb.KvChunk) -> _Transfer:
+        """Checks one chunk and writes its payloads; any failure aborts the transfer (TransferError)."""
+        if t is None:
+            t = self.transfers.get(chunk.transfer_id)
+            if t is None:
+                raise TransferError(grpc.StatusCode.NOT_FOUND, f"transfer_id: {chunk.transfer_id!r} is not reserved "
+                                                               f"(unknown, aborted, committed or expired)")
+            if t.sending:
+                raise TransferError(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"transfer {t.transfer_id}: another Send is in progress")
+            t.sending = True
+        elif chunk.transfer_id != t.transfer_id or t.transfer_id not in self.transfers:
+            await self._fail(t)
+            raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, f"transfer_id: {chunk.transfer_id!r} in a stream "
+                                                                  f"of {t.transfer_id!r}, or the transfer expired")
+        problem = self._check(t, chunk)
+        if problem is not None:
+            await self._fail(t)
+            raise TransferError(*problem)
+        payloads = [(b.layer, b.block_index, b.data) for b in chunk.blocks]
+
+        def write(engine: "Engine") -> None:
+            if t.seq.status is not Status.HELD or t.seq.kv_slot < 0:  # aborted meanwhile: its blocks are gone
+                raise RuntimeError(f"transfer {t.transfer_id} was aborted before its chunk {chunk.seq} was written")
+            for layer, index, data in payloads:
+                import_payload(engine, t.seq, t.num_tokens, layer, index, data)
+
+        try:
+            await self._run(write)
+        except Exception as e:  # noqa: BLE001 - the transfer is dropped whatever went wrong
+            await self._fail(t)
+            raise TransferError(grpc.StatusCode.INTERNAL, f"chunk {chunk.seq}: writing the KV failed: {e}") from None
+        t.received.update((layer, index) for layer, index, _ in payloads)
+        t.bytes_received += sum(len(d) for _, _, d in payloads)
+        t.next_seq += 1
+        return t
+
+    def _check(self, t: _Transfer, chunk: pb.KvChunk) -> tuple[grpc.StatusCode, str] | None:
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        where = f"transfer {t.transfer_id} chunk {chunk.seq}"
+        if chunk.seq != t.next_seq:
+            return bad, f"{where}: seq out of order, expected {t.next_seq}; the transfer is aborted"
+        size = sum(len(b.data) for b in chunk.blocks)
+        if size > self.max_chunk_bytes:
+            return bad, f"{where}: {size} bytes exceed max_chunk_bytes={self.max_chunk_bytes}; the transfer is aborted"
+        seen: set[tuple[int, int]] = set()
+        for b in chunk.blocks:
+            key = (b.layer, b.block_index)
+            if key not in t.expected:
+                return bad, f"{where}: payload (layer {b.layer}, block {b.block_index}) is not part of the transfer"
+            if key in t.received or key in seen:
+                return bad, f"{where}: payload (layer {b.layer}, block {b.block_index}) was sent twice"
+            seen.add(key)
+            if len(b.data) != t.expected[key]:
+                return bad, (f"{where}: payload (layer {b.layer}, block {b.block_index}) has {len(b.data)} bytes, "
+                             f"expected {t.expected[key]}; the transfer is aborted")
+            if zlib.crc32(b.data) != b.crc32:
+                return (grpc.StatusCode.DATA_LOSS, f"{where}: crc32 mismatch in payload (layer {b.layer}, block "
+                                                   f"{b.block_index}); the transfer is aborted")
+        return None
+
+    # --- Commit / Abort / expiry ----------------------------------------------------------------------
+    async def Commit(self, request: pb.CommitRequest, context: grpc.aio.ServicerContext) -> pb.CommitResponse:
+        t = self.transfers.get(request.transfer_id)
+        if t is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {request.transfer_id!r} is not reserved")
+        if t.sending or not t.complete:
+            await self._fail(t)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"transfer {t.transfer_id}: {len(t.received)} of {len(t.expected)} payloads received"
+                                f"{' and a Send still running' if t.sending else ''}; the transfer is aborted")
+        try:
+            params = sampling_from_proto(request.sampling) if request.HasField("sampling") else None
+        except (InvalidRequestError, ValueError) as e:
+            await self._fail(t)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}")
+        del self.transfers[t.transfer_id]  # from here the request belongs to the engine
+        outputs = self._engine.adopt(t.request_id, lambda e: e.commit_migrated(t.request_id, request.first_token_id,
+                                                                                params))
+        try:
+            first = await anext(outputs)
+        except InvalidRequestError as e:
+            await self._run(lambda eng: eng.abort_reserved(t.request_id))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self._on_commit(t.request_id, _prepend(first, outputs))
+        return pb.CommitResponse(transfer_id=t.transfer_id, request_id=t.request_id)
+
+    async def Abort(self, request: pb.AbortTransferRequest, context) -> pb.AbortTransferResponse:
+        t = self.transfers.get(request.transfer_id)
+        if t is not None:
+            log.info("transfer %s of %s aborted by the sender: %s", t.transfer_id, t.request_id, request.reason)
+            await self._fail(t)
+        return pb.AbortTransferResponse(transfer_id=request.transfer_id, was_reserved=t is not None)
+
+    async def _fail(self, t: _Transfer) -> None:
+        """Drops the transfer and frees its reservation (idempotent)."""
+        if self.transfers.pop(t.transfer_id, None) is not None:
+            await self._run(lambda e: e.abort_reserved(t.request_id))
+
+    async def reap_expired(self) -> int:
+        """Frees every reservation past its ttl; returns how many."""
+        now = time.monotonic()
+        expired = [t for t in self.transfers.values() if t.deadline <= now]
+        for t in expired:
+            log.warning("transfer %s of %s expired before its commit; freeing it", t.transfer_id, t.request_id)
+            await self._fail(t)
+        return len(expired)
+
+    def start_reaper(self, interval_s: float = 1.0) -> None:
+        """Runs reap_expired every interval_s on the running event loop until `close`."""
+        async def reap() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                await self.reap_expired()
+
+        self._reaper = asyncio.get_running_loop().create_task(reap())
+
+    def close(self) -> None:
+        """Stops the reaper (call after the server stopped)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+
+    def _drain(self, request_id: str, outputs: AsyncIterator["RequestOutput"]) -> None:
+        async def drain() -> None:
+            async with contextlib.aclosing(outputs):
+                async for _ in outputs:
+                    pass
+
+        task = asyncio.get_running_loop().create_task(drain())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def _prepend(first: "RequestOutput", rest: AsyncIterator["RequestOutput"]) -> AsyncIterator["RequestOutput"]:
+    """first, then rest; closing this closes rest (which aborts an unfinished request)."""
+    async with contextlib.aclosing(rest):
+        yield first
+        if not first.finished:
+            async for out in rest:
+                yield out
+
+
+async def start_kv_transfer_server(engine: "AsyncEngine", *, host: str = "127.0.0.1", port: int = 0,
+                                   reaper_interval_s: float = 1.0, **servicer_kwargs) -> tuple[grpc.aio.Server, int,
+                                                                                             KvTransferServicer]:
+    """A started grpc.aio server with the KvTransfer service on host:port (0 picks a free port), its message
+    limit just above the servicer's max_chunk_bytes, and the ttl reaper running; returns (server, port,
+    servicer). Stop with `await server.stop(grace)` then `servicer.close()`."""
+    servicer = KvTransferServicer(engine, **servicer_kwargs)
+    limit = servicer.max_chunk_bytes + 2**16  # room for the chunk's framing beside its payload bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", limit)])
+    kv_transfer_pb2_grpc.add_KvTransferServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    servicer.start_reaper(reaper_interval_s)
+    return server, bound, servicer

@@ -1,0 +1,232 @@
+"""PD disaggregation over a real gRPC KvTransfer server on 127.0.0.1: a prefill AsyncEngine, a decode
+AsyncEngine behind `start_kv_transfer_server`, the client in between (tiny random models, CPU).
+
+Greedy PD output equals colocated output token for token (every KV format against the colocated engine of the
+same format); a corrupted chunk is refused (DATA_LOSS), the attempt aborted and retried, and the request still
+completes; a truncated transfer (Commit early) is refused and never used; Reserve without room answers
+RESOURCE_EXHAUSTED; a format mismatch answers INVALID_ARGUMENT and falls back to colocated decode; every block
+returns to the free pool on both sides.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import zlib
+
+import grpc
+import pytest
+
+from partita.cluster import kv_transfer_client
+from partita.cluster.async_engine import AsyncEngine
+from partita.cluster.kv_transfer_client import migrate_or_resume, send_kv
+from partita.cluster.kv_transfer_server import start_kv_transfer_server
+from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
+from partita.workers import Engine, EngineConfig, SamplingParams
+from partita.workers.kv_migration import export_request, kv_layout
+
+CONFIG = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32)
+PROMPT = [(7 * j) % 500 + 2 for j in range(45)]
+MAX_TOKENS = 10
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+WIRE_GREEDY = inference_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+def colocated(kv_format: str) -> list[int]:
+    engine = Engine("tiny-llama", device="cpu", kv_format=kv_format, config=EngineConfig(**CONFIG))
+    engine.add_request("r", PROMPT, GREEDY)
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for o in engine.step() for t in o.new_token_ids]
+    return tokens
+
+
+class Pair:
+    """A prefill engine, a decode engine behind a KvTransfer server, a channel to it, decode outputs by request."""
+
+    def __init__(self, kv_format: str, decode_format: str | None = None, **decode_config):
+        self.prefill = AsyncEngine.from_model("tiny-llama", device="cpu", kv_format=kv_format,
+                                              config=EngineConfig(**CONFIG))
+        self.decode = AsyncEngine.from_model("tiny-llama", device="cpu", kv_format=decode_format or kv_format,
+                                             config=EngineConfig(**{**CONFIG, **decode_config}))
+        self.outputs: dict[str, asyncio.Task] = {}
+
+    def on_commit(self, request_id, outputs) -> None:
+        async def collect():
+            return [t async for o in outputs for t in o.new_token_ids]
+        self.outputs[request_id] = asyncio.get_running_loop().create_task(collect())
+
+    async def __aenter__(self):
+        self.server, port, self.servicer = await start_kv_transfer_server(
+            self.decode, on_commit=self.on_commit, max_chunk_bytes=64 * 1024, reaper_interval_s=0.05)
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = kv_transfer_pb2_grpc.KvTransferStub(self.channel)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.channel.close()
+        await self.server.stop(None)
+        self.servicer.close()
+        self.prefill.shutdown()
+        self.decode.shutdown()
+
+    async def run(self, request_id: str = "r", **send_kwargs) -> tuple[list[int], object]:
+        """PD generate: prefill-only on the prefill engine, migrate (or fall back), tokens from wherever decoded."""
+        stream = self.prefill.adopt(request_id, lambda e: e.add_request(request_id, PROMPT, GREEDY, prefill_only=True))
+        async with contextlib.aclosing(stream):
+            first = await anext(stream)
+            result = await migrate_or_resume(self.prefill, self.channel, request_id, WIRE_GREEDY, **send_kwargs)
+            if result is None:
+                rest = [t async for o in stream for t in o.new_token_ids]
+                return first.new_token_ids + rest, None
+        return first.new_token_ids + await self.outputs[request_id], result
+
+    async def assert_all_free(self) -> None:
+        for engine in (self.prefill, self.decode):
+            def check(e):
+                assert e.blocks.num_free_blocks == e.blocks.num_blocks
+                assert len(e.blocks.free_seq_slots) == e.config.max_num_seqs
+                assert not e.scheduler.held
+            await asyncio.wrap_future(engine.submit(check))
+        assert not self.servicer.transfers
+
+
+@pytest.mark.parametrize("kv_format", ["none", "fp8", "int8", "int4", "kivi2"])
+def test_pd_over_grpc_equals_colocated(kv_format):
+    async def main():
+        async with Pair(kv_format) as pair:
+            tokens, result = await pair.run(chunk_bytes=16 * 1024, window=2)
+            await pair.assert_all_free()
+            return tokens, result
+    tokens, result = asyncio.run(main())
+    assert result is not None and result.attempts == 1 and result.num_chunks >= 1
+    assert tokens == colocated(kv_format)
+
+
+def test_corrupt_chunk_is_detected_and_retried(monkeypatch):
+    real = kv_transfer_client.build_chunks
+    calls = []
+
+    def corrupt_first_attempt(transfer_id, export, chunk_bytes):
+        calls.append(transfer_id)
+        for chunk in real(transfer_id, export, chunk_bytes):
+            if len(calls) == 1 and chunk.seq == 1:
+                data = bytearray(chunk.blocks[0].data)
+                data[0] ^= 0xFF
+                chunk.blocks[0].data = bytes(data)  # the crc32 still describes the original bytes
+            yield chunk
+
+    monkeypatch.setattr(kv_transfer_client, "build_chunks", corrupt_first_attempt)
+
+    async def main():
+        async with Pair("int8") as pair:
+            tokens, result = await pair.run(chunk_bytes=8 * 1024)
+            await pair.assert_all_free()
+            return tokens, result
+    tokens, result = asyncio.run(main())
+    assert len(calls) == 2 and result.attempts == 2
+    assert tokens == colocated("int8")
+
+
+def test_truncated_transfer_is_refused_and_freed():
+    async def main():
+        async with Pair("none") as pair:
+            stream = pair.prefill.adopt("r", lambda e: e.add_request("r", PROMPT, GREEDY, prefill_only=True))
+            async with contextlib.aclosing(stream):
+                await anext(stream)
+                export = await asyncio.wrap_future(pair.prefill.submit(lambda e: export_request(e, "r")))
+                layout = export.layout
+                reserve = pb.ReserveRequest(
+                    request_id="r", format=layout.to_proto(), num_layers=layout.num_layers,
+                    num_blocks=layout.num_blocks(45), num_tokens=45, bytes_per_block=layout.bytes_per_block,
+                    expected_total_bytes=layout.total_bytes(45), prompt_token_ids=PROMPT)
+                tid = (await pair.stub.Reserve(reserve)).transfer_id
+                layer, index, data = export.payloads[0]
+                chunk = pb.KvChunk(transfer_id=tid, seq=0, blocks=[pb.KvBlockPayload(
+                    layer=layer, block_index=index, data=data, crc32=zlib.crc32(data))])
+                summary = await pair.stub.Send(iter([chunk]))
+                assert summary.num_blocks_written == 1
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await pair.stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=export.first_token_id))
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "payloads received" in err.value.details()
+                assert "r" not in pair.outputs
+                with pytest.raises(grpc.aio.AioRpcError) as err:  # the aborted transfer takes no more chunks
+                    await pair.stub.Send(iter([pb.KvChunk(transfer_id=tid, seq=1)]))
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
+            await pair.assert_all_free()
+    asyncio.run(main())
+
+
+def test_out_of_order_and_wrong_size_abort_the_transfer():
+    async def main():
+        async with Pair("none") as pair:
+            layout = await asyncio.wrap_future(pair.decode.submit(kv_layout))
+            reserve = pb.ReserveRequest(
+                request_id="x", format=layout.to_proto(), num_layers=layout.num_layers, num_blocks=1, num_tokens=4,
+                bytes_per_block=layout.bytes_per_block, expected_total_bytes=layout.total_bytes(4),
+                prompt_token_ids=[3] * 4)
+            for chunk, code in ((lambda t: pb.KvChunk(transfer_id=t, seq=1), grpc.StatusCode.INVALID_ARGUMENT),
+                                (lambda t: pb.KvChunk(transfer_id=t, seq=0, blocks=[pb.KvBlockPayload(
+                                    data=b"abc", crc32=zlib.crc32(b"abc"))]), grpc.StatusCode.INVALID_ARGUMENT)):
+                tid = (await pair.stub.Reserve(reserve)).transfer_id
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await pair.stub.Send(iter([chunk(tid)]))
+                assert err.value.code() == code
+                assert "aborted" in err.value.details()
+                await pair.assert_all_free()
+            bad = pb.ReserveRequest()
+            bad.CopyFrom(reserve)
+            bad.num_blocks = 2
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pair.stub.Reserve(bad)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_blocks" in err.value.details()
+            ttl = pb.ReserveRequest()
+            ttl.CopyFrom(reserve)
+            ttl.ttl_s = 0.05
+            await pair.stub.Reserve(ttl)
+            await asyncio.sleep(0.3)  # the reaper frees it
+            await pair.assert_all_free()
+    asyncio.run(main())
+
+
+def test_no_room_is_resource_exhausted_and_falls_back():
+    async def main():
+        async with Pair("none", num_kv_blocks=8) as pair:
+            hog = (await asyncio.wrap_future(pair.decode.submit(
+                lambda e: e.reserve_migrated("hog", [3] * 100))))  # 7 of 8 blocks
+            assert hog.block_table
+            tokens, result = await pair.run()
+            assert result is None  # RESOURCE_EXHAUSTED twice, then decoded on the prefill engine
+            await asyncio.wrap_future(pair.decode.submit(lambda e: e.abort_reserved("hog")))
+            await pair.assert_all_free()
+            return tokens
+    assert asyncio.run(main()) == colocated("none")
+
+
+def test_reserve_without_room_status():
+    async def main():
+        async with Pair("none", num_kv_blocks=8) as pair:
+            stream = pair.prefill.adopt("r", lambda e: e.add_request("r", PROMPT, GREEDY, prefill_only=True))
+            async with contextlib.aclosing(stream):
+                await anext(stream)
+                export = await asyncio.wrap_future(pair.prefill.submit(lambda e: export_request(e, "r")))
+                await asyncio.wrap_future(pair.decode.submit(lambda e: e.reserve_migrated("hog", [3] * 100)))
+                with pytest.raises(kv_transfer_client.KvTransferFailed) as err:
+                    await send_kv(pair.channel, export, WIRE_GREEDY)
+                assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "needs 3 KV blocks" in str(err.value)
+                await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
+            await asyncio.wrap_future(pair.decode.submit(lambda e: e.abort_reserved("hog")))
+            await pair.assert_all_free()
+    asyncio.run(main())
+
+
+def test_format_mismatch_is_invalid_argument_and_falls_back():
+    async def main():
+        async with Pair("int8", decode_format="int4") as pair:
+            tokens, result = await pair.run()
+            assert result is None
+            await pair.assert_all_free()
+            return tokens
+    assert asyncio.run(main()) == colocated("int8")
