@@ -193,7 +193,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
             if t.seq.status is not Status.HELD or t.seq.kv_slot < 0:  # aborted meanwhile: its blocks are gone
                 raise RuntimeError(f"transfer {t.transfer_id} was aborted before its chunk {chunk.seq} was written")
             for layer, index, data in payloads:
-                import_payload(engine, t.seq, t.num_tokens, layer, index, data)
+                import_payload(engine, t.seq, t.num_tokens, layer, index, data, self._layout)
 
         try:
             await self._run(write)

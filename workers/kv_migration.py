@@ -147,10 +147,12 @@ def export_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) -> 
     return out
 
 
-def import_payload(engine: Engine, seq: Sequence, num_tokens: int, layer: int, block_index: int, data: bytes) -> None:
+def import_payload(engine: Engine, seq: Sequence, num_tokens: int, layer: int, block_index: int, data: bytes,
+                   layout: KvLayout | None = None) -> None:
     """Writes one payload (layer, block_index) of the wire layout into seq's blocks (or its slot's state).
-    The caller has checked sizes against `kv_layout(engine)`; a wrong size raises ValueError here too."""
-    layout = kv_layout(engine)
+    The caller has checked sizes against `kv_layout(engine)` (pass it as `layout` to skip recomputing it per
+    payload); a wrong size raises ValueError here too."""
+    layout = layout or kv_layout(engine)
     n = layout.num_blocks(num_tokens)
     backend = engine.runner.backend
     if block_index == n:

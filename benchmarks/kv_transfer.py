@@ -1,0 +1,112 @@
+"""KV migration cost per format: wire bytes per token, and gRPC KvTransfer throughput on loopback.
+
+    python benchmarks/kv_transfer.py [--tokens 1024] [--repeats 5] [--chunk-kib 1024] [--window 4] [--out FILE]
+
+Bytes per token are those of the Llama-3-8B KV shape (32 layers, 8 kv heads, head_dim 128), from the formats'
+block layouts (bf16: the unquantized cache). kivi2 also sends its residual, (tokens % 32) full-precision rows
+per layer once per request, which is not per-token and is left out of the per-token column.
+
+Throughput: two engines of that KV shape (the rest of the model is tiny, random weights, since only the cache
+matters here) in this process, the decode one behind `start_kv_transfer_server` on 127.0.0.1; one prompt of
+--tokens tokens is prefilled once, then its export is sent --repeats times under new request ids through
+`send_kv` (Reserve, SendStream with acks, Commit, writes into the decode engine's cache included). GB/s is
+wire payload bytes over the time from Reserve to Commit, the median over repeats, one stream.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import platform
+import statistics
+import sys
+
+import grpc
+import torch
+
+from partita.cluster.async_engine import AsyncEngine
+from partita.cluster.kv_transfer_client import send_kv
+from partita.cluster.kv_transfer_server import start_kv_transfer_server
+from partita.protos.partita.v1 import inference_pb2
+from partita.workers import Engine, EngineConfig, ModelConfig, SamplingParams
+from partita.workers.attention.selector import parse_kv_format
+from partita.workers.kv_migration import export_request
+
+FORMATS = ["bf16", "fp8", "int8", "int4", "kivi2", "kivi2:group_size=64"]
+LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128
+KV_SHAPE = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=256, intermediate_size=256,
+                       num_layers=LAYERS, num_heads=KV_HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                       max_position_embeddings=4096, dtype="bfloat16", eos_token_ids=(1,), bos_token_id=0,
+                       name="llama3-8b-kv-shape")
+
+
+def bytes_per_token(name: str) -> float:
+    fmt = parse_kv_format("none" if name == "bf16" else name, HEAD_DIM)
+    return LAYERS * fmt.bytes_per_token(KV_HEADS, HEAD_DIM)
+
+
+async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int, window: int) -> tuple[float, int]:
+    """(median GB/s of payload bytes, payload bytes per transfer)."""
+    kv_format = "none" if name == "bf16" else name
+    config = EngineConfig(max_model_len=tokens + 64, max_num_seqs=2, max_num_batched_tokens=tokens + 64,
+                          kv_cache_memory_bytes=2 * (tokens + 64) * int(bytes_per_token(name) * 1.3 + 1) + 2**26)
+    prefill = Engine(KV_SHAPE, device="cpu", dtype="bfloat16", kv_format=kv_format, config=config)
+    decode = AsyncEngine(Engine(KV_SHAPE, device="cpu", dtype="bfloat16", kv_format=kv_format, config=config))
+    prefill.add_request("p", [(7 * j) % 500 + 2 for j in range(tokens)],
+                        SamplingParams(max_tokens=2, ignore_eos=True), prefill_only=True)
+    while prefill.has_unfinished():
+        prefill.step()
+    export = export_request(prefill, "p")
+    server, port, servicer = await start_kv_transfer_server(decode, max_chunk_bytes=max(chunk_bytes, 2**20) + 2**20)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
+        ("grpc.max_send_message_length", chunk_bytes + 2**20)])
+    rates = []
+    try:
+        for i in range(repeats + 1):  # the first one warms the connection and the engine thread
+            result = await send_kv(channel, dataclasses.replace(export, request_id=f"b{i}"),
+                                   inference_pb2.SamplingParams(max_tokens=2, ignore_eos=True),
+                                   chunk_bytes=chunk_bytes, window=window)
+            if i:
+                rates.append(result.bytes_sent / result.seconds / 1e9)
+            while (await asyncio.wrap_future(decode.submit(lambda e: e.has_unfinished()))):
+                await asyncio.sleep(0.01)
+    finally:
+        await channel.close()
+        await server.stop(None)
+        servicer.close()
+        decode.shutdown()
+    return statistics.median(rates), export.total_bytes
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--chunk-kib", type=int, default=1024)
+    ap.add_argument("--window", type=int, default=4)
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--out", default=None, help="also write the markdown report here")
+    args = ap.parse_args()
+    bf16 = bytes_per_token("bf16")
+    rows = ["| format | bytes/token (Llama-3-8B KV) | vs bf16 | bytes moved for the prompt | loopback GB/s (1 stream) |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for name in args.formats.split(","):
+        per_token = bytes_per_token(name)
+        rate, moved = await throughput(name, args.tokens, args.repeats, args.chunk_kib * 1024, args.window)
+        rows.append(f"| {name} | {per_token:,.0f} | {bf16 / per_token:.2f}x fewer | {moved:,} | {rate:.2f} |")
+        print(rows[-1], flush=True)
+    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads), no GPU"
+    report = "\n".join([
+        f"# KV transfer: bytes per token and gRPC loopback throughput ({datetime.date.today().isoformat()})", "",
+        f"- device: {device}", f"- command: `python {' '.join(sys.argv)}`",
+        f"- prompt: {args.tokens} tokens, chunks of {args.chunk_kib} KiB, window {args.window}, "
+        f"median of {args.repeats} transfers after one warm-up", "", *rows, ""])
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
