@@ -19,7 +19,8 @@
 #      transport  deploy/ray/stream_transport_bench.py  token streams over Ray vs gRPC (Ray)
 #      gateway    benchmarks/gateway.py              gateway overhead vs the engine alone
 #      serving    benchmarks/sweep.py                `partita serve` deployments on all GPUs (colocated replicas;
-#                                                    a PD row when there are >= 2 GPUs; AFD joins when its roles
+#                                                    a PD row: prefill and decode GPUs when there are >= 2, both
+#                                                    roles sharing the GPU when there is one; AFD joins when its roles
 #                                                    land) under the same seeded traffic at several rates (Ray)
 # 3. writes benchmarks/results/<date>-<device>.md (a section per step: command, status, its table) with the
 #    raw logs, JSON and plots in benchmarks/results/<date>-<device>/, and prints a short table last.
@@ -196,6 +197,16 @@ pools:
 scheduler: {max_model_len: $max_len}
 EOF
     deployments+=(--deployment "pd=--config $RAW/pd.yaml")
+  elif [ "$NUM_GPUS" = 1 ]; then  # semi-PD: a prefill and a decode worker sharing the one GPU, half its memory each
+    cat >"$RAW/pd.yaml" <<EOF
+name: suite-pd
+model: {preset: $model, dtype: bfloat16}
+pools:
+  - {name: prefill, role: prefill, replicas: 1, gpus_per_worker: 0.5}
+  - {name: decode, role: decode, replicas: 1, gpus_per_worker: 0.5}
+scheduler: {max_model_len: $max_len}
+EOF
+    deployments+=(--deployment "pd-shared-gpu=--config $RAW/pd.yaml")
   fi
   run_step serving "$RAW/serving/sweep.md" "$PY" benchmarks/sweep.py --output-dir "$RAW/serving" --no-progress \
     "${load[@]}" "${deployments[@]}"
