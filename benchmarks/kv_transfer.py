@@ -1,6 +1,6 @@
 """KV migration cost per format: wire bytes per token, and gRPC KvTransfer throughput on loopback.
 
-    python benchmarks/kv_transfer.py [--tokens 1024] [--repeats 5] [--chunk-kib 1024] [--window 4] [--out FILE]
+    python benchmarks/kv_transfer.py [--tokens 1024] [--repeats 5] [--chunk-kib 4096] [--window 4] [--out FILE]
 
 Bytes per token are those of the Llama-3-8B KV shape (32 layers, 8 kv heads, head_dim 128), from the formats'
 block layouts (bf16: the unquantized cache). kivi2 also sends its residual, (tokens % 32) full-precision rows
@@ -10,7 +10,12 @@ Throughput: two engines of that KV shape (the rest of the model is tiny, random 
 matters here) in this process, the decode one behind `start_kv_transfer_server` on 127.0.0.1; one prompt of
 --tokens tokens is prefilled once, then its export is sent --repeats times under new request ids through
 `send_kv` (Reserve, SendStream with acks, Commit, writes into the decode engine's cache included). GB/s is
-wire payload bytes over the time from Reserve to Commit, the median over repeats, one stream.
+wire payload bytes over the time from Reserve to Commit, the median over repeats, one stream; Commit answers
+after the decode engine's first step, so the bytes alone are also timed from Reserve to the last ack.
+
+Ceiling: the same chunks, built beforehand, streamed through SendStream to a servicer that acknowledges each
+without reading it (no checksum, no cache write), on the same loopback in the same process: what gRPC and
+protobuf alone move per second here; the table reports each format's throughput as a share of it.
 """
 from __future__ import annotations
 
@@ -21,14 +26,15 @@ import datetime
 import platform
 import statistics
 import sys
+import time
 
 import grpc
 import torch
 
 from partita.cluster.async_engine import AsyncEngine
-from partita.cluster.kv_transfer_client import send_kv
-from partita.cluster.kv_transfer_server import start_kv_transfer_server
-from partita.protos.partita.v1 import inference_pb2
+from partita.cluster.kv_transfer_client import _stream, build_chunks, send_kv
+from partita.cluster.kv_transfer_server import KvTransferServicer, start_kv_transfer_server
+from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers import Engine, EngineConfig, ModelConfig, SamplingParams
 from partita.workers.attention.selector import parse_kv_format
 from partita.workers.kv_migration import export_request
@@ -46,8 +52,40 @@ def bytes_per_token(name: str) -> float:
     return LAYERS * fmt.bytes_per_token(KV_HEADS, HEAD_DIM)
 
 
-async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int, window: int) -> tuple[float, int]:
-    """(median GB/s of payload bytes, payload bytes per transfer)."""
+class _AckOnly(KvTransferServicer):
+    """Acknowledges every chunk unread: the gRPC ceiling (module docstring)."""
+
+    async def SendStream(self, request_iterator, context):
+        async for chunk in request_iterator:
+            yield pb.KvAck(transfer_id=chunk.transfer_id, seq=chunk.seq)
+
+
+async def ceiling(export, repeats: int, chunk_bytes: int, window: int) -> float:
+    """Median GB/s of prebuilt chunks through SendStream to `_AckOnly` on 127.0.0.1."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", chunk_bytes + 2**20)])
+    kv_transfer_pb2_grpc.add_KvTransferServicer_to_server(_AckOnly(None), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
+    chunks = list(build_chunks("ceiling", export, chunk_bytes))
+    rates = []
+    try:
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            await _stream(stub, "ceiling", iter(chunks), window, 60.0)
+            if i:
+                rates.append(export.total_bytes / (time.perf_counter() - start) / 1e9)
+    finally:
+        await channel.close()
+        await server.stop(None)
+    return statistics.median(rates)
+
+
+async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int,
+                     window: int) -> tuple[float, float, float, int]:
+    """Median GB/s of payload bytes (Reserve to Commit; Reserve to the last ack), the ceiling's median GB/s,
+    payload bytes per transfer."""
     kv_format = "none" if name == "bf16" else name
     config = EngineConfig(max_model_len=tokens + 64, max_num_seqs=2, max_num_batched_tokens=tokens + 64,
                           kv_cache_memory_bytes=2 * (tokens + 64) * int(bytes_per_token(name) * 1.3 + 1) + 2**26)
@@ -58,10 +96,10 @@ async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int, win
     while prefill.has_unfinished():
         prefill.step()
     export = export_request(prefill, "p")
-    server, port, servicer = await start_kv_transfer_server(decode, max_chunk_bytes=max(chunk_bytes, 2**20) + 2**20)
+    server, port, servicer = await start_kv_transfer_server(decode, max_chunk_bytes=chunk_bytes)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
         ("grpc.max_send_message_length", chunk_bytes + 2**20)])
-    rates = []
+    rates, stream_rates = [], []
     try:
         for i in range(repeats + 1):  # the first one warms the connection and the engine thread
             result = await send_kv(channel, dataclasses.replace(export, request_id=f"b{i}"),
@@ -69,6 +107,7 @@ async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int, win
                                    chunk_bytes=chunk_bytes, window=window)
             if i:
                 rates.append(result.bytes_sent / result.seconds / 1e9)
+                stream_rates.append(result.bytes_sent / result.stream_seconds / 1e9)
             while (await asyncio.wrap_future(decode.submit(lambda e: e.has_unfinished()))):
                 await asyncio.sleep(0.01)
     finally:
@@ -76,25 +115,29 @@ async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int, win
         await server.stop(None)
         servicer.close()
         decode.shutdown()
-    return statistics.median(rates), export.total_bytes
+    top = await ceiling(export, repeats, chunk_bytes, window)
+    return statistics.median(rates), statistics.median(stream_rates), top, export.total_bytes
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--chunk-kib", type=int, default=1024)
+    ap.add_argument("--chunk-kib", type=int, default=4096)
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     args = ap.parse_args()
     bf16 = bytes_per_token("bf16")
-    rows = ["| format | bytes/token (Llama-3-8B KV) | vs bf16 | bytes moved for the prompt | loopback GB/s (1 stream) |",
-            "| --- | ---: | ---: | ---: | ---: |"]
+    rows = ["| format | bytes/token (Llama-3-8B KV) | vs bf16 | bytes moved for the prompt | loopback GB/s (1 stream) "
+            "| GB/s to the last ack | gRPC ceiling GB/s | share of ceiling |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name in args.formats.split(","):
         per_token = bytes_per_token(name)
-        rate, moved = await throughput(name, args.tokens, args.repeats, args.chunk_kib * 1024, args.window)
-        rows.append(f"| {name} | {per_token:,.0f} | {bf16 / per_token:.2f}x fewer | {moved:,} | {rate:.2f} |")
+        rate, streamed, top, moved = await throughput(name, args.tokens, args.repeats, args.chunk_kib * 1024,
+                                                      args.window)
+        rows.append(f"| {name} | {per_token:,.0f} | {bf16 / per_token:.2f}x fewer | {moved:,} | {rate:.2f} "
+                    f"| {streamed:.2f} | {top:.2f} | {streamed / top:.0%} |")
         print(rows[-1], flush=True)
     device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads), no GPU"
     report = "\n".join([

@@ -33,7 +33,7 @@ from partita.cluster.grpc_server import sampling_from_proto
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers.engine.sequence import Sequence, Status
 from partita.workers.errors import InvalidRequestError, KvCapacityError
-from partita.workers.kv_migration import KvLayout, KvLayoutMismatch, import_payload, kv_layout
+from partita.workers.kv_migration import KvLayout, KvLayoutMismatch, import_payloads, kv_layout
 
 if TYPE_CHECKING:
     from partita.cluster.async_engine import AsyncEngine
@@ -183,17 +183,17 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
             await self._fail(t)
             raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, f"transfer_id: {chunk.transfer_id!r} in a stream "
                                                                   f"of {t.transfer_id!r}, or the transfer expired")
-        problem = self._check(t, chunk)
+        # Each read of a bytes field makes a new copy of it: read every payload once.
+        payloads = [(b.layer, b.block_index, b.data) for b in chunk.blocks]
+        problem = self._check(t, chunk.seq, payloads, [b.crc32 for b in chunk.blocks])
         if problem is not None:
             await self._fail(t)
             raise TransferError(*problem)
-        payloads = [(b.layer, b.block_index, b.data) for b in chunk.blocks]
 
         def write(engine: "Engine") -> None:
             if t.seq.status is not Status.HELD or t.seq.kv_slot < 0:  # aborted meanwhile: its blocks are gone
                 raise RuntimeError(f"transfer {t.transfer_id} was aborted before its chunk {chunk.seq} was written")
-            for layer, index, data in payloads:
-                import_payload(engine, t.seq, t.num_tokens, layer, index, data, self._layout)
+            import_payloads(engine, t.seq, t.num_tokens, payloads, self._layout)
 
         try:
             await self._run(write)
@@ -205,28 +205,29 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         t.next_seq += 1
         return t
 
-    def _check(self, t: _Transfer, chunk: pb.KvChunk) -> tuple[grpc.StatusCode, str] | None:
+    def _check(self, t: _Transfer, seq: int, payloads: list[tuple[int, int, bytes]],
+               crcs: list[int]) -> tuple[grpc.StatusCode, str] | None:
         bad = grpc.StatusCode.INVALID_ARGUMENT
-        where = f"transfer {t.transfer_id} chunk {chunk.seq}"
-        if chunk.seq != t.next_seq:
+        where = f"transfer {t.transfer_id} chunk {seq}"
+        if seq != t.next_seq:
             return bad, f"{where}: seq out of order, expected {t.next_seq}; the transfer is aborted"
-        size = sum(len(b.data) for b in chunk.blocks)
+        size = sum(len(data) for _, _, data in payloads)
         if size > self.max_chunk_bytes:
             return bad, f"{where}: {size} bytes exceed max_chunk_bytes={self.max_chunk_bytes}; the transfer is aborted"
         seen: set[tuple[int, int]] = set()
-        for b in chunk.blocks:
-            key = (b.layer, b.block_index)
+        for (layer, index, data), crc in zip(payloads, crcs):
+            key = (layer, index)
             if key not in t.expected:
-                return bad, f"{where}: payload (layer {b.layer}, block {b.block_index}) is not part of the transfer"
+                return bad, f"{where}: payload (layer {layer}, block {index}) is not part of the transfer"
             if key in t.received or key in seen:
-                return bad, f"{where}: payload (layer {b.layer}, block {b.block_index}) was sent twice"
+                return bad, f"{where}: payload (layer {layer}, block {index}) was sent twice"
             seen.add(key)
-            if len(b.data) != t.expected[key]:
-                return bad, (f"{where}: payload (layer {b.layer}, block {b.block_index}) has {len(b.data)} bytes, "
+            if len(data) != t.expected[key]:
+                return bad, (f"{where}: payload (layer {layer}, block {index}) has {len(data)} bytes, "
                              f"expected {t.expected[key]}; the transfer is aborted")
-            if zlib.crc32(b.data) != b.crc32:
-                return (grpc.StatusCode.DATA_LOSS, f"{where}: crc32 mismatch in payload (layer {b.layer}, block "
-                                                   f"{b.block_index}); the transfer is aborted")
+            if zlib.crc32(data) != crc:
+                return (grpc.StatusCode.DATA_LOSS, f"{where}: crc32 mismatch in payload (layer {layer}, block "
+                                                   f"{index}); the transfer is aborted")
         return None
 
     # --- Commit / Abort / expiry ----------------------------------------------------------------------

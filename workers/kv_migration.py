@@ -26,9 +26,10 @@ import dataclasses
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from partita.kernels.kv_base import export_blocks, import_blocks
+from partita.kernels.kv_base import PagedKVCache
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb
 from partita.workers.attention.kernel_paged import KernelPagedAttention
 from partita.workers.attention.torch_paged import TorchPagedAttention
@@ -123,10 +124,6 @@ def _to_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
 
-def _from_bytes(data: bytes, device: torch.device) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-
-
 def export_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) -> list[bytes]:
     """One layer's payloads for the first num_tokens tokens of seq: each block, then the state (if any)."""
     layout = kv_layout(engine)
@@ -134,12 +131,14 @@ def export_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) -> 
     backend = engine.runner.backend
     if isinstance(backend, TorchPagedAttention):
         ids = _block_ids(seq, n, backend.k_caches[layer].device)
-        k = backend.k_caches[layer][ids].reshape(n, -1).view(torch.uint8)
-        v = backend.v_caches[layer][ids].reshape(n, -1).view(torch.uint8)
+        k = backend.k_caches[layer].index_select(0, ids).reshape(n, -1).view(torch.uint8)
+        v = backend.v_caches[layer].index_select(0, ids).reshape(n, -1).view(torch.uint8)
         rows = torch.cat([k, v], dim=1).cpu()
         return [_to_bytes(r) for r in rows]
     cache = backend.caches[layer]
-    rows = export_blocks(cache, _block_ids(seq, n, cache.device)).cpu()
+    ids = _block_ids(seq, n, cache.device)
+    # `export_blocks`'s layout, gathered with index_select into one buffer and copied to the host at once.
+    rows = torch.cat([part.index_select(0, ids) for part in _byte_rows(cache)], dim=1).cpu()
     out = [_to_bytes(r) for r in rows]
     if layout.state_bytes(num_tokens):
         r = num_tokens % layout.state_period
@@ -149,35 +148,73 @@ def export_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) -> 
 
 def import_payload(engine: Engine, seq: Sequence, num_tokens: int, layer: int, block_index: int, data: bytes,
                    layout: KvLayout | None = None) -> None:
-    """Writes one payload (layer, block_index) of the wire layout into seq's blocks (or its slot's state).
-    The caller has checked sizes against `kv_layout(engine)` (pass it as `layout` to skip recomputing it per
-    payload); a wrong size raises ValueError here too."""
+    """Writes one payload (layer, block_index) of the wire layout into seq's blocks (or its slot's state)."""
+    import_payloads(engine, seq, num_tokens, [(layer, block_index, data)], layout)
+
+
+def import_payloads(engine: Engine, seq: Sequence, num_tokens: int, payloads: list[tuple[int, int, bytes]],
+                    layout: KvLayout | None = None) -> None:
+    """Writes payloads (layer, block_index, data) of the wire layout into seq's blocks (or its slot's state):
+    the block payloads of one layer in one batched write per cache part, since one small copy per block is
+    what made the receiver slow. The caller has checked sizes against `kv_layout(engine)` (pass it as
+    `layout` to skip recomputing it per call); a wrong size or index raises ValueError here too."""
     layout = layout or kv_layout(engine)
     n = layout.num_blocks(num_tokens)
+    by_layer: dict[int, list[tuple[int, bytes]]] = {}
+    for layer, index, data in payloads:
+        if not 0 <= layer < layout.num_layers:
+            raise ValueError(f"payload (layer {layer}, block {index}): no such layer of {layout.num_layers}")
+        if index == n:
+            _import_state(engine, seq, num_tokens, layer, data, layout)
+        elif len(data) != layout.bytes_per_block or not 0 <= index < n:
+            raise ValueError(f"payload (layer {layer}, block {index}): {len(data)} bytes, expected "
+                             f"{layout.bytes_per_block} for a block index below {n}")
+        else:
+            by_layer.setdefault(layer, []).append((index, data))
+    for layer, items in by_layer.items():
+        rows = np.empty((len(items), layout.bytes_per_block), dtype=np.uint8)
+        for r, (_, data) in enumerate(items):
+            rows[r] = np.frombuffer(data, dtype=np.uint8)
+        _write_blocks(engine, layer, [seq.block_table[i] for i, _ in items], torch.from_numpy(rows))
+
+
+def _write_blocks(engine: Engine, layer: int, block_ids: list[int], rows: torch.Tensor) -> None:
+    """rows: [len(block_ids), bytes_per_block] uint8 on the host, written into those blocks of `layer`."""
     backend = engine.runner.backend
-    if block_index == n:
-        expected = layout.state_bytes(num_tokens)
-        if not expected or len(data) != expected:
-            raise ValueError(f"state payload of layer {layer}: {len(data)} bytes, expected {expected}")
-        cache = backend.caches[layer]
-        r = num_tokens % layout.state_period
-        half = _from_bytes(data, cache.device).view(cache.state["res_k"].dtype).reshape(2, r, *cache.state["res_k"].shape[2:])
-        cache.state["res_k"][seq.kv_slot, :r] = half[0]
-        cache.state["res_v"][seq.kv_slot, :r] = half[1]
-        return
-    if len(data) != layout.bytes_per_block or not 0 <= block_index < n:
-        raise ValueError(f"payload (layer {layer}, block {block_index}): {len(data)} bytes, expected "
-                         f"{layout.bytes_per_block} for a block index below {n}")
     if isinstance(backend, TorchPagedAttention):
         k_cache, v_cache = backend.k_caches[layer], backend.v_caches[layer]
-        block = seq.block_table[block_index]
-        raw = _from_bytes(data, k_cache.device).view(k_cache.dtype).reshape(2, *k_cache.shape[1:])
-        k_cache[block] = raw[0]
-        v_cache[block] = raw[1]
+        ids = torch.tensor(block_ids, dtype=torch.long, device=k_cache.device)
+        raw = rows.to(k_cache.device).view(k_cache.dtype).reshape(len(block_ids), 2, *k_cache.shape[1:])
+        k_cache.index_copy_(0, ids, raw[:, 0])
+        v_cache.index_copy_(0, ids, raw[:, 1])
         return
     cache = backend.caches[layer]
-    ids = torch.tensor([seq.block_table[block_index]], dtype=torch.long, device=cache.device)
-    import_blocks(cache, ids, _from_bytes(data, cache.device).reshape(1, -1))
+    ids = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
+    rows = rows.to(cache.device)
+    offset = 0
+    for part in _byte_rows(cache):  # `export_blocks`'s layout, written with index_copy_: kv_base's
+        width = part.shape[1]       # import_blocks does an index_put per part, several times slower on CPU
+        part.index_copy_(0, ids, rows[:, offset:offset + width])
+        offset += width
+
+
+def _byte_rows(cache: PagedKVCache) -> list[torch.Tensor]:
+    """Each part of the cache as a [num_blocks, bytes of one block] uint8 view of its storage, in part order."""
+    return [p.view(p.shape[0], -1).view(torch.uint8) for p in cache.parts.values()]
+
+
+def _import_state(engine: Engine, seq: Sequence, num_tokens: int, layer: int, data: bytes,
+                  layout: KvLayout) -> None:
+    expected = layout.state_bytes(num_tokens)
+    if not expected or len(data) != expected:
+        raise ValueError(f"state payload of layer {layer}: {len(data)} bytes, expected {expected}")
+    cache = engine.runner.backend.caches[layer]
+    r = num_tokens % layout.state_period
+    res_k = cache.state["res_k"]
+    half = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).to(cache.device)
+    half = half.view(res_k.dtype).reshape(2, r, *res_k.shape[2:])
+    res_k[seq.kv_slot, :r] = half[0]
+    cache.state["res_v"][seq.kv_slot, :r] = half[1]
 
 
 @dataclass
