@@ -46,7 +46,8 @@ def controller_name(cluster_name: str) -> str:
 
 @dataclass(frozen=True)
 class WorkerEntry:
-    """A routable worker as the router sees it. state: ready or draining."""
+    """A routable worker as the router sees it. state: ready or draining. kv_address: a decode worker's
+    KvTransfer server (host:port), where prefill workers send the KV of the requests routed to it."""
 
     worker_id: str
     pool: str
@@ -54,6 +55,7 @@ class WorkerEntry:
     state: str
     actor: Any
     load: WorkerLoad
+    kv_address: str | None = None
 
 
 @dataclass
@@ -69,6 +71,7 @@ class _Worker:
     group: Any = None
     node_id: str | None = None
     placement_group_id: str | None = None
+    kv_address: str | None = None
     last_heartbeat_s: float = 0.0
     heartbeat_inflight: bool = False
     load: WorkerLoad | None = None
@@ -126,7 +129,7 @@ class Controller:
     async def routing_table(self) -> tuple[int, list[WorkerEntry]]:
         """(version, ready and draining workers); the version changes whenever the set of workers does."""
         self._ensure_loop()
-        entries = [WorkerEntry(w.worker_id, w.pool, w.role, w.state, w.actor, w.load or _empty_load(w))
+        entries = [WorkerEntry(w.worker_id, w.pool, w.role, w.state, w.actor, w.load or _empty_load(w), w.kv_address)
                    for w in self._workers.values() if w.state in ("ready", "draining")]
         return self._version, entries
 
@@ -145,7 +148,8 @@ class Controller:
                           "draining_replicas": count["draining"], "consecutive_failures": self._failures[pool.name],
                           "restart_in_s": max(0.0, self._not_before.get(pool.name, 0.0) - now)})
         workers = [{"worker_id": w.worker_id, "pool": w.pool, "role": w.role, "state": w.state,
-                    "node_id": w.node_id, "placement_group_id": w.placement_group_id, "device": w.shape.device, "age_s": now - w.created_s,
+                    "node_id": w.node_id, "placement_group_id": w.placement_group_id, "device": w.shape.device,
+                    "kv_address": w.kv_address, "age_s": now - w.created_s,
                     "load": dataclasses.asdict(w.load) if w.load else None} for w in self._workers.values()]
         return {"name": self._spec.name, "model": self._spec.model.name, "version": self._version,
                 "pools": pools, "workers": workers, "events": list(self._events)[-20:],
@@ -296,6 +300,7 @@ class Controller:
             return
         w.node_id, w.state, w.last_heartbeat_s = info.pop("node_id"), "ready", time.monotonic()
         w.placement_group_id = info.pop("placement_group_id")
+        w.kv_address = info.pop("kv_address")
         self._model_info = self._model_info or info
         self._failures[w.pool] = 0
         self._version += 1

@@ -45,6 +45,18 @@ def sampling_from_proto(message: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**kwargs)
 
 
+def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    """The wire form of engine sampling parameters (the inverse of sampling_from_proto); a prefill worker
+    sends it with a migrated request so that the decode worker samples the rest alike."""
+    message = pb.SamplingParams(stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
+                                ignore_eos=params.ignore_eos)
+    for name in _SAMPLING_SCALARS:
+        value = getattr(params, name)
+        if value is not None:
+            setattr(message, name, value)
+    return message
+
+
 def prompt_from_proto(request: pb.GenerateRequest) -> str | list[int]:
     kind = request.WhichOneof("prompt")
     if kind == "text":

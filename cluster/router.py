@@ -17,6 +17,17 @@ prompt plus the tokens already sent become the new prompt and `max_tokens` shrin
 client sees one unbroken stream (with the original usage counts). Past those bounds the stream raises
 `EngineUnavailableError` (UNAVAILABLE / HTTP 503). Limit: text held back by a stop string that spans the
 cut is not re-sent.
+
+Prefill/decode disaggregation (cluster/pd_worker.py): when the table has ready prefill and decode workers,
+a request goes to a pair, the least loaded prefill worker and the least loaded decode worker among those
+whose free KV blocks (last reported) hold the prompt and its max_tokens (any decode worker when none
+does). The prefill worker streams the first token, migrates the KV and ends with a `Migrated` marker; the
+rest comes from the decode worker's `follow`. A failed transfer decodes on the prefill worker (same
+stream); a pair side that fails afterwards is excluded and the request re-runs as above, on another pair,
+or on whichever single worker is left (every role also serves colocated `generate`). When both colocated
+workers and pairs are ready, a request takes a colocated worker only if its score beats the prefill side's.
+Aborts go to the worker holding the request at the time, and again to the decode worker if the request
+moved there in between.
 """
 from __future__ import annotations
 
@@ -25,6 +36,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
@@ -32,6 +44,7 @@ from typing import Any, AsyncIterator, Sequence
 import ray
 
 from partita.cluster.gateway_engine import EngineUnavailableError, ModelInfo, WorkerLoad
+from partita.cluster.pd_worker import Migrated
 from partita.cluster.spec import ClusterSpec, RouterSpec, SpecError
 from partita.cluster.worker_actor import WorkerError
 from partita.workers.errors import InvalidRequestError
@@ -61,8 +74,31 @@ def pick_worker(loads: Sequence[WorkerLoad], num_local: dict[str, int], excluded
     return ties[tiebreak % len(ties)].worker_id
 
 
+def pick_pair(prefills: Sequence[WorkerLoad], decodes: Sequence[WorkerLoad], num_local: dict[str, int],
+              excluded: set[str] = frozenset(), tiebreak: int = 0, blocks_needed: int = 0
+              ) -> tuple[str, str] | None:
+    """(prefill worker_id, decode worker_id) for a PD request, or None when either side has no candidate.
+    Decode workers with at least `blocks_needed` free KV blocks come first (module docstring)."""
+    prefill = pick_worker(prefills, num_local, excluded, tiebreak)
+    roomy = [x for x in decodes if x.num_free_blocks >= blocks_needed]
+    decode = pick_worker(roomy, num_local, excluded, tiebreak) or pick_worker(decodes, num_local, excluded, tiebreak)
+    return None if prefill is None or decode is None else (prefill, decode)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one attempt runs: one worker (colocated generate) or a prefill worker and a decode worker."""
+
+    worker: Any
+    decode: Any = None
+
+
 class _Retry(Exception):
-    """The current attempt ended without a result; the request may be re-run elsewhere."""
+    """The current attempt ended without a result on `worker_id`; the request may be re-run elsewhere."""
+
+    def __init__(self, message: str, worker_id: str):
+        super().__init__(message)
+        self.worker_id = worker_id
 
 
 @dataclass
@@ -77,6 +113,7 @@ class _Request:
     worker: Any = None
     generator: Any = None
     worker_id: str | None = None
+    abort_requested: bool = False
 
     def continuation(self, tokenizer) -> tuple[str | list[int], Any]:
         """(prompt, params) of the next attempt: carrying on from the tokens already sent, if any."""
@@ -104,6 +141,7 @@ class RayRouter:
     def __init__(self, controller, spec: ClusterSpec, model_info: ModelInfo, tokenizer):
         self._controller = controller
         self._config: RouterSpec = spec.router
+        self._block_size = spec.scheduler.block_size
         self._model_info = model_info
         self._tokenizer = tokenizer
         self._entries: dict[str, Any] = {}
@@ -115,6 +153,7 @@ class RayRouter:
         self._refresh_task: asyncio.Task | None = None
         self._closed = False
         self.num_reruns = 0
+        self.num_migrations = 0  # PD requests whose KV moved to their decode worker
 
     @classmethod
     async def connect(cls, controller, spec: ClusterSpec, timeout_s: float = 600.0) -> "RayRouter":
@@ -169,18 +208,21 @@ class RayRouter:
         finished = False
         try:
             while True:
-                entry = await self._choose(excluded, request_id, failures)
+                prompt, params = req.continuation(self._tokenizer)
+                target = await self._choose(excluded, request_id, failures, self._blocks_needed(prompt, params))
                 try:
-                    async with contextlib.aclosing(self._attempt(request_id, req, entry, priority)) as outputs:
+                    async with contextlib.aclosing(self._attempt(request_id, req, target, prompt, params,
+                                                                 priority)) as outputs:
                         async for out in outputs:
                             finished = out.finished
                             yield out
                     if finished:
                         return
-                    failures.append(f"{entry.worker_id}: stream ended without a final output")
+                    failures.append(f"{req.worker_id}: stream ended without a final output")
+                    excluded.add(req.worker_id)
                 except _Retry as e:
-                    failures.append(f"{entry.worker_id}: {e}")
-                excluded.add(entry.worker_id)
+                    failures.append(f"{e.worker_id}: {e}")
+                    excluded.add(e.worker_id)
                 if len(failures) > self._config.max_reruns:
                     raise EngineUnavailableError(f"request {request_id} failed on {len(failures)} workers: "
                                                  + "; ".join(failures))
@@ -194,34 +236,64 @@ class RayRouter:
             if not finished and req.generator is not None:
                 self._cancel(request_id, req)
 
-    async def _attempt(self, request_id: str, req: _Request, entry, priority: int) -> AsyncIterator[Any]:
-        prompt, params = req.continuation(self._tokenizer)
-        worker_id = entry.worker_id
-        self._num_local[worker_id] = self._num_local.get(worker_id, 0) + 1
-        req.worker, req.worker_id = entry.actor, worker_id
+    async def _attempt(self, request_id: str, req: _Request, target: _Target, prompt: str | list[int], params,
+                       priority: int) -> AsyncIterator[Any]:
+        entries = [e for e in (target.worker, target.decode) if e is not None]
+        for e in entries:
+            self._num_local[e.worker_id] = self._num_local.get(e.worker_id, 0) + 1
+        entry = target.worker
+        req.worker, req.worker_id = entry.actor, entry.worker_id
         try:
-            req.generator = entry.actor.generate.options(num_returns="streaming").remote(
-                request_id, prompt, params, priority)
+            if target.decode is None:
+                req.generator = entry.actor.generate.options(num_returns="streaming").remote(
+                    request_id, prompt, params, priority)
+            else:
+                req.generator = entry.actor.prefill.options(num_returns="streaming").remote(
+                    request_id, prompt, params, target.decode.kv_address)
+            while True:
+                migrated = False
+                async with contextlib.aclosing(self._items(req)) as items:
+                    async for item in items:
+                        if isinstance(item, Migrated):
+                            migrated = True
+                            break
+                        out = req.adjust(item)
+                        yield out
+                        if out.finished:
+                            req.generator = None
+                            return
+                if not migrated:
+                    return
+                # the KV lives on the decode worker now: the rest of the stream comes from there
+                self.num_migrations += 1
+                decode = target.decode
+                req.worker, req.worker_id = decode.actor, decode.worker_id
+                req.generator = decode.actor.follow.options(num_returns="streaming").remote(request_id)
+                if req.abort_requested:  # the abort went to the prefill worker while the KV was in flight
+                    decode.actor.abort.remote(request_id)
+        finally:
+            for e in entries:
+                self._num_local[e.worker_id] -= 1
+
+    async def _items(self, req: _Request) -> AsyncIterator[Any]:
+        """The values of req.generator; a WorkerError or a Ray error raises (InvalidRequestError or _Retry)."""
+        try:
             async for ref in req.generator:
                 item = await ref
                 if isinstance(item, WorkerError):
                     if item.kind == "invalid":
                         raise InvalidRequestError(item.field or "request", item.message)
-                    raise _Retry(f"{item.kind}: {item.message}")
-                out = req.adjust(item)
-                yield out
-                if out.finished:
-                    req.generator = None
-                    return
+                    raise _Retry(f"{item.kind}: {item.message}", req.worker_id)
+                yield item
         except ray.exceptions.RayError as e:
-            raise _Retry(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
-        finally:
-            self._num_local[worker_id] -= 1
+            text = str(e).strip()
+            raise _Retry(f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}", req.worker_id) from None
 
     async def abort(self, request_id: str) -> bool:
         req = self._requests.get(request_id)
         if req is None or req.worker is None:
             return False
+        req.abort_requested = True
         try:
             return await req.worker.abort.remote(request_id)
         except ray.exceptions.RayError:
@@ -248,14 +320,43 @@ class RayRouter:
             raise InvalidRequestError("worker_id", e.message) from None
 
     # --- choosing ---------------------------------------------------------------------------------
-    async def _choose(self, excluded: set[str], request_id: str, failures: list[str]):
-        """The ready worker to run on now, waiting up to rerun_wait_s for one to appear."""
+    def _blocks_needed(self, prompt: str | list[int], params) -> int:
+        """KV blocks the request holds at its longest on a decode worker (the PD choice's room test)."""
+        if not any(e.role == "decode" for e in self._entries.values()):
+            return 0  # no pair to choose: spare the tokenization
+        n = len(prompt) if isinstance(prompt, list) else len(self._tokenizer.encode(prompt))
+        return math.ceil((n + params.max_tokens) / self._block_size)
+
+    def _pick(self, excluded: set[str], blocks_needed: int) -> _Target | None:
+        ready = [e for e in self._entries.values() if e.state == "ready"]
+        by_role: dict[str, list] = {}
+        for e in ready:
+            by_role.setdefault(e.role, []).append(e)
+        tiebreak = next(self._tiebreak)
+        colocated = pick_worker([e.load for e in by_role.get("colocated", [])], self._num_local, excluded, tiebreak)
+        pair = pick_pair([e.load for e in by_role.get("prefill", [])], [e.load for e in by_role.get("decode", [])],
+                         self._num_local, excluded, tiebreak, blocks_needed)
+        if pair is not None:
+            prefill, decode = self._entries[pair[0]], self._entries[pair[1]]
+            if colocated is None or self._score(prefill) <= self._score(self._entries[colocated]):
+                return _Target(prefill, decode)
+        if colocated is not None:
+            return _Target(self._entries[colocated])
+        # half a pair is left (the other side died or is excluded): it decodes alone
+        single = pick_worker([e.load for e in ready], self._num_local, excluded, tiebreak)
+        return None if single is None else _Target(self._entries[single])
+
+    def _score(self, entry) -> float:
+        return worker_score(entry.load, self._num_local.get(entry.worker_id, 0))
+
+    async def _choose(self, excluded: set[str], request_id: str, failures: list[str], blocks_needed: int
+                      ) -> _Target:
+        """Where to run now, waiting up to rerun_wait_s for a ready worker to appear."""
         deadline = time.monotonic() + self._config.rerun_wait_s
         while True:
-            ready = [e for e in self._entries.values() if e.state == "ready"]
-            worker_id = pick_worker([e.load for e in ready], self._num_local, excluded, next(self._tiebreak))
-            if worker_id is not None:
-                return self._entries[worker_id]
+            target = self._pick(excluded, blocks_needed)
+            if target is not None:
+                return target
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._closed:
                 detail = f" after {'; '.join(failures)}" if failures else ""

@@ -13,7 +13,12 @@ names the field), `draining` (refused before it started: route it elsewhere) and
 stopped under the request: re-run it elsewhere). Cancelling the Ray generator, or `abort`, aborts the
 request in the engine and frees its KV blocks.
 
-Roles: only `colocated` is implemented; `check_runnable` says so for a spec that asks for more.
+Roles: `colocated` serves `generate`. `prefill` and `decode` (cluster/pd_worker.py) serve a request between
+them: the router calls `prefill(request_id, prompt, params, decode_address)` on a prefill worker, which
+yields the first token and then a `Migrated` marker (or, when the KV transfer failed, the rest of the
+outputs), and then `follow(request_id)` on the decode worker, whose `ready()` and routing-table entry carry
+its KvTransfer address. Every role also serves `generate` (colocated), the router's fallback when one side
+of the pair is missing. `check_runnable` refuses the roles not implemented yet.
 """
 from __future__ import annotations
 
@@ -21,17 +26,19 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import AsyncIterator
 
 import ray
 
 from partita.cluster.async_engine import AsyncEngine
 from partita.cluster.gateway_engine import EngineUnavailableError, WorkerLoad
+from partita.cluster.pd_worker import DecodeSide, NotCommittedError, PrefillSide
 from partita.cluster.spec import ClusterSpec, ModelSpec, SchedulerSpec, SpecError
 from partita.workers.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTED_ROLES = ("colocated",)
+IMPLEMENTED_ROLES = ("colocated", "prefill", "decode")
 MAX_CONCURRENT_CALLS = 10_000
 
 
@@ -65,6 +72,12 @@ def check_runnable(spec: ClusterSpec) -> None:
         if pool.tensor_parallel_size > 1:
             raise SpecError(f"pools[{i}].tensor_parallel_size",
                             f"{pool.tensor_parallel_size}: the engine has no tensor parallelism yet; use 1")
+    roles = [pool.role for pool in spec.pools]
+    for role, other in (("prefill", "decode"), ("decode", "prefill")):
+        if role in roles and other not in roles:
+            raise SpecError(f"pools[{roles.index(role)}].role",
+                            f"a {role} pool needs a {other} pool beside it (prefill/decode disaggregation); "
+                            f"add one, or use role colocated")
 
 
 def engine_config(scheduler: SchedulerSpec, model: ModelSpec):
@@ -100,6 +113,9 @@ class WorkerActor:
                         config=engine_config(SchedulerSpec(**scheduler), model_spec))
         self._worker_id = worker_id
         self._engine = AsyncEngine(engine, worker_id=worker_id, pool=pool, role=role)
+        model_name = self._engine.model_info.model_name
+        self._prefill = PrefillSide(self._engine, worker_id, model_name) if role == "prefill" else None
+        self._decode = DecodeSide(self._engine, worker_id, model_name) if role == "decode" else None
         self._active: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -109,14 +125,40 @@ class WorkerActor:
         """The served model's description (the router's ModelInfo); answering means the model is loaded."""
         info = self._engine.model_info
         context = ray.get_runtime_context()
+        # the KvTransfer server listens on the node's address: prefill workers on other nodes connect to it
+        kv_address = await self._decode.start(ray.util.get_node_ip_address()) if self._decode else None
         return {"node_id": context.get_node_id(), "placement_group_id": context.get_placement_group_id(),
+                "kv_address": kv_address,
                 "model_name": info.model_name, "max_model_len": info.max_model_len,
                 "eos_token_ids": list(info.eos_token_ids), "has_chat_template": info.has_chat_template,
                 "bos_token": info.bos_token, "eos_token": info.eos_token}
 
     async def generate(self, request_id: str, prompt: str | list[int], params, priority: int = 0):
         """Streams the request's outputs (call with num_returns="streaming"); module docstring has the contract."""
-        if self._is_draining:
+        async for item in self._serve(request_id, lambda: self._engine.generate(request_id, prompt, params, priority)):
+            yield item
+
+    async def prefill(self, request_id: str, prompt: str | list[int], params, decode_address: str):
+        """A prefill worker's stream of a PD request: first token, then `Migrated` or the local decode's outputs."""
+        if self._prefill is None:
+            yield WorkerError("invalid", f"worker {self._worker_id} is not a prefill worker", "role")
+            return
+        async for item in self._serve(request_id,
+                                      lambda: self._prefill.run(request_id, prompt, params, decode_address)):
+            yield item
+
+    async def follow(self, request_id: str, timeout_s: float | None = None):
+        """A decode worker's stream of a request committed to it by KV migration (after the first token)."""
+        if self._decode is None:
+            yield WorkerError("invalid", f"worker {self._worker_id} is not a decode worker", "role")
+            return
+        # a follow is never refused for draining: the request already lives here
+        async for item in self._serve(request_id, lambda: self._decode.follow(request_id, timeout_s), refuse=False):
+            yield item
+
+    async def _serve(self, request_id: str, start, refuse: bool = True) -> AsyncIterator:
+        """Runs start()'s stream as an active request, its failures turned into a last WorkerError."""
+        if refuse and self._is_draining:
             yield WorkerError("draining", f"worker {self._worker_id} is draining")
             return
         if not self._engine.is_healthy():
@@ -125,11 +167,11 @@ class WorkerActor:
         self._active.add(request_id)
         self._idle.clear()
         try:
-            async for out in self._engine.generate(request_id, prompt, params, priority):
+            async for out in start():
                 yield out
         except InvalidRequestError as e:
             yield WorkerError("invalid", e.message, e.field)
-        except EngineUnavailableError as e:
+        except (EngineUnavailableError, NotCommittedError) as e:
             yield WorkerError("unavailable", f"worker {self._worker_id}: {e}")
         finally:
             self._active.discard(request_id)
@@ -138,6 +180,10 @@ class WorkerActor:
 
     async def abort(self, request_id: str) -> bool:
         return await self._engine.abort(request_id)
+
+    async def num_transfers(self) -> int:
+        """KV transfers reserved here and not yet committed or freed (0 on other roles)."""
+        return self._decode.num_transfers if self._decode else 0
 
     async def heartbeat(self) -> Heartbeat:
         return Heartbeat(self._worker_id, self._engine.loads()[0], self._engine.is_healthy(), self._is_draining,
@@ -155,11 +201,17 @@ class WorkerActor:
             pass
         cut = len(self._active)
         if cut:
-            await self._engine.aclose()
+            await self._close()
         return before - cut, cut
 
     async def shutdown(self) -> None:
         self._is_draining = True
+        await self._close()
+
+    async def _close(self) -> None:
+        for side in (self._prefill, self._decode):
+            if side is not None:
+                await side.close()
         await self._engine.aclose()
 
 

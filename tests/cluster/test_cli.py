@@ -62,7 +62,7 @@ def test_refusals_name_the_path_and_start_nothing(capsys, tmp_path):
     config = tmp_path / "pd.yaml"
     config.write_text("pools: [{name: pre, role: prefill}]\n")
     assert main(["serve", "--config", str(config)]) == 2
-    assert "pools[0].role: role 'prefill' is not implemented yet" in capsys.readouterr().err
+    assert "pools[0].role: a prefill pool needs a decode pool beside it" in capsys.readouterr().err
     with pytest.raises(SpecError, match="disagree"):
         spec_of(["tiny-moe", "--model", "tiny-llama"])
 

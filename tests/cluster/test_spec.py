@@ -81,8 +81,11 @@ def test_errors_name_the_path_the_value_and_what_is_allowed(data, path, words):
 
 def test_spec_valid_but_not_runnable_yet_names_the_path():
     spec = ClusterSpec.from_dict({"pools": [{"name": "a"}, {"name": "d", "role": "decode"}]})
-    with pytest.raises(SpecError, match=r"pools\[1\].role: role 'decode' is not implemented yet"):
+    with pytest.raises(SpecError, match=r"pools\[1\].role: a decode pool needs a prefill pool beside it"):
         check_runnable(spec)
+    check_runnable(ClusterSpec.from_dict({"pools": [{"name": "d", "role": "decode"}, {"name": "p", "role": "prefill"}]}))
+    with pytest.raises(SpecError, match=r"pools\[0\].role: role 'attention' is not implemented yet"):
+        check_runnable(ClusterSpec.from_dict({"pools": [{"name": "a", "role": "attention"}]}))
     for kv_format in ("int4", "kivi2", "int4:group_size=32"):
         check_runnable(ClusterSpec.from_dict({"model": {"preset": "tiny-moe", "kv_format": kv_format}}))
 
@@ -105,12 +108,7 @@ def test_file_errors(tmp_path):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
 def test_example_specs_load(path):
-    spec = load_spec(path)
-    if "pd" in os.path.basename(path):
-        with pytest.raises(SpecError, match="not implemented yet"):
-            check_runnable(spec)
-    else:
-        check_runnable(spec)
+    check_runnable(load_spec(path))
 
 
 def test_examples_exist():

@@ -1,0 +1,184 @@
+"""The prefill and decode roles of a worker actor (prefill/decode disaggregation, issue 9).
+
+A PD request crosses two workers:
+
+    prefill worker   PrefillSide.run: the request runs prefill_only; its first token is yielded at once; its
+                     KV then migrates over gRPC to the decode worker the router chose (`migrate_or_resume`,
+                     cluster/kv_transfer_client.py). On success the stream ends with a `Migrated` marker
+                     naming the decode worker's KV address; when the transfer fails (decode worker dead,
+                     full, or of another format) the request decodes here instead and the stream carries
+                     its outputs to the end, so the caller sees one complete stream either way.
+    decode worker    DecodeSide: serves KvTransfer (cluster/kv_transfer_server.py) on its node; a committed
+                     request's outputs wait, buffered by the engine's own per-request stream, until the
+                     router calls `follow(request_id)` after the marker. A committed request nobody follows
+                     within `follow_timeout_s` is aborted, so that its KV blocks come back.
+
+Everything between the actors travels as Ray stream values (RequestOutput, Migrated, WorkerError) and the KV
+as protobuf over gRPC; nothing is pickled on a user-reachable boundary.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import grpc
+
+from partita.cluster.grpc_server import sampling_to_proto
+from partita.cluster.kv_transfer_client import migrate_or_resume
+from partita.cluster.kv_transfer_server import start_kv_transfer_server
+from partita.workers.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from partita.cluster.async_engine import AsyncEngine
+    from partita.workers import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+FOLLOW_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Migrated:
+    """The last value of a prefill stream whose KV now lives on the decode worker at `decode_address`."""
+
+    request_id: str
+    decode_address: str
+    bytes_sent: int
+    seconds: float
+
+
+class NotCommittedError(RuntimeError):
+    """follow() waited in vain: the request was never committed to this decode worker."""
+
+
+class PrefillSide:
+    """Runs requests prefill-only on `engine` and migrates them (module docstring)."""
+
+    def __init__(self, engine: "AsyncEngine", worker_id: str, model_name: str):
+        self._engine = engine
+        self._worker_id = worker_id
+        self._model_name = model_name
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def run(self, request_id: str, prompt: str | list[int], params: "SamplingParams",
+                  decode_address: str) -> AsyncIterator["RequestOutput | Migrated"]:
+        """First token, then Migrated, or the local decode's outputs when the migration failed.
+        Raises InvalidRequestError (bad input) and EngineUnavailableError like AsyncEngine.generate."""
+        stream = self._engine.adopt(
+            request_id, lambda e: e.add_request(request_id, prompt, params, prefill_only=True))
+        async with contextlib.aclosing(stream):
+            first = await anext(stream)
+            yield first
+            if first.finished:
+                return
+            try:
+                result = await migrate_or_resume(self._engine, self._channel(decode_address), request_id,
+                                                 sampling_to_proto(params), model=self._model_name,
+                                                 sender_id=self._worker_id)
+            except InvalidRequestError:
+                # aborted while held: the engine no longer has it; its stream ends with the abort output
+                result = None
+            if result is not None:
+                yield Migrated(request_id, decode_address, result.bytes_sent, result.seconds)
+                return
+            async for out in stream:
+                yield out
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        # one channel per decode worker, reused: a connection per request would cost a handshake each
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+class DecodeSide:
+    """Receives migrated requests into `engine` and hands their outputs to `follow` (module docstring)."""
+
+    def __init__(self, engine: "AsyncEngine", worker_id: str, model_name: str,
+                 follow_timeout_s: float = FOLLOW_TIMEOUT_S):
+        self._engine = engine
+        self._worker_id = worker_id
+        self._model_name = model_name
+        self._follow_timeout_s = follow_timeout_s
+        self._committed: dict[str, AsyncIterator["RequestOutput"]] = {}
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._server: grpc.aio.Server | None = None
+        self._servicer: Any = None
+        self.address: str | None = None
+
+    async def start(self, host: str) -> str:
+        """Starts the KvTransfer server on host (a free port); returns its address host:port."""
+        if self.address is None:
+            self._server, port, self._servicer = await start_kv_transfer_server(
+                self._engine, host=host, port=0, model_name=self._model_name, on_commit=self._on_commit)
+            self.address = f"{host}:{port}"
+        return self.address
+
+    @property
+    def num_transfers(self) -> int:
+        """Reservations not yet committed or freed (a test checks they all end)."""
+        return len(self._servicer.transfers) if self._servicer is not None else 0
+
+    def _on_commit(self, request_id: str, outputs: AsyncIterator["RequestOutput"]) -> None:
+        waiter = self._waiting.pop(request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outputs)
+            return
+        self._committed[request_id] = outputs
+        self._expiry[request_id] = asyncio.get_running_loop().call_later(
+            self._follow_timeout_s, self._expire, request_id)
+
+    def _expire(self, request_id: str) -> None:
+        self._expiry.pop(request_id, None)
+        outputs = self._committed.pop(request_id, None)
+        if outputs is not None:
+            log.warning("%s: committed request %s was not followed within %g s; aborting it", self._worker_id,
+                        request_id, self._follow_timeout_s)
+            task = asyncio.get_running_loop().create_task(outputs.aclose())  # closing aborts it in the engine
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def follow(self, request_id: str, timeout_s: float | None = None) -> AsyncIterator["RequestOutput"]:
+        """The outputs of a committed request, from its first decoded token; leaving early aborts it.
+        Raises NotCommittedError when it is not committed here within timeout_s (default follow_timeout_s)."""
+        outputs = self._committed.pop(request_id, None)
+        if outputs is None:
+            if request_id in self._waiting:
+                raise InvalidRequestError("request_id", f"{request_id!r} is already followed")
+            waiter = self._waiting[request_id] = asyncio.get_running_loop().create_future()
+            timeout_s = self._follow_timeout_s if timeout_s is None else timeout_s
+            try:
+                outputs = await asyncio.wait_for(waiter, timeout_s)
+            except asyncio.TimeoutError:
+                raise NotCommittedError(f"request {request_id!r} was not committed to decode worker "
+                                        f"{self._worker_id} within {timeout_s:g} s") from None
+            finally:
+                self._waiting.pop(request_id, None)
+        else:
+            self._expiry.pop(request_id).cancel()
+        async with contextlib.aclosing(outputs):
+            async for out in outputs:
+                yield out
+
+    async def close(self) -> None:
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()
+        for outputs in list(self._committed.values()):
+            await outputs.aclose()
+        self._committed.clear()
+        if self._server is not None:
+            await self._server.stop(None)
+            self._servicer.close()
+            self._server = None

@@ -1,0 +1,202 @@
+"""Prefill/decode disaggregation on local Ray (tiny-llama on CPU): a prefill pool and a decode pool behind the
+router and the gateway. Greedy PD output equals the colocated engine's token for token (kv_format none, and
+int8 against a colocated int8 engine); a decode worker dead at transfer time, or killed mid-stream after
+commit, loses no request (the client sees the complete, correct completion) and the controller restores
+it; leaving a stream or aborting reaches the worker holding the request; KV blocks on both sides return to
+the free pool (read from heartbeats)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from partita.cluster.router import pick_pair
+from partita.cluster.gateway_engine import WorkerLoad
+from partita.workers import SamplingParams
+from tests.cluster.ray_fixtures import ServedDeployment, collect, ray_local, wait_until  # noqa: F401
+
+pytestmark = pytest.mark.timeout(240)
+
+PROMPT = [(7 * j) % 500 + 2 for j in range(30)]
+
+
+def pd_spec(name: str, kv_format: str):
+    from partita.cluster.spec import ClusterSpec
+
+    return ClusterSpec.from_dict({
+        "name": name,
+        "model": {"preset": "tiny-llama", "kv_format": kv_format},
+        "pools": [{"name": "prefill", "role": "prefill", "replicas": 1, "gpus_per_worker": 0},
+                  {"name": "decode", "role": "decode", "replicas": 1, "gpus_per_worker": 0}],
+        "scheduler": {"max_model_len": 320, "max_num_seqs": 8, "max_num_batched_tokens": 256},
+        "gateway": {"grpc_port": 0, "http_port": 0},
+        "controller": {"reconcile_interval_s": 0.2, "heartbeat_timeout_s": 10.0, "restart_backoff_s": 0.5,
+                       "restart_backoff_max_s": 4.0, "drain_timeout_s": 5.0, "worker_start_timeout_s": 120.0},
+        "router": {"refresh_interval_s": 0.1, "rerun_wait_s": 60.0},
+    })
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def colocated(spec, prompt: list[int], max_tokens: int) -> list[int]:
+    """The reference: one in-process engine of the spec's model, scheduler and KV format."""
+    from partita.cluster.worker_actor import engine_config
+    from partita.workers import Engine
+
+    engine = Engine(spec.model.name, device="cpu", kv_format=spec.model.kv_format,
+                    config=engine_config(spec.scheduler, spec.model))
+    engine.add_request("ref", prompt, greedy(max_tokens))
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    return tokens
+
+
+def test_pick_pair_prefers_decode_workers_with_room():
+    prefills = [WorkerLoad("p0", num_running=3), WorkerLoad("p1", num_running=1)]
+    decodes = [WorkerLoad("d0", num_free_blocks=2), WorkerLoad("d1", num_running=4, num_free_blocks=50)]
+    assert pick_pair(prefills, decodes, {}, blocks_needed=10) == ("p1", "d1")  # d0 has no room
+    assert pick_pair(prefills, decodes, {}, blocks_needed=1) == ("p1", "d0")  # both do: the least loaded
+    assert pick_pair(prefills, decodes, {}, blocks_needed=100) == ("p1", "d0")  # none does: the least loaded
+    assert pick_pair(prefills, decodes, {}, excluded={"d0", "d1"}) is None
+    assert pick_pair([], decodes, {}) is None
+
+
+async def _state(entry) -> tuple:
+    beat = await entry.actor.heartbeat.remote()
+    load = beat.load
+    return load.num_running + load.num_waiting, load.num_total_blocks - load.num_free_blocks, beat.num_active
+
+
+def assert_all_free(served) -> None:
+    """Every worker idle with every KV block free, and no KV transfer reserved on a decode worker."""
+    async def check():
+        await served.router.refresh()
+        states = {}
+        for entry in served.router._entries.values():
+            states[entry.worker_id] = (*await _state(entry), await entry.actor.num_transfers.remote())
+        return states
+    wait_until(lambda: all(s == (0, 0, 0, 0) for s in served.thread.call(check(), 10).values()), 20,
+               "every worker idle with its KV blocks free")
+
+
+@pytest.fixture(scope="module")
+def served(ray_local):
+    deployment = ServedDeployment(pd_spec("pd-none", "none")).start()
+    yield deployment
+    deployment.stop()
+
+
+def test_pd_through_router_and_gateway_equals_colocated(served):
+    from partita.client import AsyncClient
+
+    router = served.router
+    expected = colocated(served.spec, PROMPT, 24)
+    before = router.num_migrations
+    ids, last = served.thread.call(collect(router.generate("pd-1", PROMPT, greedy(24))), 60)
+    assert ids == expected and last.finish_reason == "length" and last.num_output_tokens == 24
+    assert router.num_migrations == before + 1 and router.num_reruns == 0
+
+    async def over_grpc():
+        async with AsyncClient(served.grpc_target) as client:
+            return await client.generate("Hello there", max_tokens=16, temperature=0.0, ignore_eos=True)
+    result = served.thread.call(over_grpc(), 60)
+    assert result.token_ids == colocated(served.spec, served.router.tokenizer.encode("Hello there"), 16)
+    assert result.usage.completion_tokens == 16 and router.num_migrations == before + 2
+    entries = served.router._entries.values()
+    assert {e.role for e in entries} == {"prefill", "decode"}
+    assert all((e.kv_address is not None) == (e.role == "decode") for e in entries)
+    assert_all_free(served)
+
+
+def test_leaving_or_aborting_reaches_the_decode_worker(served):
+    router = served.router
+
+    async def leave():
+        stream = router.generate("pd-leave", PROMPT, greedy(200))
+        async with contextlib.aclosing(stream):
+            n = 0
+            async for out in stream:
+                n += len(out.new_token_ids)
+                if n >= 3:  # past the first token: the request lives on the decode worker
+                    return router._requests["pd-leave"].worker_id
+
+    async def abort():
+        stream = router.generate("pd-abort", PROMPT, greedy(200))
+        ids, last = [], None
+        async for out in stream:
+            ids += out.new_token_ids
+            last = out
+            if len(ids) == 3:
+                assert await router.abort("pd-abort")
+        return last
+
+    assert served.thread.call(leave(), 60).startswith("decode-")
+    assert served.thread.call(abort(), 60).finish_reason == "abort"
+    assert_all_free(served)
+
+
+def test_a_dead_decode_worker_loses_no_request_and_is_restored(served, ray_local):
+    router = served.router
+    expected = colocated(served.spec, PROMPT, 200)
+
+    # dead at transfer time: a router whose table still lists it sends the KV there; the prefill worker's
+    # transfer fails and it decodes the request itself
+    async def stale_router_run():
+        from partita.cluster.router import RayRouter
+
+        stale = await RayRouter.connect(served.controller, served.spec)
+        stale._refresh_task.cancel()
+        decode = next(e for e in stale._entries.values() if e.role == "decode")
+        ray_local.kill(decode.actor, no_restart=True)
+        try:
+            return await collect(stale.generate("pd-dead", PROMPT, greedy(200))), stale.num_migrations
+        finally:
+            await stale.aclose()
+    (ids, last), migrations = served.thread.call(stale_router_run(), 90)
+    assert ids == expected and last.finish_reason == "length" and migrations == 0
+    restored = wait_until(lambda: entry_of_or_none(served, "decode", "decode-0"), 60, "a new decode worker")
+
+    # killed mid-stream after commit: the router re-runs the rest (prompt + tokens sent) elsewhere; several
+    # requests at once keep the decode worker busy long enough for the kill to land mid-stream
+    async def kill_mid_stream():
+        tasks = [asyncio.ensure_future(collect(router.generate(f"pd-kill-{i}", PROMPT, greedy(200))))
+                 for i in range(6)]
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if any(r.worker_id == restored.worker_id and len(r.sent_ids) >= 3 for r in router._requests.values()):
+                break
+        ray_local.kill(restored.actor, no_restart=True)
+        return await asyncio.gather(*tasks)
+    reruns = router.num_reruns
+    for ids, last in served.thread.call(kill_mid_stream(), 120):
+        assert ids == expected and last.finish_reason == "length" and last.num_output_tokens == 200
+    assert router.num_reruns > reruns
+    again = wait_until(lambda: entry_of_or_none(served, "decode", restored.worker_id), 60, "another decode worker")
+    migrations = router.num_migrations
+    ids, _ = served.thread.call(collect(router.generate("pd-after", PROMPT, greedy(24))), 60)
+    assert ids == expected[:24] and router.num_migrations == migrations + 1
+    assert router._entries[again.worker_id].state == "ready"
+    assert_all_free(served)
+
+
+def entry_of_or_none(served, role: str, not_id: str):
+    """The ready worker of `role` other than `not_id` (a replacement), or None."""
+    served.thread.call(served.router.refresh(), 10)
+    return next((e for e in served.router._entries.values()
+                 if e.role == role and e.state == "ready" and e.worker_id != not_id), None)
+
+
+def test_int8_pd_equals_int8_colocated(ray_local):
+    deployment = ServedDeployment(pd_spec("pd-int8", "int8")).start()
+    try:
+        before = deployment.router.num_migrations
+        ids, _ = deployment.thread.call(collect(deployment.router.generate("q", PROMPT, greedy(24))), 60)
+        assert ids == colocated(deployment.spec, PROMPT, 24)
+        assert deployment.router.num_migrations == before + 1
+        assert_all_free(deployment)
+    finally:
+        deployment.stop()
