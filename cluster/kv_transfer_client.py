@@ -19,12 +19,12 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 import grpc
 
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
-from partita.workers.kv_migration import KvExport, export_request
+from partita.workers.kv_migration import KvExport, KvLayout, export_request
 
 if TYPE_CHECKING:
     from partita.cluster.async_engine import AsyncEngine
@@ -67,6 +67,16 @@ def build_chunks(transfer_id: str, export: KvExport, chunk_bytes: int) -> Iterat
     yield pb.KvChunk(transfer_id=transfer_id, seq=seq, blocks=blocks, is_last=True)
 
 
+def reserve_request(request_id: str, prompt_token_ids: list[int], layout: KvLayout, *, model: str, sender_id: str,
+                    ttl_s: float) -> pb.ReserveRequest:
+    n = len(prompt_token_ids)
+    return pb.ReserveRequest(
+        request_id=request_id, model=model, format=layout.to_proto(), num_layers=layout.num_layers,
+        num_blocks=layout.num_blocks(n), num_tokens=n, bytes_per_block=layout.bytes_per_block,
+        expected_total_bytes=layout.total_bytes(n), prompt_token_ids=prompt_token_ids, ttl_s=ttl_s,
+        sender_id=sender_id)
+
+
 class _AttemptFailed(Exception):
     def __init__(self, code: grpc.StatusCode | None, message: str):
         super().__init__(message)
@@ -77,13 +87,8 @@ class _AttemptFailed(Exception):
 async def _attempt(stub: kv_transfer_pb2_grpc.KvTransferStub, export: KvExport, sampling, *, model: str,
                    sender_id: str, chunk_bytes: int, window: int, ttl_s: float, timeout_s: float) -> TransferResult:
     start = time.perf_counter()
-    layout = export.layout
-    n = export.num_tokens
-    reserve = pb.ReserveRequest(
-        request_id=export.request_id, model=model, format=layout.to_proto(), num_layers=layout.num_layers,
-        num_blocks=layout.num_blocks(n), num_tokens=n, bytes_per_block=layout.bytes_per_block,
-        expected_total_bytes=layout.total_bytes(n), prompt_token_ids=export.prompt_token_ids, ttl_s=ttl_s,
-        sender_id=sender_id)
+    reserve = reserve_request(export.request_id, export.prompt_token_ids, export.layout, model=model,
+                              sender_id=sender_id, ttl_s=ttl_s)
     try:
         reserved = await stub.Reserve(reserve, timeout=timeout_s)
     except grpc.aio.AioRpcError as e:
@@ -104,8 +109,10 @@ async def _attempt(stub: kv_transfer_pb2_grpc.KvTransferStub, export: KvExport, 
     return TransferResult(tid, 1, export.total_bytes, num_chunks, time.perf_counter() - start, streamed)
 
 
-async def _stream(stub, transfer_id: str, chunks: Iterator[pb.KvChunk], window: int, timeout_s: float) -> int:
-    """Sends the chunks over SendStream with at most `window` unacknowledged; returns the chunk count."""
+async def _stream(stub, transfer_id: str, chunks: Iterator[pb.KvChunk] | AsyncIterator[pb.KvChunk], window: int,
+                  timeout_s: float) -> int:
+    """Sends the chunks (as they come, for an async iterator) over SendStream with at most `window`
+    unacknowledged; returns the chunk count."""
     call = stub.SendStream(timeout=timeout_s)
     sent = acked = 0
 
@@ -118,7 +125,7 @@ async def _stream(stub, transfer_id: str, chunks: Iterator[pb.KvChunk], window: 
             raise _AttemptFailed(None, f"ack for chunk {ack.seq}, expected {acked}")
         acked += 1
 
-    for chunk in chunks:
+    async for chunk in _aiter(chunks):
         if sent - acked >= window:
             await read_ack()
         await call.write(chunk)
@@ -127,6 +134,15 @@ async def _stream(stub, transfer_id: str, chunks: Iterator[pb.KvChunk], window: 
     while acked < sent:
         await read_ack()
     return sent
+
+
+async def _aiter(chunks: Iterator[pb.KvChunk] | AsyncIterator[pb.KvChunk]) -> AsyncIterator[pb.KvChunk]:
+    if hasattr(chunks, "__anext__"):
+        async for chunk in chunks:
+            yield chunk
+    else:
+        for chunk in chunks:
+            yield chunk
 
 
 async def _abort(stub, transfer_id: str, reason: str) -> None:

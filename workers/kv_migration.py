@@ -16,15 +16,17 @@ block size, heads, head_dim, part order) plus a checksum of the per-layer state 
 ends (fp8's per-head scales: codes written under one scale and read under another are wrong). Both ends must
 have the same descriptor; converting between formats is refused (`KvLayoutMismatch`), not attempted.
 
-Export runs after prefill has finished (the whole prompt's KV at once), not layer by layer inside the
-forward pass; `export_layer` is the unit a layer-streaming prefill would call. Every function here touches
-the engine's cache and must run on the engine's thread.
+Export runs after prefill has finished (`export_request`: the whole prompt's KV at once), or layer by layer
+inside the forward pass of the step that completes the prefill (`stream_layers`, through `Engine.stream_kv`),
+so that a sender streams early layers while later ones compute. Every function here touches the engine's
+cache and must run on the engine's thread.
 """
 from __future__ import annotations
 
 import dataclasses
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -244,3 +246,14 @@ def export_request(engine: Engine, request_id: str) -> KvExport:
     for layer in range(engine.model_config.num_layers):
         payloads.extend((layer, i, data) for i, data in enumerate(export_layer(engine, seq, n, layer)))
     return KvExport(request_id, seq.token_ids[:n], seq.token_ids[n], kv_layout(engine), payloads)
+
+
+def stream_layers(engine: Engine, request_id: str, sink: Callable[[list[tuple[int, int, bytes]]], None]) -> None:
+    """For a queued prefill-only request: during the step that completes its prefill, hands each layer's
+    payloads [(layer, block_index, data)] to sink (on the engine thread) right after that layer's attention
+    wrote them, layer 0 first."""
+    def on_layer(seq: Sequence, layer: int) -> None:
+        n = seq.num_prompt_tokens
+        sink([(layer, i, data) for i, data in enumerate(export_layer(engine, seq, n, layer))])
+
+    engine.stream_kv(request_id, on_layer)

@@ -7,7 +7,8 @@ synchronous and not thread-safe: serving layers drive it from one thread.
 Prefill/decode disaggregation (issue 9) adds two sides. Prefill: `add_request(..., prefill_only=True)`
 prefills as usual and samples the first token, then parks the sequence with its blocks (`Status.HELD`)
 instead of decoding it, until `release_prefilled` (the KV moved elsewhere) or `resume_prefilled` (colocated
-decode as the fallback). Decode: `reserve_migrated` allocates blocks and a sequence slot for a prompt
+decode as the fallback); `stream_kv` lets the migration code export each layer's KV during the step that
+completes such a prefill, right after that layer's attention wrote it. Decode: `reserve_migrated` allocates blocks and a sequence slot for a prompt
 without computing it, the migration code writes the KV into them, and `commit_migrated` appends the first
 token and lets the scheduler decode from there; `abort_reserved` frees them. `workers/kv_migration.py`
 moves the bytes.
@@ -19,6 +20,7 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -125,6 +127,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, self.config.max_num_seqs, budget, self.config.enable_chunked_prefill)
         self.requests: dict[str, _Request] = {}
         self._reserved: dict[str, Sequence] = {}  # reservations awaiting migrated KV (decode side)
+        self._kv_streams: dict[str, Callable[[Sequence, int], None]] = {}  # stream_kv observers (prefill side)
         self._aborted: list[RequestOutput] = []
         self._arrival = itertools.count()
         self._generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
@@ -189,6 +192,7 @@ class Engine:
         """Drops a request and frees its blocks now; its final output (finish_reason 'abort') comes from the
         next step(). Returns False for an unknown or finished request."""
         req = self.requests.pop(request_id, None)
+        self._kv_streams.pop(request_id, None)
         if req is None:
             return False
         self.scheduler.finish(req.seq, "abort")
@@ -203,6 +207,23 @@ class Engine:
         if req is None or req.seq.status is not Status.HELD:
             raise InvalidRequestError("request_id", f"{request_id!r} is not a prefilled request held for migration")
         return req.seq
+
+    def stream_kv(self, request_id: str, on_layer: Callable[[Sequence, int], None]) -> None:
+        """Calls on_layer(seq, layer) on this thread right after each layer's attention wrote its KV, in the
+        step that completes the prefill of `request_id` (a queued prefill-only request): then the whole
+        prompt's KV of that layer is in the cache while later layers still compute."""
+        req = self.requests.get(request_id)
+        if req is None or not req.prefill_only or req.seq.num_computed_tokens:
+            raise InvalidRequestError("request_id", f"{request_id!r} is not a queued prefill-only request")
+        self._kv_streams[request_id] = on_layer
+
+    def _layer_hook(self, batch) -> Callable[[int], None] | None:
+        """The hook of this step's stream_kv observers whose prefill it completes (None: the usual step)."""
+        done = [(seq, self._kv_streams.pop(seq.request_id)) for seq, n in batch.prefills
+                if seq.request_id in self._kv_streams and seq.num_computed_tokens + n == seq.num_prompt_tokens]
+        if not done:
+            return None
+        return lambda layer: [on_layer(seq, layer) for seq, on_layer in done]
 
     def release_prefilled(self, request_id: str) -> None:
         """Drops a held prefilled request (its KV now lives elsewhere) and frees its blocks; no output follows."""
@@ -283,7 +304,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return outputs
-        step = self.runner.run(batch)
+        step = self.runner.run(batch, self._layer_hook(batch) if self._kv_streams else None)
         for seq, n in batch.prefills:
             seq.num_computed_tokens += n
         for seq in batch.decodes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -127,11 +128,12 @@ class ModelRunner:
 
     # --- steps ----------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> StepOutput:
+    def run(self, batch: ScheduledBatch, layer_hook: Callable[[int], None] | None = None) -> StepOutput:
+        """layer_hook: see DecoderModel.forward; the engine passes one only for steps with prefills."""
         if not batch.prefills and self.use_graphs and len(batch.decodes) <= self._max_graph_batch():
             return self._run_decode_graph(batch.decodes)
         fb, sample_rows, sampled = self._prepare(batch)
-        hidden = self.model(fb)
+        hidden = self.model(fb, layer_hook)
         return StepOutput(self.model.compute_logits(hidden[sample_rows]), sampled)
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[ForwardBatch, torch.Tensor, list[Sequence]]:

@@ -7,6 +7,7 @@ different workers; the residual stream is threaded explicitly as (hidden, residu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -119,10 +120,14 @@ class DecoderModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
+        """layer_hook(i), when given, runs right after layer i's attention wrote its KV (layer-by-layer KV
+        export while later layers compute); steps without it, CUDA-graph decodes included, never pass one."""
         hidden, residual = self.embed_tokens(batch.token_ids), None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden, residual = layer.attention_half(hidden, residual, batch)
+            if layer_hook is not None:
+                layer_hook(i)
             hidden, residual = layer.ffn_half(hidden, residual, batch)
         hidden, _ = self.norm(hidden, residual)
         return hidden

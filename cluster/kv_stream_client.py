@@ -1,0 +1,179 @@
+"""KV migration streamed layer by layer while the prefill still computes (the prefill worker's side).
+
+    m = await prefill_and_migrate(prefill, channel, request_id, prompt, params, wire_sampling)
+    async with contextlib.aclosing(m.prefill_outputs):
+        if m.result is None:   # decoded here after all: the rest of the outputs come from the prefill engine
+            ...
+
+Unlike `kv_transfer_client.migrate_or_resume` (export after the prefill, then send), the transfer is reserved
+on the decode worker before the request enters the prefill engine (its size is known from the prompt), and
+during the step that completes the prefill each layer's KV is exported right after that layer's attention
+wrote it (`kv_migration.stream_layers`) and handed to SendStream, which sends it while later layers compute.
+Commit follows once the first token is sampled and every chunk is acknowledged.
+
+Failures: when Reserve is refused the request runs the export-after-prefill path (`migrate_or_resume`); when
+the streamed attempt fails (a chunk refused, e.g. DATA_LOSS for a bad checksum) it is aborted on the receiver
+and the held request gets one more, non-streamed attempt through `migrate_or_resume` (which resumes it on the
+prefill engine if that fails too), unless the refusal is one no retry can fix (then it is resumed at once).
+Buffering is bounded by one request's KV (what `export_request` holds too); SendStream's window bounds what is
+in flight.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, AsyncIterator
+
+import grpc
+
+from partita.cluster.kv_transfer_client import (DEFAULT_CHUNK_BYTES, NOT_RETRYABLE, TransferResult, _abort,
+                                                _AttemptFailed, _stream, migrate_or_resume, reserve_request)
+from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
+from partita.workers.kv_migration import KvLayout, kv_layout, stream_layers
+
+if TYPE_CHECKING:
+    from partita.cluster.async_engine import AsyncEngine
+    from partita.workers import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+LayerPayloads = list[tuple[int, int, bytes]]  # one layer's (layer, block_index, data), from the engine thread
+
+
+@dataclass
+class StreamTimes:
+    """perf_counter() instants of one streamed migration, for the overlap measurement."""
+
+    admitted: float = 0.0  # the request was handed to the prefill engine
+    first_send: float = 0.0  # the first chunk went to SendStream
+    first_token: float = 0.0  # the first token reached the event loop: the prefill compute is over
+    last_ack: float = 0.0  # the receiver acknowledged the last chunk
+
+    @property
+    def hidden_share(self) -> float:
+        """(transfer time overlapped with the prefill) / (transfer time), transfer = first send to last ack."""
+        total = self.last_ack - self.first_send
+        return max(0.0, min(self.first_token, self.last_ack) - self.first_send) / total if total > 0 else 0.0
+
+
+@dataclass
+class StreamedMigration:
+    first: "RequestOutput"  # the first token, sampled on the prefill engine
+    result: TransferResult | None  # None: decoded on the prefill engine (its outputs follow in prefill_outputs)
+    prefill_outputs: AsyncIterator["RequestOutput"]  # the prefill engine's stream; close it when done
+    streamed: bool  # the successful transfer (if any) was the layer-streamed one, not the fallback
+    times: StreamTimes
+
+
+async def pack_chunks(transfer_id: str, layers: asyncio.Queue, num_layers: int, chunk_bytes: int,
+                      times: StreamTimes) -> AsyncIterator[pb.KvChunk]:
+    """Chunks of at most chunk_bytes payload bytes from the layers as they arrive; a partly filled chunk goes
+    out as soon as nothing more is ready, so that sending never waits for a later layer it does not need."""
+    seq, blocks, size, seen = 0, [], 0, 0
+    while seen < num_layers:
+        payloads: LayerPayloads = await layers.get()
+        seen += 1
+        for layer, index, data in payloads:
+            if len(data) > chunk_bytes:
+                raise ValueError(f"a payload of {len(data)} bytes does not fit the chunk limit of {chunk_bytes} bytes")
+            if blocks and size + len(data) > chunk_bytes:
+                yield _chunk(transfer_id, seq, blocks, False, times)
+                seq, blocks, size = seq + 1, [], 0
+            blocks.append(pb.KvBlockPayload(layer=layer, block_index=index, data=data, crc32=zlib.crc32(data)))
+            size += len(data)
+        if blocks and layers.empty() and seen < num_layers:
+            yield _chunk(transfer_id, seq, blocks, False, times)
+            seq, blocks, size = seq + 1, [], 0
+    yield _chunk(transfer_id, seq, blocks, True, times)
+
+
+def _chunk(transfer_id: str, seq: int, blocks: list, is_last: bool, times: StreamTimes) -> pb.KvChunk:
+    times.first_send = times.first_send or time.perf_counter()
+    return pb.KvChunk(transfer_id=transfer_id, seq=seq, blocks=blocks, is_last=is_last)
+
+
+async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str, prompt: list[int],
+                              params: "SamplingParams", sampling: inference_pb2.SamplingParams | None = None, *,
+                              model: str = "", sender_id: str = "", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                              window: int = 4, ttl_s: float = 30.0, timeout_s: float = 30.0) -> StreamedMigration:
+    """Prefills `prompt` on `prefill` as a prefill-only request and migrates its KV to the decode worker behind
+    `channel`, streamed layer by layer under the prefill (module docstring). Exceptions of the prefill itself
+    (a bad request) propagate, with the reservation aborted."""
+    if window < 1 or chunk_bytes < 1:
+        raise ValueError(f"window={window}, chunk_bytes={chunk_bytes}: each must be >= 1")
+    stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
+    layout: KvLayout = await asyncio.wrap_future(prefill.submit(kv_layout))
+    times = StreamTimes()
+    fallback = dict(model=model, sender_id=sender_id, chunk_bytes=chunk_bytes, window=window, ttl_s=ttl_s,
+                    timeout_s=timeout_s)
+    try:
+        reserved = await stub.Reserve(reserve_request(request_id, prompt, layout, model=model, sender_id=sender_id,
+                                                      ttl_s=ttl_s), timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        log.warning("Reserve for the streamed KV of %s refused (%s: %s); exporting after the prefill instead",
+                    request_id, e.code(), e.details())
+        times.admitted = time.perf_counter()
+        outputs = prefill.adopt(request_id, lambda eng: eng.add_request(request_id, prompt, params, prefill_only=True))
+        first = await _first(outputs)
+        result = None
+        if not first.finished:
+            result = await migrate_or_resume(prefill, channel, request_id, sampling, **fallback)
+        return StreamedMigration(first, result, outputs, False, times)
+
+    tid = reserved.transfer_id
+    limit = min(chunk_bytes, reserved.max_chunk_bytes or chunk_bytes)
+    layers: asyncio.Queue = asyncio.Queue()  # at most num_layers items: one request's KV
+    loop = asyncio.get_running_loop()
+
+    def start(engine) -> None:
+        engine.add_request(request_id, prompt, params, prefill_only=True)
+        stream_layers(engine, request_id, lambda payloads: loop.call_soon_threadsafe(layers.put_nowait, payloads))
+
+    times.admitted = time.perf_counter()
+    outputs = prefill.adopt(request_id, start)
+    sending = asyncio.ensure_future(_stream(stub, tid, pack_chunks(tid, layers, layout.num_layers, limit, times),
+                                            window, timeout_s))
+    try:
+        first = await _first(outputs)
+    except BaseException:
+        sending.cancel()
+        await _abort(stub, tid, "the prefill failed")
+        raise
+    times.first_token = time.perf_counter()
+    if first.finished:  # nothing to decode: the prefill engine finished the request
+        sending.cancel()
+        await _abort(stub, tid, "the request finished with its first token")
+        return StreamedMigration(first, None, outputs, False, times)
+    try:
+        num_chunks = await sending
+        times.last_ack = time.perf_counter()
+        await stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=first.new_token_ids[0], sampling=sampling),
+                          timeout=timeout_s)
+    except (grpc.aio.AioRpcError, _AttemptFailed, ValueError) as e:
+        code = e.code() if isinstance(e, grpc.aio.AioRpcError) else getattr(e, "code", None)
+        detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
+        await _abort(stub, tid, detail or str(code))
+        log.warning("streamed KV transfer %s of %s failed (%s: %s)", tid, request_id, code, detail)
+        if code in NOT_RETRYABLE:
+            await asyncio.wrap_future(prefill.submit(lambda eng: eng.resume_prefilled(request_id)))
+            return StreamedMigration(first, None, outputs, False, times)
+        result = await migrate_or_resume(prefill, channel, request_id, sampling, **fallback, attempts=1)
+        return StreamedMigration(first, result, outputs, False, times)
+    await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
+    result = TransferResult(tid, 1, layout.total_bytes(len(prompt)), num_chunks,
+                            time.perf_counter() - times.admitted, times.last_ack - times.admitted)
+    return StreamedMigration(first, result, outputs, True, times)
+
+
+async def _first(outputs: AsyncIterator["RequestOutput"]) -> "RequestOutput":
+    """The first output of a fresh stream; the stream is closed (aborting the request) if that fails."""
+    try:
+        return await anext(outputs)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await outputs.aclose()
+        raise
