@@ -1,6 +1,7 @@
 """KV migration cost per format: wire bytes per token, and gRPC KvTransfer throughput on loopback.
 
-    python benchmarks/kv_transfer.py [--tokens 1024] [--repeats 5] [--chunk-kib 4096] [--window 4] [--out FILE]
+    python benchmarks/kv_transfer.py [--tokens 1024] [--repeats 5] [--chunk-kib 4096] [--window 4]
+        [--overlap-tokens 2048] [--out FILE]
 
 Bytes per token are those of the Llama-3-8B KV shape (32 layers, 8 kv heads, head_dim 128), from the formats'
 block layouts (bf16: the unquantized cache). kivi2 also sends its residual, (tokens % 32) full-precision rows
@@ -12,6 +13,12 @@ matters here) in this process, the decode one behind `start_kv_transfer_server` 
 `send_kv` (Reserve, SendStream with acks, Commit, writes into the decode engine's cache included). GB/s is
 wire payload bytes over the time from Reserve to Commit, the median over repeats, one stream; Commit answers
 after the decode engine's first step, so the bytes alone are also timed from Reserve to the last ack.
+
+Overlap (--overlap-tokens N, 0 skips it): a wider random model (OVERLAP_SHAPE: Llama-3-8B's attention and
+KV shape, fewer and narrower layers so that a 2k-token prefill runs in seconds on CPU) prefills one prompt of
+N tokens per path, in the same run: `prefill_and_migrate` (layers streamed while later layers compute) and
+export after the prefill (`migrate_or_resume`). Hidden share = transfer time (first chunk sent to last ack)
+overlapped with the prefill (admission to the first token) / transfer time; "ready" is admission to Commit.
 
 Ceiling: the same chunks, built beforehand, streamed through SendStream to a servicer that acknowledges each
 without reading it (no checksum, no cache write), on the same loopback in the same process: what gRPC and
@@ -32,7 +39,8 @@ import grpc
 import torch
 
 from partita.cluster.async_engine import AsyncEngine
-from partita.cluster.kv_transfer_client import _stream, build_chunks, send_kv
+from partita.cluster.kv_stream_client import prefill_and_migrate
+from partita.cluster.kv_transfer_client import _stream, build_chunks, migrate_or_resume, send_kv
 from partita.cluster.kv_transfer_server import KvTransferServicer, start_kv_transfer_server
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers import Engine, EngineConfig, ModelConfig, SamplingParams
@@ -45,6 +53,10 @@ KV_SHAPE = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_s
                        num_layers=LAYERS, num_heads=KV_HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                        max_position_embeddings=4096, dtype="bfloat16", eos_token_ids=(1,), bos_token_id=0,
                        name="llama3-8b-kv-shape")
+
+
+OVERLAP_SHAPE = dataclasses.replace(KV_SHAPE, hidden_size=1024, intermediate_size=2816, num_layers=8,
+                                    num_heads=32, name="llama3-8b-attention-8-layers")
 
 
 def bytes_per_token(name: str) -> float:
@@ -119,6 +131,55 @@ async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int,
     return statistics.median(rates), statistics.median(stream_rates), top, export.total_bytes
 
 
+async def overlap(name: str, tokens: int, chunk_bytes: int, window: int) -> list[str]:
+    """Table rows of the streamed and the export-after-prefill path for one prompt of `tokens` tokens."""
+    kv_format = "none" if name == "bf16" else name
+    config = EngineConfig(max_model_len=tokens + 64, max_num_seqs=2, max_num_batched_tokens=tokens + 64,
+                          kv_cache_memory_bytes=4 * (tokens + 64) * int(bytes_per_token(name) * 1.3 + 1) + 2**26)
+    make = lambda: AsyncEngine(Engine(OVERLAP_SHAPE, device="cpu", dtype="bfloat16", kv_format=kv_format,  # noqa: E731
+                                      config=config))
+    prefill, decode = make(), make()
+    server, port, servicer = await start_kv_transfer_server(decode, max_chunk_bytes=chunk_bytes)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    prompt = [(7 * j) % 500 + 2 for j in range(tokens)]
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    wire = inference_pb2.SamplingParams(max_tokens=2, ignore_eos=True)
+    rows = []
+    try:
+        for i, path in enumerate(["warm-up", "streamed", "export after prefill"]):
+            rid = f"o{i}"
+            if path == "export after prefill":
+                admitted = time.perf_counter()
+                outputs = prefill.adopt(rid, lambda e: e.add_request(rid, prompt, params, prefill_only=True))
+                await anext(outputs)
+                first_token = time.perf_counter()
+                result = await migrate_or_resume(prefill, channel, rid, wire, chunk_bytes=chunk_bytes, window=window)
+                ready = time.perf_counter()
+                transfer, hidden = ready - first_token, 0.0  # export and stream, after the prefill by construction
+                assert result is not None
+            else:
+                m = await prefill_and_migrate(prefill, channel, rid, prompt, params, wire, chunk_bytes=chunk_bytes,
+                                              window=window, ttl_s=600.0, timeout_s=600.0)
+                outputs, t = m.prefill_outputs, m.times
+                assert m.streamed, "the streamed transfer failed"
+                admitted, first_token, ready = t.admitted, t.first_token, t.admitted + m.result.seconds
+                transfer, hidden = t.last_ack - t.first_send, t.hidden_share
+            await outputs.aclose()
+            if i:
+                rows.append(f"| {name} | {path} | {tokens} | {first_token - admitted:.2f} | {transfer:.2f} "
+                            f"| {hidden:.0%} | {ready - admitted:.2f} |")
+                print(rows[-1], flush=True)
+            while await asyncio.wrap_future(decode.submit(lambda e: e.has_unfinished())):
+                await asyncio.sleep(0.01)
+    finally:
+        await channel.close()
+        await server.stop(None)
+        servicer.close()
+        prefill.shutdown()
+        decode.shutdown()
+    return rows
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=1024)
@@ -126,6 +187,8 @@ async def main() -> None:
     ap.add_argument("--chunk-kib", type=int, default=4096)
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--overlap-tokens", type=int, default=2048)
+    ap.add_argument("--overlap-formats", default="bf16,int4")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     args = ap.parse_args()
     bf16 = bytes_per_token("bf16")
@@ -145,6 +208,13 @@ async def main() -> None:
         f"- device: {device}", f"- command: `python {' '.join(sys.argv)}`",
         f"- prompt: {args.tokens} tokens, chunks of {args.chunk_kib} KiB, window {args.window}, "
         f"median of {args.repeats} transfers after one warm-up", "", *rows, ""])
+    if args.overlap_tokens:
+        lines = ["| format | path | prompt tokens | prefill s (admission to first token) | transfer s "
+                 "| hidden under prefill | ready s (admission to commit) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name in args.overlap_formats.split(","):
+            lines += await overlap(name, args.overlap_tokens, args.chunk_kib * 1024, args.window)
+        report += "\n".join([f"\n## Transfer hidden under prefill ({OVERLAP_SHAPE.name}, {OVERLAP_SHAPE.num_layers} "
+                             f"layers, hidden {OVERLAP_SHAPE.hidden_size})", "", *lines, ""])
     print(report)
     if args.out:
         with open(args.out, "w") as f:

@@ -15,7 +15,8 @@ Failures: when Reserve is refused the request runs the export-after-prefill path
 the streamed attempt fails (a chunk refused, e.g. DATA_LOSS for a bad checksum) it is aborted on the receiver
 and the held request gets one more, non-streamed attempt through `migrate_or_resume` (which resumes it on the
 prefill engine if that fails too), unless the refusal is one no retry can fix (then it is resumed at once).
-Buffering is bounded by one request's KV (what `export_request` holds too); SendStream's window bounds what is
+ttl_s must cover the prefill (the reservation is made before it), and timeout_s the prefill's remaining
+layers after the first one (SendStream opens when the first layer is out). Buffering is bounded by one request's KV (what `export_request` holds too); SendStream's window bounds what is
 in flight.
 """
 from __future__ import annotations
@@ -135,8 +136,8 @@ async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel,
 
     times.admitted = time.perf_counter()
     outputs = prefill.adopt(request_id, start)
-    sending = asyncio.ensure_future(_stream(stub, tid, pack_chunks(tid, layers, layout.num_layers, limit, times),
-                                            window, timeout_s))
+    sending = asyncio.ensure_future(_send(stub, tid, pack_chunks(tid, layers, layout.num_layers, limit, times),
+                                          window, timeout_s))
     try:
         first = await _first(outputs)
     except BaseException:
@@ -167,6 +168,19 @@ async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel,
     result = TransferResult(tid, 1, layout.total_bytes(len(prompt)), num_chunks,
                             time.perf_counter() - times.admitted, times.last_ack - times.admitted)
     return StreamedMigration(first, result, outputs, True, times)
+
+
+async def _send(stub, transfer_id: str, chunks: AsyncIterator[pb.KvChunk], window: int, timeout_s: float) -> int:
+    """Opens SendStream only once the first layer is out, so that its deadline does not run during the
+    prefill's earlier chunks and its first layer."""
+    first = await anext(chunks)
+
+    async def rest() -> AsyncIterator[pb.KvChunk]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return await _stream(stub, transfer_id, rest(), window, timeout_s)
 
 
 async def _first(outputs: AsyncIterator["RequestOutput"]) -> "RequestOutput":
