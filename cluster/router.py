@@ -258,9 +258,14 @@ class RayRouter:
                             migrated = True
                             break
                         out = req.adjust(item)
-                        yield out
                         if out.finished:
                             req.generator = None
+                            if req.abort_requested and target.decode is not None and req.worker is entry.actor:
+                                # aborted on the prefill worker while its KV was in flight: a transfer that
+                                # committed meanwhile must not decode unseen (its stream has ended: no race)
+                                target.decode.actor.abort.remote(request_id)
+                        yield out
+                        if out.finished:
                             return
                 if not migrated:
                     return

@@ -126,16 +126,26 @@ def test_leaving_or_aborting_reaches_the_decode_worker(served):
 
     async def abort():
         stream = router.generate("pd-abort", PROMPT, greedy(200))
-        ids, last = [], None
+        ids, last, aborted = [], None, False
         async for out in stream:
             ids += out.new_token_ids
             last = out
-            if len(ids) == 3:
-                assert await router.abort("pd-abort")
+            if not aborted and len(ids) >= 2:  # past the first token: the request lives on the decode worker
+                assert router._requests["pd-abort"].worker_id.startswith("decode-")
+                aborted = await router.abort("pd-abort")
+                assert aborted
         return last
+
+    async def abort_in_flight():
+        stream = router.generate("pd-abort-early", PROMPT, greedy(200))
+        async for out in stream:  # the first token: the KV is about to move, or moving
+            await router.abort("pd-abort-early")
+            break
+        return [out async for out in stream][-1]
 
     assert served.thread.call(leave(), 60).startswith("decode-")
     assert served.thread.call(abort(), 60).finish_reason == "abort"
+    assert served.thread.call(abort_in_flight(), 60).finish_reason == "abort"
     assert_all_free(served)
 
 
@@ -144,20 +154,9 @@ def test_a_dead_decode_worker_loses_no_request_and_is_restored(served, ray_local
     expected = colocated(served.spec, PROMPT, 200)
 
     # dead at transfer time: a router whose table still lists it sends the KV there; the prefill worker's
-    # transfer fails and it decodes the request itself
-    async def stale_router_run():
-        from partita.cluster.router import RayRouter
-
-        stale = await RayRouter.connect(served.controller, served.spec)
-        stale._refresh_task.cancel()
-        decode = next(e for e in stale._entries.values() if e.role == "decode")
-        ray_local.kill(decode.actor, no_restart=True)
-        try:
-            return await collect(stale.generate("pd-dead", PROMPT, greedy(200))), stale.num_migrations
-        finally:
-            await stale.aclose()
-    (ids, last), migrations = served.thread.call(stale_router_run(), 90)
-    assert ids == expected and last.finish_reason == "length" and migrations == 0
+    # transfer fails and it decodes the request itself, in the same stream
+    ids, last, migrations, reruns = served.thread.call(run_with_dead(served, ray_local, "decode", "pd-dead"), 90)
+    assert ids == expected and last.finish_reason == "length" and (migrations, reruns) == (0, 0)
     restored = wait_until(lambda: entry_of_or_none(served, "decode", "decode-0"), 60, "a new decode worker")
 
     # killed mid-stream after commit: the router re-runs the rest (prompt + tokens sent) elsewhere; several
@@ -176,11 +175,52 @@ def test_a_dead_decode_worker_loses_no_request_and_is_restored(served, ray_local
         assert ids == expected and last.finish_reason == "length" and last.num_output_tokens == 200
     assert router.num_reruns > reruns
     again = wait_until(lambda: entry_of_or_none(served, "decode", restored.worker_id), 60, "another decode worker")
+
+    # killed as the first token arrives, while its KV is in flight or just committed: either the prefill
+    # worker decodes it or the router re-runs it; every request completes alike
+    async def kill_at_first_token():
+        tasks = [asyncio.ensure_future(collect(router.generate(f"pd-first-{i}", PROMPT, greedy(200))))
+                 for i in range(4)]
+        for _ in range(500):
+            await asyncio.sleep(0.005)
+            if any(r.sent_ids for r in router._requests.values()):
+                break
+        ray_local.kill(again.actor, no_restart=True)
+        return await asyncio.gather(*tasks)
+    for ids, last in served.thread.call(kill_at_first_token(), 120):
+        assert ids == expected and last.num_output_tokens == 200
+    newest = wait_until(lambda: entry_of_or_none(served, "decode", again.worker_id), 60, "a fourth decode worker")
     migrations = router.num_migrations
     ids, _ = served.thread.call(collect(router.generate("pd-after", PROMPT, greedy(24))), 60)
     assert ids == expected[:24] and router.num_migrations == migrations + 1
-    assert router._entries[again.worker_id].state == "ready"
+    assert router._entries[newest.worker_id].state == "ready"
     assert_all_free(served)
+
+
+def test_a_dead_prefill_worker_loses_no_request_and_is_restored(served, ray_local):
+    ids, last, migrations, reruns = served.thread.call(run_with_dead(served, ray_local, "prefill", "pd-nopre"), 90)
+    assert ids == colocated(served.spec, PROMPT, 40) and (migrations, reruns) == (0, 1)  # ran on the decode worker
+    wait_until(lambda: entry_of_or_none(served, "prefill", "prefill-0"), 60, "a new prefill worker")
+    migrations = served.router.num_migrations
+    ids, _ = served.thread.call(collect(served.router.generate("pd-pre", PROMPT, greedy(40))), 60)
+    assert ids == colocated(served.spec, PROMPT, 40) and served.router.num_migrations == migrations + 1
+    assert_all_free(served)
+
+
+async def run_with_dead(served, ray, role: str, request_id: str) -> tuple:
+    """Kills the ready worker of `role`, then runs a request through a router whose table still lists it:
+    (token ids, last output, migrations, re-runs)."""
+    from partita.cluster.router import RayRouter
+
+    stale = await RayRouter.connect(served.controller, served.spec)
+    stale._refresh_task.cancel()
+    victim = next(e for e in stale._entries.values() if e.role == role and e.state == "ready")
+    ray.kill(victim.actor, no_restart=True)
+    try:
+        ids, last = await collect(stale.generate(request_id, PROMPT, greedy(200 if role == "decode" else 40)))
+        return ids, last, stale.num_migrations, stale.num_reruns
+    finally:
+        await stale.aclose()
 
 
 def entry_of_or_none(served, role: str, not_id: str):
