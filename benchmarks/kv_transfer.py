@@ -40,7 +40,7 @@ import torch
 
 from partita.cluster.async_engine import AsyncEngine
 from partita.cluster.kv_stream_client import prefill_and_migrate
-from partita.cluster.kv_transfer_client import _stream, build_chunks, migrate_or_resume, send_kv
+from partita.cluster.kv_transfer_client import build_chunks, migrate_or_resume, send_kv, stream_chunks
 from partita.cluster.kv_transfer_server import KvTransferServicer, start_kv_transfer_server
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers import Engine, EngineConfig, ModelConfig, SamplingParams
@@ -85,7 +85,7 @@ async def ceiling(export, repeats: int, chunk_bytes: int, window: int) -> float:
     try:
         for i in range(repeats + 1):
             start = time.perf_counter()
-            await _stream(stub, "ceiling", iter(chunks), window, 60.0)
+            await stream_chunks(stub, "ceiling", iter(chunks), window, 60.0)
             if i:
                 rates.append(export.total_bytes / (time.perf_counter() - start) / 1e9)
     finally:

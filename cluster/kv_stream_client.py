@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
 
-from partita.cluster.kv_transfer_client import (DEFAULT_CHUNK_BYTES, NOT_RETRYABLE, TransferResult, _abort,
-                                                _AttemptFailed, _stream, migrate_or_resume, reserve_request)
+from partita.cluster.kv_transfer_client import (DEFAULT_CHUNK_BYTES, NOT_RETRYABLE, AttemptFailed, TransferResult,
+                                                abort_transfer, migrate_or_resume, reserve_request, stream_chunks)
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers.kv_migration import KvLayout, kv_layout, stream_layers
 
@@ -142,22 +142,22 @@ async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel,
         first = await _first(outputs)
     except BaseException:
         sending.cancel()
-        await _abort(stub, tid, "the prefill failed")
+        await abort_transfer(stub, tid, "the prefill failed")
         raise
     times.first_token = time.perf_counter()
     if first.finished:  # nothing to decode: the prefill engine finished the request
         sending.cancel()
-        await _abort(stub, tid, "the request finished with its first token")
+        await abort_transfer(stub, tid, "the request finished with its first token")
         return StreamedMigration(first, None, outputs, False, times)
     try:
         num_chunks = await sending
         times.last_ack = time.perf_counter()
         await stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=first.new_token_ids[0], sampling=sampling),
                           timeout=timeout_s)
-    except (grpc.aio.AioRpcError, _AttemptFailed, ValueError) as e:
+    except (grpc.aio.AioRpcError, AttemptFailed, ValueError) as e:
         code = e.code() if isinstance(e, grpc.aio.AioRpcError) else getattr(e, "code", None)
         detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
-        await _abort(stub, tid, detail or str(code))
+        await abort_transfer(stub, tid, detail or str(code))
         log.warning("streamed KV transfer %s of %s failed (%s: %s)", tid, request_id, code, detail)
         if code in NOT_RETRYABLE:
             await asyncio.wrap_future(prefill.submit(lambda eng: eng.resume_prefilled(request_id)))
@@ -180,7 +180,7 @@ async def _send(stub, transfer_id: str, chunks: AsyncIterator[pb.KvChunk], windo
         async for chunk in chunks:
             yield chunk
 
-    return await _stream(stub, transfer_id, rest(), window, timeout_s)
+    return await stream_chunks(stub, transfer_id, rest(), window, timeout_s)
 
 
 async def _first(outputs: AsyncIterator["RequestOutput"]) -> "RequestOutput":

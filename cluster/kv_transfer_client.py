@@ -77,7 +77,7 @@ def reserve_request(request_id: str, prompt_token_ids: list[int], layout: KvLayo
         sender_id=sender_id)
 
 
-class _AttemptFailed(Exception):
+class AttemptFailed(Exception):
     def __init__(self, code: grpc.StatusCode | None, message: str):
         super().__init__(message)
         self.code = code
@@ -92,25 +92,25 @@ async def _attempt(stub: kv_transfer_pb2_grpc.KvTransferStub, export: KvExport, 
     try:
         reserved = await stub.Reserve(reserve, timeout=timeout_s)
     except grpc.aio.AioRpcError as e:
-        raise _AttemptFailed(e.code(), f"Reserve: {e.details()}") from None
+        raise AttemptFailed(e.code(), f"Reserve: {e.details()}") from None
     tid = reserved.transfer_id
     try:
         limit = min(chunk_bytes, reserved.max_chunk_bytes or chunk_bytes)
-        num_chunks = await _stream(stub, tid, build_chunks(tid, export, limit), window, timeout_s)
+        num_chunks = await stream_chunks(stub, tid, build_chunks(tid, export, limit), window, timeout_s)
         streamed = time.perf_counter() - start
         await stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=export.first_token_id,
                                            sampling=sampling), timeout=timeout_s)
     except grpc.aio.AioRpcError as e:
-        await _abort(stub, tid, e.details() or str(e.code()))
-        raise _AttemptFailed(e.code(), f"transfer {tid}: {e.details()}") from None
-    except (_AttemptFailed, ValueError) as e:
-        await _abort(stub, tid, str(e))
-        raise _AttemptFailed(getattr(e, "code", None), f"transfer {tid}: {e}") from None
+        await abort_transfer(stub, tid, e.details() or str(e.code()))
+        raise AttemptFailed(e.code(), f"transfer {tid}: {e.details()}") from None
+    except (AttemptFailed, ValueError) as e:
+        await abort_transfer(stub, tid, str(e))
+        raise AttemptFailed(getattr(e, "code", None), f"transfer {tid}: {e}") from None
     return TransferResult(tid, 1, export.total_bytes, num_chunks, time.perf_counter() - start, streamed)
 
 
-async def _stream(stub, transfer_id: str, chunks: Iterator[pb.KvChunk] | AsyncIterator[pb.KvChunk], window: int,
-                  timeout_s: float) -> int:
+async def stream_chunks(stub, transfer_id: str, chunks: Iterator[pb.KvChunk] | AsyncIterator[pb.KvChunk],
+                        window: int, timeout_s: float) -> int:
     """Sends the chunks (as they come, for an async iterator) over SendStream with at most `window`
     unacknowledged; returns the chunk count."""
     call = stub.SendStream(timeout=timeout_s)
@@ -120,9 +120,9 @@ async def _stream(stub, transfer_id: str, chunks: Iterator[pb.KvChunk] | AsyncIt
         nonlocal acked
         ack = await call.read()
         if ack is grpc.aio.EOF:
-            raise _AttemptFailed(await call.code(), f"SendStream ended early: {await call.details()}")
+            raise AttemptFailed(await call.code(), f"SendStream ended early: {await call.details()}")
         if ack.seq != acked:
-            raise _AttemptFailed(None, f"ack for chunk {ack.seq}, expected {acked}")
+            raise AttemptFailed(None, f"ack for chunk {ack.seq}, expected {acked}")
         acked += 1
 
     async for chunk in _aiter(chunks):
@@ -145,7 +145,7 @@ async def _aiter(chunks: Iterator[pb.KvChunk] | AsyncIterator[pb.KvChunk]) -> As
             yield chunk
 
 
-async def _abort(stub, transfer_id: str, reason: str) -> None:
+async def abort_transfer(stub, transfer_id: str, reason: str) -> None:
     try:
         await stub.Abort(pb.AbortTransferRequest(transfer_id=transfer_id, reason=reason[:500]), timeout=5.0)
     except grpc.aio.AioRpcError as e:  # the receiver's ttl frees the reservation if this does not arrive
@@ -160,12 +160,12 @@ async def send_kv(channel: grpc.aio.Channel, export: KvExport, sampling: inferen
     if window < 1 or chunk_bytes < 1 or attempts < 1:
         raise ValueError(f"window={window}, chunk_bytes={chunk_bytes}, attempts={attempts}: each must be >= 1")
     stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
-    last: _AttemptFailed | None = None
+    last: AttemptFailed | None = None
     for attempt in range(1, attempts + 1):
         try:
             result = await _attempt(stub, export, sampling, model=model, sender_id=sender_id, chunk_bytes=chunk_bytes,
                                     window=window, ttl_s=ttl_s, timeout_s=timeout_s)
-        except _AttemptFailed as e:
+        except AttemptFailed as e:
             last = e
             log.warning("KV transfer of %s, attempt %d of %d failed: %s", export.request_id, attempt, attempts,
                         e.message)
