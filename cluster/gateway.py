@@ -43,7 +43,9 @@ class Gateway:
         self.version = partita_version()
         self.server_id = uuid.uuid4().hex[:12]
         self.started_unix_s = time.time()
-        self.metrics = ServingMetrics(self.model_name, engine.loads, lambda: self.tracker.counts())
+        # an engine client that migrates KV (the router over prefill/decode pools) reports its totals
+        self.metrics = ServingMetrics(self.model_name, engine.loads, lambda: self.tracker.counts(),
+                                      migrations=getattr(engine, "migration_totals", None))
         self.tracker = RequestTracker(engine, self.config, self.metrics)
         self._is_started = False
         self.grpc_port: int | None = None

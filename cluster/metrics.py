@@ -15,12 +15,16 @@ Per engine (read from the latest load report at scrape time; labels pool, role, 
     partita:num_preemptions_total                                              counter
 Gateway:
     partita:gateway_queued_requests, partita:gateway_active_requests           gauges
+KV migration (prefill/decode disaggregation; labels kv_format; from the router's totals at scrape time):
+    partita:kv_migrations_total, partita:kv_migrated_bytes_total               counters (wire payload bytes)
+    partita:kv_transfer_seconds_total                                          counter (Reserve to Commit;
+                                                                               / migrations = mean transfer)
 
 Every metric carries `model_name`. Each `ServingMetrics` has its own registry: no global state.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -38,13 +42,15 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class ServingMetrics:
-    """The gateway's metrics; `loads` and `gateway_counts` are read at scrape time.
+    """The gateway's metrics; `loads`, `gateway_counts` and `migrations` are read at scrape time.
 
     gateway_counts: () -> (queued, active) requests in the gateway.
+    migrations: () -> {kv_format: (migrations, bytes, seconds)} so far; None where nothing migrates.
     """
 
     def __init__(self, model_name: str, loads: Callable[[], Sequence[WorkerLoad]],
-                 gateway_counts: Callable[[], tuple[int, int]], registry: CollectorRegistry | None = None):
+                 gateway_counts: Callable[[], tuple[int, int]], registry: CollectorRegistry | None = None,
+                 migrations: Callable[[], Mapping[str, tuple[int, int, float]]] | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r, name = self.registry, ["model_name"]
         self.ttft = Histogram("partita:time_to_first_token_seconds", "Time to first token.", name,
@@ -66,6 +72,8 @@ class ServingMetrics:
                                  ["model_name", "reason"], registry=r)
         self._model_name = model_name
         r.register(_LoadCollector(model_name, loads, gateway_counts))
+        if migrations is not None:
+            r.register(_MigrationCollector(model_name, migrations))
 
     def reject(self, reason: str) -> None:
         self._rejected.labels(self._model_name, reason).inc()
@@ -114,3 +122,28 @@ class _LoadCollector:
                                labels=["model_name"])
         ga.add_metric([self._model_name], active)
         return [running, waiting, kv, preempt, gq, ga]
+
+
+class _MigrationCollector:
+    """KV migration counters from the router's running totals, per KV format."""
+
+    def __init__(self, model_name: str, migrations: Callable[[], Mapping[str, tuple[int, int, float]]]):
+        self._model_name, self._migrations = model_name, migrations
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        labels = ["model_name", "kv_format"]
+        count = CounterMetricFamily("partita:kv_migrations", "Requests whose KV moved to a decode worker.",
+                                    labels=labels)
+        size = CounterMetricFamily("partita:kv_migrated_bytes", "KV payload bytes sent to decode workers.",
+                                   labels=labels)
+        seconds = CounterMetricFamily("partita:kv_transfer_seconds", "Seconds spent in KV transfers.",
+                                      labels=labels)
+        for kv_format, (n, num_bytes, s) in sorted(self._migrations().items()):
+            values = [self._model_name, kv_format]
+            count.add_metric(values, n)
+            size.add_metric(values, num_bytes)
+            seconds.add_metric(values, s)
+        return [count, size, seconds]

@@ -46,6 +46,7 @@ class Migrated:
 
     request_id: str
     decode_address: str
+    kv_format: str
     bytes_sent: int
     seconds: float
 
@@ -55,12 +56,14 @@ class NotCommittedError(RuntimeError):
 
 
 class PrefillSide:
-    """Runs requests prefill-only on `engine` and migrates them (module docstring)."""
+    """Runs requests prefill-only on `engine` and migrates them (module docstring); kv_format: the engine's
+    KV format's name, for the router's migration metrics."""
 
-    def __init__(self, engine: "AsyncEngine", worker_id: str, model_name: str):
+    def __init__(self, engine: "AsyncEngine", worker_id: str, model_name: str, kv_format: str):
         self._engine = engine
         self._worker_id = worker_id
         self._model_name = model_name
+        self._kv_format = kv_format
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def run(self, request_id: str, prompt: str | list[int], params: "SamplingParams",
@@ -82,7 +85,7 @@ class PrefillSide:
                 # aborted while held: the engine no longer has it; its stream ends with the abort output
                 result = None
             if result is not None:
-                yield Migrated(request_id, decode_address, result.bytes_sent, result.seconds)
+                yield Migrated(request_id, decode_address, self._kv_format, result.bytes_sent, result.seconds)
                 return
             async for out in stream:
                 yield out

@@ -1,12 +1,7 @@
 """The router: the gateway's `EngineClient` over the cluster's worker actors.
 
 It keeps a copy of the controller's routing table (refreshed every `router.refresh_interval_s`) and sends
-each request to the ready worker with the lowest score
-
-    score = max(requests this router has on it, running + waiting it reported) + waiting + 4 * kv_usage
-
-(waiting requests count twice: they are queue time in front of the new one; a nearly full KV cache is
-worth about four requests, since it preempts). Tokens come back through one Ray streaming generator per
+each request to the ready worker with the lowest load score (cluster/routing.py). Tokens come back through one Ray streaming generator per
 request. Measured (deploy/ray/README.md): a Ray stream item costs ~0.4 ms of gateway CPU, 5-8x a gRPC
 message; one stream per worker carrying whole engine steps would cost ~10-25 us per token, the next step.
 
@@ -39,50 +34,20 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator
 
 import ray
 
 from partita.cluster.gateway_engine import EngineUnavailableError, ModelInfo, WorkerLoad
 from partita.cluster.pd_worker import Migrated
+from partita.cluster.routing import pick_pair, pick_worker, worker_score
 from partita.cluster.spec import ClusterSpec, RouterSpec, SpecError
 from partita.cluster.worker_actor import WorkerError
 from partita.workers.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
-KV_USAGE_WEIGHT = 4.0
 CONTROLLER_LOST_S = 10.0  # the controller unreachable this long: the router reports itself unhealthy
-
-
-def worker_score(load: WorkerLoad, num_local: int) -> float:
-    """Lower is better (module docstring); num_local: requests this router has in flight there."""
-    reported = load.num_running + load.num_waiting
-    return max(num_local, reported) + load.num_waiting + KV_USAGE_WEIGHT * load.kv_cache_usage
-
-
-def pick_worker(loads: Sequence[WorkerLoad], num_local: dict[str, int], excluded: set[str] = frozenset(),
-                tiebreak: int = 0) -> str | None:
-    """The worker_id to send the next request to, among `loads` not in `excluded`; None if there is none.
-    Equal scores rotate with `tiebreak`."""
-    candidates = [x for x in loads if x.worker_id not in excluded]
-    if not candidates:
-        return None
-    scored = sorted(candidates, key=lambda x: (worker_score(x, num_local.get(x.worker_id, 0)), x.worker_id))
-    best = worker_score(scored[0], num_local.get(scored[0].worker_id, 0))
-    ties = [x for x in scored if worker_score(x, num_local.get(x.worker_id, 0)) == best]
-    return ties[tiebreak % len(ties)].worker_id
-
-
-def pick_pair(prefills: Sequence[WorkerLoad], decodes: Sequence[WorkerLoad], num_local: dict[str, int],
-              excluded: set[str] = frozenset(), tiebreak: int = 0, blocks_needed: int = 0
-              ) -> tuple[str, str] | None:
-    """(prefill worker_id, decode worker_id) for a PD request, or None when either side has no candidate.
-    Decode workers with at least `blocks_needed` free KV blocks come first (module docstring)."""
-    prefill = pick_worker(prefills, num_local, excluded, tiebreak)
-    roomy = [x for x in decodes if x.num_free_blocks >= blocks_needed]
-    decode = pick_worker(roomy, num_local, excluded, tiebreak) or pick_worker(decodes, num_local, excluded, tiebreak)
-    return None if prefill is None or decode is None else (prefill, decode)
 
 
 @dataclass(frozen=True)
@@ -154,6 +119,7 @@ class RayRouter:
         self._closed = False
         self.num_reruns = 0
         self.num_migrations = 0  # PD requests whose KV moved to their decode worker
+        self._migrated: dict[str, tuple[int, int, float]] = {}  # kv_format -> (migrations, bytes, seconds)
 
     @classmethod
     async def connect(cls, controller, spec: ClusterSpec, timeout_s: float = 600.0) -> "RayRouter":
@@ -256,6 +222,7 @@ class RayRouter:
                     async for item in items:
                         if isinstance(item, Migrated):
                             migrated = True
+                            self._count_migration(item)
                             break
                         out = req.adjust(item)
                         if out.finished:
@@ -270,7 +237,6 @@ class RayRouter:
                 if not migrated:
                     return
                 # the KV lives on the decode worker now: the rest of the stream comes from there
-                self.num_migrations += 1
                 decode = target.decode
                 req.worker, req.worker_id = decode.actor, decode.worker_id
                 req.generator = decode.actor.follow.options(num_returns="streaming").remote(request_id)
@@ -293,6 +259,15 @@ class RayRouter:
         except ray.exceptions.RayError as e:
             text = str(e).strip()
             raise _Retry(f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}", req.worker_id) from None
+
+    def _count_migration(self, m: Migrated) -> None:
+        self.num_migrations += 1
+        n, num_bytes, seconds = self._migrated.get(m.kv_format, (0, 0, 0.0))
+        self._migrated[m.kv_format] = (n + 1, num_bytes + m.bytes_sent, seconds + m.seconds)
+
+    def migration_totals(self) -> dict[str, tuple[int, int, float]]:
+        """{kv_format: (migrations, wire payload bytes, transfer seconds)} of this router so far (metrics)."""
+        return dict(self._migrated)
 
     async def abort(self, request_id: str) -> bool:
         req = self._requests.get(request_id)

@@ -114,7 +114,8 @@ class WorkerActor:
         self._worker_id = worker_id
         self._engine = AsyncEngine(engine, worker_id=worker_id, pool=pool, role=role)
         model_name = self._engine.model_info.model_name
-        self._prefill = PrefillSide(self._engine, worker_id, model_name) if role == "prefill" else None
+        self._prefill = PrefillSide(self._engine, worker_id, model_name, engine.kv_format.name) \
+            if role == "prefill" else None
         self._decode = DecodeSide(self._engine, worker_id, model_name) if role == "decode" else None
         self._active: set[str] = set()
         self._idle = asyncio.Event()

@@ -11,7 +11,7 @@ import contextlib
 
 import pytest
 
-from partita.cluster.router import pick_pair
+from partita.cluster.routing import pick_pair
 from partita.cluster.gateway_engine import WorkerLoad
 from partita.workers import SamplingParams
 from tests.cluster.ray_fixtures import ServedDeployment, collect, ray_local, wait_until  # noqa: F401
@@ -71,6 +71,19 @@ async def _state(entry) -> tuple:
     return load.num_running + load.num_waiting, load.num_total_blocks - load.num_free_blocks, beat.num_active
 
 
+def scrape_migrations(served) -> dict[str, float]:
+    """The gateway's KV migration counters of the kv_format 'none' (GET /metrics)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(served.http_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name.startswith("partita:kv_")
+            and sample.labels.get("kv_format") == "none"}
+
+
 def assert_all_free(served) -> None:
     """Every worker idle with every KV block free, and no KV transfer reserved on a decode worker."""
     async def check():
@@ -108,6 +121,9 @@ def test_pd_through_router_and_gateway_equals_colocated(served):
     assert result.usage.completion_tokens == 16 and router.num_migrations == before + 2
     entries = served.router._entries.values()
     assert {e.role for e in entries} == {"prefill", "decode"}
+    migrated = scrape_migrations(served)
+    assert migrated["partita:kv_migrations_total"] == router.num_migrations
+    assert migrated["partita:kv_migrated_bytes_total"] > 0 and migrated["partita:kv_transfer_seconds_total"] > 0
     assert all((e.kv_address is not None) == (e.role == "decode") for e in entries)
     assert_all_free(served)
 

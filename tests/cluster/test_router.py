@@ -7,7 +7,8 @@ import contextlib
 import pytest
 
 from partita.cluster.gateway_engine import EngineUnavailableError, WorkerLoad
-from partita.cluster.router import _Request, pick_worker, worker_score
+from partita.cluster.router import _Request
+from partita.cluster.routing import pick_worker, worker_score
 from partita.workers import RequestOutput, SamplingParams
 from partita.workers.tokenizer import byte_tokenizer
 from tests.cluster.ray_fixtures import ServedDeployment, collect, ray_local, tiny_spec, wait_until  # noqa: F401
