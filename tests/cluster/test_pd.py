@@ -65,6 +65,30 @@ def test_pick_pair_prefers_decode_workers_with_room():
     assert pick_pair([], decodes, {}) is None
 
 
+def test_the_router_takes_a_pair_a_colocated_worker_or_half_a_pair():
+    from types import SimpleNamespace
+
+    from partita.cluster.gateway_engine import ModelInfo
+    from partita.cluster.router import RayRouter
+    from partita.workers.tokenizer import byte_tokenizer
+
+    def entry(worker_id, role, running=0):
+        return SimpleNamespace(worker_id=worker_id, role=role, state="ready", actor=None,
+                               load=WorkerLoad(worker_id, role, num_running=running, num_free_blocks=100))
+
+    router = RayRouter(None, pd_spec("fake", "none"), ModelInfo("m", 320), byte_tokenizer((1,)))
+    router._entries = {e.worker_id: e for e in (entry("p0", "prefill", 1), entry("d0", "decode"),
+                                                 entry("c0", "colocated", 3))}
+    target = router._pick(set(), 4)
+    assert (target.worker.worker_id, target.decode.worker_id) == ("p0", "d0")
+    router._entries["p0"].load = WorkerLoad("p0", "prefill", num_running=5)
+    assert router._pick(set(), 4).worker.worker_id == "c0" and router._pick(set(), 4).decode is None
+    del router._entries["c0"]
+    target = router._pick({"d0"}, 4)  # the decode side failed: the prefill worker decodes alone
+    assert target.worker.worker_id == "p0" and target.decode is None
+    assert router._pick({"d0", "p0"}, 4) is None
+
+
 async def _state(entry) -> tuple:
     beat = await entry.actor.heartbeat.remote()
     load = beat.load
@@ -159,6 +183,12 @@ def test_leaving_or_aborting_reaches_the_decode_worker(served):
             break
         return [out async for out in stream][-1]
 
+    async def follow_unknown():
+        decode = next(e for e in router._entries.values() if e.role == "decode")
+        return [await ref async for ref in decode.actor.follow.options(num_returns="streaming").remote("nope", 0.2)]
+
+    [error] = served.thread.call(follow_unknown(), 30)
+    assert error.kind == "unavailable" and "'nope' was not committed to decode worker" in error.message
     assert served.thread.call(leave(), 60).startswith("decode-")
     assert served.thread.call(abort(), 60).finish_reason == "abort"
     assert served.thread.call(abort_in_flight(), 60).finish_reason == "abort"
