@@ -77,3 +77,26 @@ def http_auth_middleware(api_key: str, refuse: Callable[[web.Request], Awaitable
         return await refuse(request)
 
     return auth
+
+
+
+def bearer_token_interceptors(token: str) -> list:
+    """Client side: interceptors that add `authorization: Bearer <token>` to every unary and bidirectional call
+    of a channel (prefill workers calling a decode worker's KvTransfer port). grpc.aio files an interceptor
+    under its first matching kind only, hence one object per kind."""
+    metadata = ("authorization", f"Bearer {token}")
+
+    def with_token(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(details.method, details.timeout,
+                                          grpc.aio.Metadata(*(details.metadata or ()), metadata),
+                                          details.credentials, details.wait_for_ready)
+
+    class Unary(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, client_call_details, request):
+            return await continuation(with_token(client_call_details), request)
+
+    class Bidi(grpc.aio.StreamStreamClientInterceptor):
+        async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+            return await continuation(with_token(client_call_details), request_iterator)
+
+    return [Unary(), Bidi()]

@@ -20,6 +20,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,8 @@ class Controller:
         self._model_info: dict | None = None
         self._loop_task: asyncio.Task | None = None
         self._stopped = False
+        # decode workers' KV ports accept only this deployment's prefill workers (spec.kv_transfer.auth_token)
+        self._random_kv_token = secrets.token_urlsafe(32)
 
     # --- public -----------------------------------------------------------------------------------
     async def apply_spec(self, spec: dict) -> dict:
@@ -288,7 +291,9 @@ class Controller:
             w.actor = remote_worker_class().options(
                 num_cpus=w.shape.num_cpus, num_gpus=min(1.0, w.shape.num_gpus), scheduling_strategy=strategy,
             ).remote(w.worker_id, w.pool, w.role, dataclasses.asdict(spec.model), scheduler,
-                     w.shape.device, max(1, int(w.shape.num_cpus)))
+                     w.shape.device, max(1, int(w.shape.num_cpus)),
+                     kv_transfer={"host": spec.kv_transfer.host,
+                                  "auth_token": spec.kv_transfer.auth_token or self._random_kv_token})
             info = await asyncio.wait_for(w.actor.ready.remote(), deadline - time.monotonic())
         except asyncio.CancelledError:
             self._discard(w)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import grpc
 
+from partita.cluster.auth import GrpcTokenAuthInterceptor
 from partita.cluster.grpc_server import sampling_from_proto
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers.engine.sequence import Sequence, Status
@@ -313,15 +314,17 @@ async def _prepend(first: "RequestOutput", rest: AsyncIterator["RequestOutput"])
 
 
 async def start_kv_transfer_server(engine: "AsyncEngine", *, host: str = "127.0.0.1", port: int = 0,
-                                   reaper_interval_s: float = 1.0, **servicer_kwargs) -> tuple[grpc.aio.Server, int,
-                                                                                             KvTransferServicer]:
+                                   reaper_interval_s: float = 1.0, api_key: str | None = None,
+                                   **servicer_kwargs) -> tuple[grpc.aio.Server, int, KvTransferServicer]:
     """A started grpc.aio server with the KvTransfer service on host:port (0 picks a free port), its message
     limit just above the servicer's max_chunk_bytes, and the ttl reaper running; returns (server, port,
-    servicer). Stop with `await server.stop(grace)` then `servicer.close()`."""
+    servicer). api_key: when set, every call must carry `authorization: Bearer <api_key>` (UNAUTHENTICATED
+    otherwise). Stop with `await server.stop(grace)` then `servicer.close()`."""
     servicer = KvTransferServicer(engine, **servicer_kwargs)
     limit = servicer.max_chunk_bytes + 2**16  # room for the chunk's framing beside its payload bytes
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", limit)])
+                                      ("grpc.max_send_message_length", limit)],
+                             interceptors=[GrpcTokenAuthInterceptor(api_key)] if api_key else None)
     kv_transfer_pb2_grpc.add_KvTransferServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import grpc
 
+from partita.cluster.auth import bearer_token_interceptors
 from partita.cluster.grpc_server import sampling_to_proto
 from partita.cluster.kv_transfer_client import migrate_or_resume
 from partita.cluster.kv_transfer_server import start_kv_transfer_server
@@ -59,11 +60,13 @@ class PrefillSide:
     """Runs requests prefill-only on `engine` and migrates them (module docstring); kv_format: the engine's
     KV format's name, for the router's migration metrics."""
 
-    def __init__(self, engine: "AsyncEngine", worker_id: str, model_name: str, kv_format: str):
+    def __init__(self, engine: "AsyncEngine", worker_id: str, model_name: str, kv_format: str, *,
+                 auth_token: str | None = None):
         self._engine = engine
         self._worker_id = worker_id
         self._model_name = model_name
         self._kv_format = kv_format
+        self._interceptors = bearer_token_interceptors(auth_token) if auth_token else []
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def run(self, request_id: str, prompt: str | list[int], params: "SamplingParams",
@@ -94,7 +97,7 @@ class PrefillSide:
         # one channel per decode worker, reused: a connection per request would cost a handshake each
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, interceptors=self._interceptors)
         return channel
 
     async def close(self) -> None:
@@ -107,8 +110,9 @@ class DecodeSide:
     """Receives migrated requests into `engine` and hands their outputs to `follow` (module docstring)."""
 
     def __init__(self, engine: "AsyncEngine", worker_id: str, model_name: str,
-                 follow_timeout_s: float = FOLLOW_TIMEOUT_S):
+                 follow_timeout_s: float = FOLLOW_TIMEOUT_S, *, auth_token: str | None = None):
         self._engine = engine
+        self._auth_token = auth_token
         self._worker_id = worker_id
         self._model_name = model_name
         self._follow_timeout_s = follow_timeout_s
@@ -124,7 +128,8 @@ class DecodeSide:
         """Starts the KvTransfer server on host (a free port); returns its address host:port."""
         if self.address is None:
             self._server, port, self._servicer = await start_kv_transfer_server(
-                self._engine, host=host, port=0, model_name=self._model_name, on_commit=self._on_commit)
+                self._engine, host=host, port=0, model_name=self._model_name, on_commit=self._on_commit,
+                api_key=self._auth_token)
             self.address = f"{host}:{port}"
         return self.address
 

@@ -257,6 +257,26 @@ class RouterSpec:
         _positive("refresh_interval_s", self.refresh_interval_s)
 
 
+@dataclass(frozen=True)
+class KvTransferSpec:
+    """The KV-transfer port of decode workers (prefill/decode disaggregation).
+
+    host: the address a decode worker's KvTransfer server binds: 127.0.0.1 (prefill and decode workers on one
+        node), `node` (the node's own IP, for pools spread over several nodes), or an explicit address.
+    auth_token: the token prefill workers present (`authorization: Bearer <token>`); unset, the controller
+        draws a random one per deployment and hands it to its workers, so the port never runs open.
+    """
+
+    host: str = "127.0.0.1"
+    auth_token: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.host) and not any(c.isspace() for c in self.host), "host",
+                 f"{self.host!r} is not an address; use 127.0.0.1, node, or an IP")
+        _require(self.auth_token is None or len(self.auth_token) >= 16, "auth_token",
+                 "must be at least 16 characters (or unset: a random one per deployment)")
+
+
 def _default_pools() -> tuple[PoolSpec, ...]:
     return (PoolSpec(name="default"),)
 
@@ -266,7 +286,7 @@ class ClusterSpec:
     """Everything partita runs for one served model.
 
     name: names this deployment's controller (`partita-controller-<name>`); several may share a Ray cluster.
-    model, pools, scheduler, gateway, slo, controller, router: see each section's class.
+    model, pools, scheduler, gateway, slo, controller, router, kv_transfer: see each section's class.
     """
 
     name: str = "default"
@@ -277,6 +297,7 @@ class ClusterSpec:
     slo: SLOSpec = field(default_factory=SLOSpec)
     controller: ControllerSpec = field(default_factory=ControllerSpec)
     router: RouterSpec = field(default_factory=RouterSpec)
+    kv_transfer: KvTransferSpec = field(default_factory=KvTransferSpec)
 
     def __post_init__(self) -> None:
         _require(bool(_NAME_RE.match(self.name)), "name",

@@ -33,7 +33,7 @@ import ray
 from partita.cluster.async_engine import AsyncEngine
 from partita.cluster.gateway_engine import EngineUnavailableError, WorkerLoad
 from partita.cluster.pd_worker import DecodeSide, NotCommittedError, PrefillSide
-from partita.cluster.spec import ClusterSpec, ModelSpec, SchedulerSpec, SpecError
+from partita.cluster.spec import ClusterSpec, KvTransferSpec, ModelSpec, SchedulerSpec, SpecError
 from partita.workers.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class WorkerActor:
     """
 
     def __init__(self, worker_id: str, pool: str, role: str, model: dict, scheduler: dict, device: str,
-                 num_threads: int = 1):
+                 num_threads: int = 1, kv_transfer: dict | None = None):
         import torch
 
         from partita.workers import Engine
@@ -114,9 +114,12 @@ class WorkerActor:
         self._worker_id = worker_id
         self._engine = AsyncEngine(engine, worker_id=worker_id, pool=pool, role=role)
         model_name = self._engine.model_info.model_name
-        self._prefill = PrefillSide(self._engine, worker_id, model_name, engine.kv_format.name) \
-            if role == "prefill" else None
-        self._decode = DecodeSide(self._engine, worker_id, model_name) if role == "decode" else None
+        kv = KvTransferSpec(**(kv_transfer or {}))
+        self._kv_host = ray.util.get_node_ip_address() if kv.host == "node" else kv.host
+        self._prefill = PrefillSide(self._engine, worker_id, model_name, engine.kv_format.name,
+                                    auth_token=kv.auth_token) if role == "prefill" else None
+        self._decode = DecodeSide(self._engine, worker_id, model_name, auth_token=kv.auth_token) \
+            if role == "decode" else None
         self._active: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -126,8 +129,7 @@ class WorkerActor:
         """The served model's description (the router's ModelInfo); answering means the model is loaded."""
         info = self._engine.model_info
         context = ray.get_runtime_context()
-        # the KvTransfer server listens on the node's address: prefill workers on other nodes connect to it
-        kv_address = await self._decode.start(ray.util.get_node_ip_address()) if self._decode else None
+        kv_address = await self._decode.start(self._kv_host) if self._decode else None
         return {"node_id": context.get_node_id(), "placement_group_id": context.get_placement_group_id(),
                 "kv_address": kv_address,
                 "model_name": info.model_name, "max_model_len": info.max_model_len,

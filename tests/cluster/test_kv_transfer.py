@@ -18,6 +18,7 @@ import pytest
 
 from partita.cluster import kv_transfer_client
 from partita.cluster.async_engine import AsyncEngine
+from partita.cluster.auth import bearer_token_interceptors
 from partita.cluster.kv_transfer_client import migrate_or_resume, send_kv
 from partita.cluster.kv_transfer_server import start_kv_transfer_server
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
@@ -43,7 +44,9 @@ def colocated(kv_format: str) -> list[int]:
 class Pair:
     """A prefill engine, a decode engine behind a KvTransfer server, a channel to it, decode outputs by request."""
 
-    def __init__(self, kv_format: str, decode_format: str | None = None, **decode_config):
+    def __init__(self, kv_format: str, decode_format: str | None = None, api_key: str | None = None,
+                 client_token: str | None = None, **decode_config):
+        self.api_key, self.client_token = api_key, client_token
         self.prefill = AsyncEngine.from_model("tiny-llama", device="cpu", kv_format=kv_format,
                                               config=EngineConfig(**CONFIG))
         self.decode = AsyncEngine.from_model("tiny-llama", device="cpu", kv_format=decode_format or kv_format,
@@ -57,8 +60,10 @@ class Pair:
 
     async def __aenter__(self):
         self.server, port, self.servicer = await start_kv_transfer_server(
-            self.decode, on_commit=self.on_commit, max_chunk_bytes=64 * 1024, reaper_interval_s=0.05)
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            self.decode, on_commit=self.on_commit, max_chunk_bytes=64 * 1024, reaper_interval_s=0.05,
+            api_key=self.api_key)
+        interceptors = bearer_token_interceptors(self.client_token) if self.client_token else None
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=interceptors)
         self.stub = kv_transfer_pb2_grpc.KvTransferStub(self.channel)
         return self
 
@@ -100,6 +105,23 @@ def test_pd_over_grpc_equals_colocated(kv_format):
     tokens, result = asyncio.run(main())
     assert result is not None and result.attempts == 1 and result.num_chunks >= 1
     assert tokens == colocated(kv_format)
+
+
+def test_kv_port_refuses_senders_without_the_token():
+    """A wrong token is refused (UNAUTHENTICATED, not retried): the request decodes on the prefill engine; the
+    right token migrates it."""
+    async def main():
+        token = "t" * 32
+        async with Pair("int8", api_key=token, client_token="wrong-token-of-32-characters----") as pair:
+            refused = await pair.run()
+            await pair.assert_all_free()
+        async with Pair("int8", api_key=token, client_token=token) as pair:
+            accepted = await pair.run()
+            await pair.assert_all_free()
+        return refused, accepted
+    (refused_tokens, refused), (tokens, accepted) = asyncio.run(main())
+    assert refused is None and accepted is not None and accepted.attempts == 1
+    assert refused_tokens == tokens == colocated("int8")
 
 
 def test_corrupt_chunk_is_detected_and_retried(monkeypatch):

@@ -71,6 +71,9 @@ def test_round_trip_through_plain_data():
     ({"gateway": {"grpc_port": 9000, "http_port": 9000}}, "gateway.http_port", "two ports"),
     ({"gateway": {"tls": True}}, "gateway.tls", "unknown"),
     ({"name": "My Cluster"}, "name", "lower-case"),
+    ({"kv_transfer": {"auth_token": "short"}}, "kv_transfer.auth_token", "at least 16"),
+    ({"kv_transfer": {"host": "a b"}}, "kv_transfer.host", "not an address"),
+    ({"kv_transfer": {"port": 1}}, "kv_transfer.port", "unknown"),
 ])
 def test_errors_name_the_path_the_value_and_what_is_allowed(data, path, words):
     error = error_of(data)
