@@ -7,7 +7,8 @@ Per transfer (protos/partita/v1/kv_transfer.proto):
     Send /    chunks numbered 0, 1, ...; each payload checked (layer, block index, not seen before, exact size,
     SendStream crc32) and written into the reserved blocks on the engine thread. Any failure aborts the
               transfer and frees its blocks at once: a partial or corrupt transfer is never used.
-              SendStream acknowledges every chunk, so the sender bounds what is in flight.
+              SendStream acknowledges every chunk, so the sender bounds what is in flight; a SendStream
+              that ends before a chunk marked is_last (the sender died or cancelled) frees the transfer.
     Commit    only when every expected payload arrived (else FAILED_PRECONDITION, and the transfer is
               aborted); the request joins the engine's running set after its first token, and its outputs go
               to `on_commit`.
@@ -159,15 +160,28 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
 
     async def SendStream(self, request_iterator, context: grpc.aio.ServicerContext):
         t: _Transfer | None = None
+        saw_last = False
         try:
             async for chunk in request_iterator:
                 t = await self._receive(t, chunk)
+                saw_last = chunk.is_last
                 yield pb.KvAck(transfer_id=t.transfer_id, seq=chunk.seq, bytes_received=t.bytes_received)
         except TransferError as e:
             await context.abort(e.code, e.message)
         finally:
             if t is not None:
                 t.sending = False
+                if not saw_last and t.transfer_id in self.transfers:
+                    # the stream broke before its last chunk (the sender crashed or cancelled; a cancel reads
+                    # here as a plain end of stream): free the pages now rather than at the ttl
+                    log.warning("transfer %s of %s: the stream ended before its last chunk; freeing it",
+                                t.transfer_id, t.request_id)
+                    self._spawn(self._fail(t))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _receive(self, t: _Transfer | None, chunk: pb.KvChunk) -> _Transfer:
         """Checks one chunk and writes its payloads; any failure aborts the transfer (TransferError)."""
@@ -299,9 +313,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
                 async for _ in outputs:
                     pass
 
-        task = asyncio.get_running_loop().create_task(drain())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(drain())
 
 
 async def _prepend(first: "RequestOutput", rest: AsyncIterator["RequestOutput"]) -> AsyncIterator["RequestOutput"]:

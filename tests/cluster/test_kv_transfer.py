@@ -180,6 +180,38 @@ def test_truncated_transfer_is_refused_and_freed():
     asyncio.run(main())
 
 
+def test_sender_dying_mid_stream_frees_the_reservation_at_once():
+    """A sender that vanishes mid-SendStream (its call cancelled, as when its process dies) leaves no pages
+    behind: the decode side frees them when the stream breaks, long before the reservation's 60 s ttl."""
+    async def main():
+        async with Pair("int4") as pair:
+            stream = pair.prefill.adopt("r", lambda e: e.add_request("r", PROMPT, GREEDY, prefill_only=True))
+            async with contextlib.aclosing(stream):
+                await anext(stream)
+                export = await asyncio.wrap_future(pair.prefill.submit(lambda e: export_request(e, "r")))
+                layout = export.layout
+                reserve = pb.ReserveRequest(
+                    request_id="r", format=layout.to_proto(), num_layers=layout.num_layers,
+                    num_blocks=layout.num_blocks(45), num_tokens=45, bytes_per_block=layout.bytes_per_block,
+                    expected_total_bytes=layout.total_bytes(45), prompt_token_ids=PROMPT, ttl_s=60.0)
+                tid = (await pair.stub.Reserve(reserve)).transfer_id
+                call = pair.stub.SendStream()
+                layer, index, data = export.payloads[0]
+                await call.write(pb.KvChunk(transfer_id=tid, seq=0, blocks=[pb.KvBlockPayload(
+                    layer=layer, block_index=index, data=data, crc32=zlib.crc32(data))]))
+                assert (await call.read()).seq == 0
+                assert tid in pair.servicer.transfers
+                call.cancel()
+                for _ in range(100):
+                    if tid not in pair.servicer.transfers:
+                        break
+                    await asyncio.sleep(0.02)
+                assert tid not in pair.servicer.transfers
+                await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
+            await pair.assert_all_free()
+    asyncio.run(main())
+
+
 def test_out_of_order_and_wrong_size_abort_the_transfer():
     async def main():
         async with Pair("none") as pair:
