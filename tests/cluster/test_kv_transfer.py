@@ -149,6 +149,35 @@ def test_corrupt_chunk_is_detected_and_retried(monkeypatch):
     assert tokens == colocated("int8")
 
 
+def test_decode_worker_dying_mid_transfer_falls_back_to_colocated(monkeypatch):
+    """The decode side's server goes away after the first chunks of a transfer: both attempts fail, the request
+    decodes on the prefill engine with the colocated tokens, and the prefill side's blocks all come back."""
+    real = kv_transfer_client.build_chunks
+    pairs = []
+
+    def die_after_two_chunks(transfer_id, export, chunk_bytes):
+        for chunk in real(transfer_id, export, chunk_bytes):
+            if chunk.seq == 2 and not pairs[0].stopped:
+                pairs[0].stopped = True
+                asyncio.get_running_loop().create_task(pairs[0].server.stop(None))
+            yield chunk
+
+    monkeypatch.setattr(kv_transfer_client, "build_chunks", die_after_two_chunks)
+
+    async def main():
+        async with Pair("int4") as pair:
+            pair.stopped = False
+            pairs.append(pair)
+            tokens, result = await pair.run(chunk_bytes=2 * 1024, window=1, timeout_s=5.0)
+            def check(e):
+                assert e.blocks.num_free_blocks == e.blocks.num_blocks and not e.scheduler.held
+            await asyncio.wrap_future(pair.prefill.submit(check))
+            return tokens, result
+    tokens, result = asyncio.run(main())
+    assert result is None  # decoded on the prefill engine
+    assert tokens == colocated("int4")
+
+
 def test_truncated_transfer_is_refused_and_freed():
     async def main():
         async with Pair("none") as pair:
