@@ -292,7 +292,7 @@ class Controller:
                 num_cpus=w.shape.num_cpus, num_gpus=min(1.0, w.shape.num_gpus), scheduling_strategy=strategy,
             ).remote(w.worker_id, w.pool, w.role, dataclasses.asdict(spec.model), scheduler,
                      w.shape.device, max(1, int(w.shape.num_cpus)),
-                     kv_transfer={"host": spec.kv_transfer.host,
+                     kv_transfer={**dataclasses.asdict(spec.kv_transfer),
                                   "auth_token": spec.kv_transfer.auth_token or self._random_kv_token})
             info = await asyncio.wait_for(w.actor.ready.remote(), deadline - time.monotonic())
         except asyncio.CancelledError:

@@ -28,6 +28,7 @@ import grpc
 
 from partita.cluster.auth import bearer_token_interceptors
 from partita.cluster.grpc_server import sampling_to_proto
+from partita.cluster.kv_stream_client import prefill_and_migrate
 from partita.cluster.kv_transfer_client import migrate_or_resume
 from partita.cluster.kv_transfer_server import start_kv_transfer_server
 from partita.workers.errors import InvalidRequestError
@@ -50,6 +51,7 @@ class Migrated:
     kv_format: str
     bytes_sent: int
     seconds: float
+    streamed: bool = False  # sent layer by layer under the prefill (kv_transfer.stream_layers)
 
 
 class NotCommittedError(RuntimeError):
@@ -61,8 +63,9 @@ class PrefillSide:
     KV format's name, for the router's migration metrics."""
 
     def __init__(self, engine: "AsyncEngine", worker_id: str, model_name: str, kv_format: str, *,
-                 auth_token: str | None = None):
+                 auth_token: str | None = None, stream_layers: bool = False):
         self._engine = engine
+        self._stream_layers = stream_layers
         self._worker_id = worker_id
         self._model_name = model_name
         self._kv_format = kv_format
@@ -73,6 +76,10 @@ class PrefillSide:
                   decode_address: str) -> AsyncIterator["RequestOutput | Migrated"]:
         """First token, then Migrated, or the local decode's outputs when the migration failed.
         Raises InvalidRequestError (bad input) and EngineUnavailableError like AsyncEngine.generate."""
+        if self._stream_layers:
+            async for item in self._run_streamed(request_id, prompt, params, decode_address):
+                yield item
+            return
         stream = self._engine.adopt(
             request_id, lambda e: e.add_request(request_id, prompt, params, prefill_only=True))
         async with contextlib.aclosing(stream):
@@ -91,6 +98,24 @@ class PrefillSide:
                 yield Migrated(request_id, decode_address, self._kv_format, result.bytes_sent, result.seconds)
                 return
             async for out in stream:
+                yield out
+
+    async def _run_streamed(self, request_id: str, prompt: str | list[int], params: "SamplingParams",
+                            decode_address: str) -> AsyncIterator["RequestOutput | Migrated"]:
+        """run() with the KV sent layer by layer under the prefill; the first token comes after the commit."""
+        if isinstance(prompt, str):
+            prompt = await asyncio.wrap_future(self._engine.submit(lambda e: e.tokenizer.encode(prompt)))
+        m = await prefill_and_migrate(self._engine, self._channel(decode_address), request_id, prompt, params,
+                                      sampling_to_proto(params), model=self._model_name, sender_id=self._worker_id)
+        async with contextlib.aclosing(m.prefill_outputs):
+            yield m.first
+            if m.first.finished:
+                return
+            if m.result is not None:
+                yield Migrated(request_id, decode_address, self._kv_format, m.result.bytes_sent, m.result.seconds,
+                               m.streamed)
+                return
+            async for out in m.prefill_outputs:
                 yield out
 
     def _channel(self, address: str) -> grpc.aio.Channel:

@@ -119,6 +119,7 @@ class RayRouter:
         self._closed = False
         self.num_reruns = 0
         self.num_migrations = 0  # PD requests whose KV moved to their decode worker
+        self.num_streamed_migrations = 0  # ... of which layer by layer under the prefill
         self._migrated: dict[str, tuple[int, int, float]] = {}  # kv_format -> (migrations, bytes, seconds)
 
     @classmethod
@@ -262,6 +263,7 @@ class RayRouter:
 
     def _count_migration(self, m: Migrated) -> None:
         self.num_migrations += 1
+        self.num_streamed_migrations += m.streamed
         n, num_bytes, seconds = self._migrated.get(m.kv_format, (0, 0, 0.0))
         self._migrated[m.kv_format] = (n + 1, num_bytes + m.bytes_sent, seconds + m.seconds)
 

@@ -265,10 +265,14 @@ class KvTransferSpec:
         node), `node` (the node's own IP, for pools spread over several nodes), or an explicit address.
     auth_token: the token prefill workers present (`authorization: Bearer <token>`); unset, the controller
         draws a random one per deployment and hands it to its workers, so the port never runs open.
+    stream_layers: send each layer's KV while the prefill computes the later ones (cluster/kv_stream_client.py)
+        rather than all of it after the prefill; the first token then reaches the client once the transfer is
+        committed. Off by default: measured on CPU only, where the sender competes with the prefill for cores.
     """
 
     host: str = "127.0.0.1"
     auth_token: str | None = None
+    stream_layers: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.host) and not any(c.isspace() for c in self.host), "host",

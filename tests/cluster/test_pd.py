@@ -21,11 +21,12 @@ pytestmark = pytest.mark.timeout(240)
 PROMPT = [(7 * j) % 500 + 2 for j in range(30)]
 
 
-def pd_spec(name: str, kv_format: str):
+def pd_spec(name: str, kv_format: str, stream_layers: bool = False):
     from partita.cluster.spec import ClusterSpec
 
     return ClusterSpec.from_dict({
         "name": name,
+        "kv_transfer": {"stream_layers": stream_layers},
         "model": {"preset": "tiny-llama", "kv_format": kv_format},
         "pools": [{"name": "prefill", "role": "prefill", "replicas": 1, "gpus_per_worker": 0},
                   {"name": "decode", "role": "decode", "replicas": 1, "gpus_per_worker": 0}],
@@ -276,13 +277,16 @@ def entry_of_or_none(served, role: str, not_id: str):
                  if e.role == role and e.state == "ready" and e.worker_id != not_id), None)
 
 
-def test_int8_pd_equals_int8_colocated(ray_local):
-    deployment = ServedDeployment(pd_spec("pd-int8", "int8")).start()
+@pytest.mark.parametrize("stream_layers", [False, True])
+def test_int8_pd_equals_int8_colocated(ray_local, stream_layers):
+    """Also with the KV streamed layer by layer under the prefill (kv_transfer.stream_layers)."""
+    deployment = ServedDeployment(pd_spec("pd-int8", "int8", stream_layers)).start()
     try:
         before = deployment.router.num_migrations
         ids, _ = deployment.thread.call(collect(deployment.router.generate("q", PROMPT, greedy(24))), 60)
         assert ids == colocated(deployment.spec, PROMPT, 24)
         assert deployment.router.num_migrations == before + 1
+        assert deployment.router.num_streamed_migrations == (1 if stream_layers else 0)
         assert_all_free(deployment)
     finally:
         deployment.stop()
