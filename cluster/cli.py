@@ -131,15 +131,22 @@ def _connect(address: str | None) -> None:
     ray.init(address=address or "auto", namespace=NAMESPACE, log_to_driver=False, logging_level=logging.ERROR)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    import ray
-
+def _find_controller(args: argparse.Namespace):
+    """The deployment's controller on the cluster at --address, or None (said on stderr)."""
     from partita.cluster.controller import get_controller
 
     _connect(args.address)
     controller = get_controller(args.name)
     if controller is None:
         print(f"partita: no deployment named {args.name!r} on this Ray cluster", file=sys.stderr)
+    return controller
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import ray
+
+    controller = _find_controller(args)
+    if controller is None:
         return 1
     status = ray.get(controller.status.remote(), timeout=30)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
@@ -165,12 +172,10 @@ def format_status(status: dict) -> str:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from partita.cluster.controller import get_controller, stop_controller
+    from partita.cluster.controller import stop_controller
 
-    _connect(args.address)
-    controller = get_controller(args.name)
+    controller = _find_controller(args)
     if controller is None:
-        print(f"partita: no deployment named {args.name!r} on this Ray cluster", file=sys.stderr)
         return 1
     removed = stop_controller(controller)
     print(f"partita: deployment {args.name!r} removed ({removed} workers)")

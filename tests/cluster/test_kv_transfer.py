@@ -19,7 +19,7 @@ import pytest
 from partita.cluster import kv_transfer_client
 from partita.cluster.async_engine import AsyncEngine
 from partita.cluster.auth import bearer_token_interceptors
-from partita.cluster.kv_transfer_client import migrate_or_resume, send_kv
+from partita.cluster.kv_transfer_client import migrate_or_resume, reserve_request, send_kv
 from partita.cluster.kv_transfer_server import start_kv_transfer_server
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers import Engine, EngineConfig, SamplingParams
@@ -84,6 +84,19 @@ class Pair:
                 rest = [t async for o in stream for t in o.new_token_ids]
                 return first.new_token_ids + rest, None
         return first.new_token_ids + await self.outputs[request_id], result
+
+    async def held_and_reserved(self, ttl_s: float = 30.0):
+        """Prefills "r" held for migration, reserves its transfer by hand: (prefill stream, export, transfer id,
+        the first chunk: the first payload alone). The caller closes the stream and releases "r"."""
+        stream = self.prefill.adopt("r", lambda e: e.add_request("r", PROMPT, GREEDY, prefill_only=True))
+        await anext(stream)
+        export = await asyncio.wrap_future(self.prefill.submit(lambda e: export_request(e, "r")))
+        reserve = reserve_request("r", PROMPT, export.layout, model="", sender_id="", ttl_s=ttl_s)
+        tid = (await self.stub.Reserve(reserve)).transfer_id
+        layer, index, data = export.payloads[0]
+        first = pb.KvChunk(transfer_id=tid, seq=0, blocks=[pb.KvBlockPayload(
+            layer=layer, block_index=index, data=data, crc32=zlib.crc32(data))])
+        return stream, export, tid, first
 
     async def assert_all_free(self) -> None:
         for engine in (self.prefill, self.decode):
@@ -181,19 +194,8 @@ def test_decode_worker_dying_mid_transfer_falls_back_to_colocated(monkeypatch):
 def test_truncated_transfer_is_refused_and_freed():
     async def main():
         async with Pair("none") as pair:
-            stream = pair.prefill.adopt("r", lambda e: e.add_request("r", PROMPT, GREEDY, prefill_only=True))
+            stream, export, tid, chunk = await pair.held_and_reserved()
             async with contextlib.aclosing(stream):
-                await anext(stream)
-                export = await asyncio.wrap_future(pair.prefill.submit(lambda e: export_request(e, "r")))
-                layout = export.layout
-                reserve = pb.ReserveRequest(
-                    request_id="r", format=layout.to_proto(), num_layers=layout.num_layers,
-                    num_blocks=layout.num_blocks(45), num_tokens=45, bytes_per_block=layout.bytes_per_block,
-                    expected_total_bytes=layout.total_bytes(45), prompt_token_ids=PROMPT)
-                tid = (await pair.stub.Reserve(reserve)).transfer_id
-                layer, index, data = export.payloads[0]
-                chunk = pb.KvChunk(transfer_id=tid, seq=0, blocks=[pb.KvBlockPayload(
-                    layer=layer, block_index=index, data=data, crc32=zlib.crc32(data))])
                 summary = await pair.stub.Send(iter([chunk]))
                 assert summary.num_blocks_written == 1
                 with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -214,20 +216,10 @@ def test_sender_dying_mid_stream_frees_the_reservation_at_once():
     behind: the decode side frees them when the stream breaks, long before the reservation's 60 s ttl."""
     async def main():
         async with Pair("int4") as pair:
-            stream = pair.prefill.adopt("r", lambda e: e.add_request("r", PROMPT, GREEDY, prefill_only=True))
+            stream, _, tid, chunk = await pair.held_and_reserved(ttl_s=60.0)
             async with contextlib.aclosing(stream):
-                await anext(stream)
-                export = await asyncio.wrap_future(pair.prefill.submit(lambda e: export_request(e, "r")))
-                layout = export.layout
-                reserve = pb.ReserveRequest(
-                    request_id="r", format=layout.to_proto(), num_layers=layout.num_layers,
-                    num_blocks=layout.num_blocks(45), num_tokens=45, bytes_per_block=layout.bytes_per_block,
-                    expected_total_bytes=layout.total_bytes(45), prompt_token_ids=PROMPT, ttl_s=60.0)
-                tid = (await pair.stub.Reserve(reserve)).transfer_id
                 call = pair.stub.SendStream()
-                layer, index, data = export.payloads[0]
-                await call.write(pb.KvChunk(transfer_id=tid, seq=0, blocks=[pb.KvBlockPayload(
-                    layer=layer, block_index=index, data=data, crc32=zlib.crc32(data))]))
+                await call.write(chunk)
                 assert (await call.read()).seq == 0
                 assert tid in pair.servicer.transfers
                 call.cancel()

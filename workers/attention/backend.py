@@ -20,7 +20,7 @@ class PrefillSeq:
     query_start: int
     query_len: int
     context_len: int
-    block_table: torch.Tensor  # [num_blocks_of_seq] int32
+    block_table: torch.Tensor  # [>= num_blocks_of_seq] int32 (a row of prefill_block_tables, zero-padded)
 
 
 @dataclass

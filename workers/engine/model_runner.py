@@ -174,15 +174,16 @@ class ModelRunner:
             return self._tensor([r + [0] * (width - len(r)) for r in rows], torch.int32).reshape(len(rows), width)
 
         token_slots = [p[4] for p in prefills for _ in range(p[1])] + [d[2] for d in decodes]
+        prefill_tables = table([p[3] for p in prefills])  # one copy; each PrefillSeq takes its (padded) row
         return AttentionMetadata(
             slot_mapping=self._tensor(slots, torch.long), num_prefill_tokens=sum(p[1] for p in prefills),
-            prefills=[PrefillSeq(p[0], p[1], p[2], self._tensor(p[3], torch.int32)) for p in prefills],
+            prefills=[PrefillSeq(p[0], p[1], p[2], prefill_tables[i]) for i, p in enumerate(prefills)],
             decode_block_tables=table([d[1] for d in decodes]),
             decode_context_lens=self._tensor([d[0] for d in decodes], torch.int32),
             max_decode_context_len=max((d[0] for d in decodes), default=0),
             prefill_cu_seqlens=self._tensor([0] + [p[0] + p[1] for p in prefills], torch.int32),
             prefill_context_lens=self._tensor([p[2] for p in prefills], torch.int32),
-            prefill_block_tables=table([p[3] for p in prefills]),
+            prefill_block_tables=prefill_tables,
             max_prefill_query_len=max((p[1] for p in prefills), default=0),
             token_seq_slots=self._tensor(token_slots, torch.int32),
             prefill_seq_slots=self._tensor([p[4] for p in prefills], torch.int32),
