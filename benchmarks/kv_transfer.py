@@ -44,6 +44,7 @@ from partita.cluster.kv_transfer_client import build_chunks, migrate_or_resume, 
 from partita.cluster.kv_transfer_server import KvTransferServicer, start_kv_transfer_server
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers import Engine, EngineConfig, ModelConfig, SamplingParams
+from partita.workers.presets import get_preset
 from partita.workers.attention.selector import parse_kv_format
 from partita.workers.kv_migration import export_request
 
@@ -95,14 +96,15 @@ async def ceiling(export, repeats: int, chunk_bytes: int, window: int) -> float:
 
 
 async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int,
-                     window: int) -> tuple[float, float, float, int]:
+                     window: int, device: str) -> tuple[float, float, float, int]:
     """Median GB/s of payload bytes (Reserve to Commit; Reserve to the last ack), the ceiling's median GB/s,
     payload bytes per transfer."""
     kv_format = "none" if name == "bf16" else name
     config = EngineConfig(max_model_len=tokens + 64, max_num_seqs=2, max_num_batched_tokens=tokens + 64,
+                          enforce_eager=True,
                           kv_cache_memory_bytes=2 * (tokens + 64) * int(bytes_per_token(name) * 1.3 + 1) + 2**26)
-    prefill = Engine(KV_SHAPE, device="cpu", dtype="bfloat16", kv_format=kv_format, config=config)
-    decode = AsyncEngine(Engine(KV_SHAPE, device="cpu", dtype="bfloat16", kv_format=kv_format, config=config))
+    prefill = Engine(KV_SHAPE, device=device, dtype="bfloat16", kv_format=kv_format, config=config)
+    decode = AsyncEngine(Engine(KV_SHAPE, device=device, dtype="bfloat16", kv_format=kv_format, config=config))
     prefill.add_request("p", [(7 * j) % 500 + 2 for j in range(tokens)],
                         SamplingParams(max_tokens=2, ignore_eos=True), prefill_only=True)
     while prefill.has_unfinished():
@@ -131,12 +133,14 @@ async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int,
     return statistics.median(rates), statistics.median(stream_rates), top, export.total_bytes
 
 
-async def overlap(name: str, tokens: int, chunk_bytes: int, window: int) -> list[str]:
+async def overlap(name: str, tokens: int, chunk_bytes: int, window: int, device: str,
+                  shape: ModelConfig) -> list[str]:
     """Table rows of the streamed and the export-after-prefill path for one prompt of `tokens` tokens."""
     kv_format = "none" if name == "bf16" else name
     config = EngineConfig(max_model_len=tokens + 64, max_num_seqs=2, max_num_batched_tokens=tokens + 64,
+                          enforce_eager=True,
                           kv_cache_memory_bytes=4 * (tokens + 64) * int(bytes_per_token(name) * 1.3 + 1) + 2**26)
-    make = lambda: AsyncEngine(Engine(OVERLAP_SHAPE, device="cpu", dtype="bfloat16", kv_format=kv_format,  # noqa: E731
+    make = lambda: AsyncEngine(Engine(shape, device=device, dtype="bfloat16", kv_format=kv_format,  # noqa: E731
                                       config=config))
     prefill, decode = make(), make()
     server, port, servicer = await start_kv_transfer_server(decode, max_chunk_bytes=chunk_bytes)
@@ -190,7 +194,15 @@ async def main() -> None:
     ap.add_argument("--overlap-tokens", type=int, default=2048)
     ap.add_argument("--overlap-formats", default="bf16,int4")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where both engines run (the wire is loopback gRPC either way)")
+    ap.add_argument("--overlap-model", default="auto",
+                    help="a preset for the overlap rows; auto: llama3-8b on CUDA, OVERLAP_SHAPE on CPU")
     args = ap.parse_args()
+    if args.overlap_model == "auto":
+        shape = get_preset("llama3-8b") if args.device == "cuda" else OVERLAP_SHAPE
+    else:
+        shape = get_preset(args.overlap_model)
     bf16 = bytes_per_token("bf16")
     rows = ["| format | bytes/token (Llama-3-8B KV) | vs bf16 | bytes moved for the prompt | loopback GB/s (1 stream) "
             "| GB/s to the last ack | gRPC ceiling GB/s | share of ceiling |",
@@ -198,11 +210,12 @@ async def main() -> None:
     for name in args.formats.split(","):
         per_token = bytes_per_token(name)
         rate, streamed, top, moved = await throughput(name, args.tokens, args.repeats, args.chunk_kib * 1024,
-                                                      args.window)
+                                                      args.window, args.device)
         rows.append(f"| {name} | {per_token:,.0f} | {bf16 / per_token:.2f}x fewer | {moved:,} | {rate:.2f} "
                     f"| {streamed:.2f} | {top:.2f} | {streamed / top:.0%} |")
         print(rows[-1], flush=True)
-    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads), no GPU"
+    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
+    device += f", engines on {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ", no GPU"
     report = "\n".join([
         f"# KV transfer: bytes per token and gRPC loopback throughput ({datetime.date.today().isoformat()})", "",
         f"- device: {device}", f"- command: `python {' '.join(sys.argv)}`",
@@ -212,9 +225,10 @@ async def main() -> None:
         lines = ["| format | path | prompt tokens | prefill s (admission to first token) | transfer s "
                  "| hidden under prefill | ready s (admission to commit) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for name in args.overlap_formats.split(","):
-            lines += await overlap(name, args.overlap_tokens, args.chunk_kib * 1024, args.window)
-        report += "\n".join([f"\n## Transfer hidden under prefill ({OVERLAP_SHAPE.name}, {OVERLAP_SHAPE.num_layers} "
-                             f"layers, hidden {OVERLAP_SHAPE.hidden_size})", "", *lines, ""])
+            lines += await overlap(name, args.overlap_tokens, args.chunk_kib * 1024, args.window, args.device,
+                                   shape)
+        report += "\n".join([f"\n## Transfer hidden under prefill ({shape.name}, {shape.num_layers} "
+                             f"layers, hidden {shape.hidden_size}, random weights)", "", *lines, ""])
     print(report)
     if args.out:
         with open(args.out, "w") as f:

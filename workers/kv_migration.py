@@ -18,13 +18,16 @@ have the same descriptor; converting between formats is refused (`KvLayoutMismat
 
 Export runs after prefill has finished (`export_request`: the whole prompt's KV at once), or layer by layer
 inside the forward pass of the step that completes the prefill (`stream_layers`, through `Engine.stream_kv`),
-so that a sender streams early layers while later ones compute. Every function here touches the engine's
-cache and must run on the engine's thread.
+so that a sender streams early layers while later ones compute (on CUDA the device-to-host copies run on a
+side stream and a copy thread, so the forward pass never waits for them). Every function here touches the
+engine's cache and must run on the engine's thread.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,6 +40,8 @@ from partita.workers.attention.kernel_paged import KernelPagedAttention
 from partita.workers.attention.torch_paged import TorchPagedAttention
 from partita.workers.engine.engine import Engine
 from partita.workers.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 _BITS = {"none": 16, "fp8": 8, "int8": 8, "int4": 4, "kivi2": 2}
 
@@ -122,12 +127,9 @@ def _block_ids(seq: Sequence, num_blocks: int, device: torch.device) -> torch.Te
     return torch.tensor(seq.block_table[:num_blocks], dtype=torch.long, device=device)
 
 
-def _to_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).cpu().numpy().tobytes()
-
-
-def export_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) -> list[bytes]:
-    """One layer's payloads for the first num_tokens tokens of seq: each block, then the state (if any)."""
+def _gather_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) -> list[torch.Tensor]:
+    """One layer's KV for the first num_tokens tokens of seq, on the cache's device: the block rows
+    [num_blocks, bytes_per_block] uint8, then the state rows (if the layout has state)."""
     layout = kv_layout(engine)
     n = layout.num_blocks(num_tokens)
     backend = engine.runner.backend
@@ -135,17 +137,59 @@ def export_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) -> 
         ids = _block_ids(seq, n, backend.k_caches[layer].device)
         k = backend.k_caches[layer].index_select(0, ids).reshape(n, -1).view(torch.uint8)
         v = backend.v_caches[layer].index_select(0, ids).reshape(n, -1).view(torch.uint8)
-        rows = torch.cat([k, v], dim=1).cpu()
-        return [_to_bytes(r) for r in rows]
+        return [torch.cat([k, v], dim=1)]
     cache = backend.caches[layer]
     ids = _block_ids(seq, n, cache.device)
     # `export_blocks`'s layout, gathered with index_select into one buffer and copied to the host at once.
-    rows = torch.cat([part.index_select(0, ids) for part in _byte_rows(cache)], dim=1).cpu()
-    out = [_to_bytes(r) for r in rows]
+    out = [torch.cat([part.index_select(0, ids) for part in _byte_rows(cache)], dim=1)]
     if layout.state_bytes(num_tokens):
         r = num_tokens % layout.state_period
-        out.append(_to_bytes(cache.state["res_k"][seq.kv_slot, :r]) + _to_bytes(cache.state["res_v"][seq.kv_slot, :r]))
+        out.append(torch.cat([cache.state[name][seq.kv_slot, :r].reshape(-1).view(torch.uint8)
+                              for name in ("res_k", "res_v")]))
     return out
+
+
+def _payloads(gathered: list[torch.Tensor]) -> list[bytes]:
+    """Host tensors of `_gather_layer` -> that layer's payloads (each block, then the state)."""
+    rows, *state = gathered
+    return [r.numpy().tobytes() for r in rows] + [s.numpy().tobytes() for s in state]
+
+
+def export_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) -> list[bytes]:
+    """One layer's payloads for the first num_tokens tokens of seq: each block, then the state (if any)."""
+    return _payloads([t.cpu() for t in _gather_layer(engine, seq, num_tokens, layer)])
+
+
+class _DeviceToHost:
+    """Streams gathered layers to the host without stalling the forward pass: each layer's copy into pinned
+    memory runs on a side stream after the compute stream's gather, and one thread waits for the copies in
+    order and hands each layer's payloads to sink. The gathered device buffers are kept alive for the side
+    stream (`record_stream`), so the prefill's blocks may be reused as soon as the gather has run."""
+
+    def __init__(self, device: torch.device, num_layers: int, sink: Callable[[int, list[bytes]], None]):
+        self.stream = torch.cuda.Stream(device)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kv-d2h")
+        self.num_layers, self.sink = num_layers, sink
+
+    def submit(self, layer: int, gathered: list[torch.Tensor]) -> None:
+        ready = torch.cuda.current_stream(gathered[0].device).record_event()
+        hosts = []
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            for t in gathered:
+                hosts.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True))
+                t.record_stream(self.stream)
+            done = self.stream.record_event()
+        self.pool.submit(self._deliver, layer, done, hosts)
+        if layer == self.num_layers - 1:
+            self.pool.shutdown(wait=False)
+
+    def _deliver(self, layer: int, done: torch.cuda.Event, hosts: list[torch.Tensor]) -> None:
+        try:
+            done.synchronize()
+            self.sink(layer, _payloads(hosts))
+        except Exception:  # the receiver's deadline then fails the streamed attempt, which falls back
+            log.exception("copying layer %d of a streamed KV export to the host failed", layer)
 
 
 def import_payload(engine: Engine, seq: Sequence, num_tokens: int, layer: int, block_index: int, data: bytes,
@@ -250,10 +294,19 @@ def export_request(engine: Engine, request_id: str) -> KvExport:
 
 def stream_layers(engine: Engine, request_id: str, sink: Callable[[list[tuple[int, int, bytes]]], None]) -> None:
     """For a queued prefill-only request: during the step that completes its prefill, hands each layer's
-    payloads [(layer, block_index, data)] to sink (on the engine thread) right after that layer's attention
-    wrote them, layer 0 first."""
-    def on_layer(seq: Sequence, layer: int) -> None:
-        n = seq.num_prompt_tokens
-        sink([(layer, i, data) for i, data in enumerate(export_layer(engine, seq, n, layer))])
+    payloads [(layer, block_index, data)] to sink, layer 0 first, as soon as that layer's attention wrote
+    them. On CUDA the copy to the host runs beside the forward pass and sink is called from a copy thread
+    (`_DeviceToHost`); elsewhere on the engine thread, inside the forward pass."""
+    def deliver(layer: int, payloads: list[bytes]) -> None:
+        sink([(layer, i, data) for i, data in enumerate(payloads)])
+
+    if engine.device.type == "cuda":
+        copier = _DeviceToHost(engine.device, engine.model_config.num_layers, deliver)
+
+        def on_layer(seq: Sequence, layer: int) -> None:
+            copier.submit(layer, _gather_layer(engine, seq, seq.num_prompt_tokens, layer))
+    else:
+        def on_layer(seq: Sequence, layer: int) -> None:
+            deliver(layer, export_layer(engine, seq, seq.num_prompt_tokens, layer))
 
     engine.stream_kv(request_id, on_layer)

@@ -5,20 +5,23 @@ engine with the same format and the same prefill chunking: kivi2's results depen
 tests/workers/attention/test_kv_formats_engine.py), and every block and sequence slot must return to the free
 pool on both sides, through commit, abort and release alike.
 """
+import threading
+
 import pytest
 
 from partita.workers import Engine, EngineConfig, InvalidRequestError, SamplingParams
 from partita.workers.errors import KvCapacityError
-from partita.workers.kv_migration import KvLayoutMismatch, export_request, import_payload, kv_layout
+from partita.workers.kv_migration import (KvLayoutMismatch, export_request, import_payload, kv_layout,
+                                          stream_layers)
 
 FORMATS = ["none", "fp8", "int8", "int4", "kivi2"]
 PROMPTS = [[(5 * i + 7 * j) % 500 + 2 for j in range(n)] for i, n in enumerate((3, 16, 45, 70))]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def make_engine(kv_format: str = "none", model: str = "tiny-llama", **config) -> Engine:
+def make_engine(kv_format: str = "none", model: str = "tiny-llama", device: str = "cpu", **config) -> Engine:
     config = {"max_model_len": 128, "max_num_seqs": 4, "max_num_batched_tokens": 32, **config}
-    return Engine(model, device="cpu", kv_format=kv_format, config=EngineConfig(**config))
+    return Engine(model, device=device, kv_format=kv_format, config=EngineConfig(**config))
 
 
 def run_to_end(engine: Engine) -> dict[str, list[int]]:
@@ -149,3 +152,31 @@ def test_abort_of_held_prefill_frees_blocks():
     assert src.abort("r")
     src.step()
     assert_all_free(src)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
+def test_streamed_layers_equal_the_export(device, kv_format):
+    """The payloads handed out layer by layer during the prefill (on CUDA copied to the host on a side stream
+    and delivered from a copy thread) are the bytes export_request reads after it, kivi2's residual included."""
+    engine = make_engine(kv_format, device=device, max_num_batched_tokens=128)
+    num_layers = engine.model_config.num_layers
+    got: dict[tuple[int, int], bytes] = {}
+    order: list[int] = []
+    done = threading.Event()
+
+    def sink(payloads):
+        order.append(payloads[0][0])
+        got.update(((layer, i), data) for layer, i, data in payloads)
+        if len(order) == num_layers:
+            done.set()
+
+    engine.add_request("r", PROMPTS[3], GREEDY, prefill_only=True)
+    stream_layers(engine, "r", sink)
+    run_to_end(engine)
+    assert done.wait(60), f"{len(order)} of {num_layers} layers delivered"
+    assert order == list(range(num_layers))
+    export = export_request(engine, "r")
+    assert got == {(layer, i): data for layer, i, data in export.payloads}
+    engine.release_prefilled("r")
+    assert_all_free(engine)
