@@ -60,11 +60,22 @@ def time_graph(fn, iters: int = 20, reps: int = 5) -> float:
 
 
 def copy_bandwidth() -> float:
-    """Bytes/s of a device-to-device copy, counting read + write."""
-    # bf16 elements: torch's byte-wise uint8 copy reached only ~2.8 TB/s where a bf16 copy reaches ~4.1.
-    x = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
+    """Bytes/s of a device-to-device copy, counting read + write (median of 20 eager copies)."""
+    # Eager, not in a CUDA graph: a captured copy_ becomes a memcpy node that ran at only ~2.7 TB/s
+    # on the H200, where the same copy launched eagerly reaches DESIGN.md's ~4.2 TB/s.
+    x = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()
     y = torch.empty_like(x)
-    return 2 * x.numel() * x.element_size() / time_graph(lambda: y.copy_(x), iters=5)
+    for _ in range(3):
+        y.copy_(x)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * x.numel() * x.element_size() / statistics.median(times)
 
 
 _BUILT: dict = {}
@@ -106,6 +117,11 @@ def read_bytes(cache, batch_size: int, ctx: int) -> int:
     return int(kv + 2 * batch_size * HQ * D * 2)
 
 
+def cfg_str(c: AttentionConfig) -> str:
+    return (f"n{c.block_n} m{c.block_m}/{c.decode_block_m} w{c.num_warps} s{c.num_stages}"
+            + (" k8" if c.k_int8 else "") + (" v8" if c.v_int8 else ""))
+
+
 def bench_decode(spec: str, batch_size: int, ctx: int, *, num_splits=None, config=None) -> dict:
     cache, batch, q = build_cache(spec, batch_size, ctx)
     nbytes = read_bytes(cache, batch_size, ctx)
@@ -124,7 +140,7 @@ def bench_decode(spec: str, batch_size: int, ctx: int, *, num_splits=None, confi
                                              torch.cuda.get_device_properties(0).multi_processor_count)
     return {"kind": "decode", "format": spec, "batch": batch_size, "ctx": ctx, "time_s": t,
             "bytes": nbytes, "splits": splits,
-            "config": str(config or attention_config(cache.fmt.name, D, True))}
+            "config": cfg_str(config or attention_config(cache.fmt.name, D, True, splits))}
 
 
 def bench_sdpa(batch_size: int, ctx: int) -> dict:
@@ -144,7 +160,8 @@ def bench_sdpa(batch_size: int, ctx: int) -> dict:
             "time_s": t, "bytes": nbytes + 2 * batch_size * HQ * D * 2}
 
 
-def bench_prefill(spec: str, num_seqs: int, cached: int, new: int) -> list[dict]:
+def bench_prefill(spec: str, num_seqs: int, cached: int, new: int, *,
+                  config: AttentionConfig | None = None) -> list[dict]:
     """Chunked prefill: `new` tokens per sequence over `cached` ones; Triton vs SDPA (bf16)."""
     ctx = cached + new
     cache, batch, _ = build_cache(spec, num_seqs, ctx)
@@ -153,11 +170,13 @@ def bench_prefill(spec: str, num_seqs: int, cached: int, new: int) -> list[dict]
     flops = 4 * num_seqs * HQ * D * (new * cached + new * (new + 1) / 2)
     t = time_graph(lambda: paged_prefill_attention(q, cache, cu, batch.context_lens,
                                                    batch.block_tables, D ** -0.5,
-                                                   max_query_len=new, seq_slots=batch.seq_slots),
+                                                   max_query_len=new, seq_slots=batch.seq_slots,
+                                                   config=config),
                    iters=5)
     rows = [{"kind": "prefill", "format": spec, "batch": num_seqs, "ctx": ctx, "new": new,
-             "time_s": t, "tflops": flops / t / 1e12}]
-    if spec == "none":
+             "time_s": t, "tflops": flops / t / 1e12,
+             "config": cfg_str(config or attention_config(cache.fmt.name, D, False))}]
+    if spec == "none" and config is None:
         from torch.nn.attention.bias import causal_lower_right
         qs = torch.randn(num_seqs, HQ, new, D, device="cuda", dtype=DTYPE)
         k = torch.randn(num_seqs, HQ, ctx, D, device="cuda", dtype=DTYPE)  # MHA: flash path
@@ -170,30 +189,61 @@ def bench_prefill(spec: str, num_seqs: int, cached: int, new: int) -> list[dict]
     return rows
 
 
-def sweeps() -> list[dict]:
-    rows = []
-    for b, ctx in [(64, 8192), (32, 4096)]:
-        for bn in (32, 64, 128):
+def sweep_cases() -> list[tuple[str, int, int, dict]]:
+    """(format, batch, context, bench_decode kwargs) of the tiling and split sweeps."""
+    cases = []
+    int8_modes = ((False, False), (True, False), (True, True))
+    for bn in (32, 64, 128):
+        for warps in (4, 8):
+            for stages in (2, 3):
+                for ki, vi in int8_modes:
+                    cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=stages,
+                                          k_int8=ki, v_int8=vi)
+                    cases.append(("int4", 64, 8192, {"config": cfg}))
+    for spec in ("int4:group_size=64", "fp8", "int8"):
+        for bn in (64, 128):
             for warps in (4, 8):
-                for stages in (2, 4):
+                for stages in (2, 3):
                     cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=stages)
-                    rows.append(bench_decode("none", b, ctx, config=cfg))
-    for bn in (64, 128):
-        for stages in (1, 2):
-            for bm in (4, 16):
-                for ki in (False, True):
-                    cfg = AttentionConfig(block_n=bn, num_stages=stages, decode_block_m=bm,
-                                          k_int8=ki)
-                    rows.append(bench_decode("int4", 64, 8192, config=cfg))
-    for stages in (1, 2):
-        for bm in (4, 16):
-            for ki, vi in ((False, False), (True, False), (True, True)):
-                cfg = AttentionConfig(num_stages=stages, decode_block_m=bm, k_int8=ki, v_int8=vi)
-                rows.append(bench_decode("kivi2", 64, 8192, config=cfg))
+                    cases.append((spec, 64, 8192, {"config": cfg}))
+    for spec, modes in (("kivi2", ((False, False), (True, False))),
+                        ("kivi2:value_group_size=128", int8_modes)):
+        for warps in (2, 4, 8):
+            for stages in (2, 3):
+                for ki, vi in modes:
+                    cfg = AttentionConfig(num_warps=warps, num_stages=stages, k_int8=ki, v_int8=vi)
+                    cases.append((spec, 64, 8192, {"config": cfg}))
+    for bn, warps in ((64, 4), (128, 4), (128, 8)):
+        for splits in (16, 32, 64):
+            cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=3)
+            cases.append(("none", 1, 32768, {"num_splits": splits, "config": cfg}))
+    for bn, warps, stages in ((64, 4, 2), (128, 8, 3)):
+        cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=stages)
+        for b, ctx in ((32, 4096), (64, 8192), (32, 8192), (128, 4096)):
+            cases.append(("none", b, ctx, {"config": cfg}))
+    return cases
+
+
+def sweeps(match: str = "") -> list[dict]:
+    """Run the sweep cases whose format starts with `match`; a config that fails is reported."""
+    rows = []
     for spec in ("none", "int4", "kivi2"):
-        for ctx in (4096, 32768):
-            for splits in (8, 16, 32, 64):
-                rows.append(bench_decode(spec, 1, ctx, num_splits=splits))
+        if not spec.startswith(match):
+            continue
+        for bm, bn, warps, stages in ((64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2),
+                                      (128, 32, 8, 2), (64, 64, 4, 3)):
+            cfg = AttentionConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+            try:
+                rows.extend(bench_prefill(spec, 1, 0, 4096, config=cfg))
+            except Exception as e:  # see below
+                print(f"failed prefill {spec} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    for spec, b, ctx, kw in sweep_cases():
+        if not spec.startswith(match):
+            continue
+        try:
+            rows.append(bench_decode(spec, b, ctx, **kw))
+        except Exception as e:  # a tiling the compiler refuses is a sweep result, not a crash
+            print(f"failed {spec} {b}x{ctx} {kw}: {type(e).__name__}: {str(e)[:200]}", flush=True)
     return rows
 
 
@@ -228,11 +278,26 @@ def table(rows: list[dict], copy_bw: float) -> str:
     return "\n".join(out)
 
 
+def sweep_table(rows: list[dict], copy_bw: float) -> str:
+    out = ["| format | batch | context | splits | config | time (us) | % of copy BW |",
+           "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["kind"], r["format"], r["batch"], r["ctx"], r["time_s"])):
+        if r["kind"] == "prefill":
+            out.append(f"| prefill {r['format']} | {r['batch']} | {r['ctx']} | - | {r['config']} | "
+                       f"{r['time_s'] * 1e6:.1f} | {r['tflops']:.0f} TFLOP/s |")
+            continue
+        out.append(f"| {r['format']} | {r['batch']} | {r['ctx']} | {r['splits']} | {r['config']} | "
+                   f"{r['time_s'] * 1e6:.1f} | {100 * r['bytes'] / r['time_s'] / copy_bw:.0f}% |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--md", help="write the markdown report here")
     ap.add_argument("--json", help="write all rows here")
     ap.add_argument("--sweep", action="store_true", help="also run the tiling/split sweeps")
+    ap.add_argument("--sweep-only", action="store_true", help="run only the sweeps")
+    ap.add_argument("--sweep-match", default="", help="sweep only formats starting with this")
     ap.add_argument("--formats", default=",".join(FORMATS))
     args = ap.parse_args(argv)
     copy_bw = copy_bandwidth()
@@ -246,6 +311,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"copy_bw": copy_bw, "rows": rows}, f, indent=1)
+    if args.sweep_only:
+        for r in sweeps(args.sweep_match):
+            r["sweep"] = True
+            add(r)
+        print(sweep_table(rows, copy_bw))
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(sweep_table(rows, copy_bw) + "\n")
+        return
     for b, ctx in SHAPES:
         add(bench_sdpa(b, ctx))
         for spec in args.formats.split(","):

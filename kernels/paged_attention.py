@@ -53,13 +53,25 @@ class AttentionConfig:
     v_int8: bool = False  # int4/kivi2: int8 dots for P V (P quantized per row and group)
 
 
-def attention_config(fmt_name: str, head_dim: int, is_decode: bool) -> AttentionConfig:
-    """Default tiling per format (tuned on H200, benchmarks/results/)."""
+def attention_config(fmt_name: str, head_dim: int, is_decode: bool,
+                     num_splits: int = 1) -> AttentionConfig:
+    """Default tiling per format, from the H200 sweeps (`benchmarks/attention.py --sweep-only`,
+    benchmarks/results/2026-11-24-attention-h200.md): the fastest config at batch 64 x context 8k
+    (and, for bf16, also at 32 x 4k, 32 x 8k and 128 x 4k). Split launches (small batches) take
+    128-token tiles with 3 stages, the fastest at batch 1 x 32k. Float operands throughout:
+    `k_int8` was up to 9% faster for int4 but adds the query's 8-bit rounding to every score."""
     if not is_decode:
-        return AttentionConfig(block_n=64 if head_dim <= 64 else 32, block_m=64, num_warps=4)
-    if fmt_name in ("none", "fp8", "int8"):
-        return AttentionConfig(block_n=64, num_warps=4, num_stages=3)
-    return AttentionConfig(block_n=64, num_warps=4, num_stages=2)
+        if fmt_name == "none":
+            return AttentionConfig(block_n=64, block_m=64, num_warps=4, num_stages=3)
+        return AttentionConfig(block_n=64, block_m=64, num_warps=4,
+                               num_stages=3 if fmt_name == "kivi2" else 2)
+    if fmt_name == "kivi2":  # one key group per tile: two warps keep the small tiles busiest
+        return AttentionConfig(num_warps=2, num_stages=3)
+    if fmt_name == "none":
+        if num_splits > 1:
+            return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
+        return AttentionConfig(block_n=64, num_warps=4, num_stages=2)
+    return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int,
@@ -147,7 +159,7 @@ def paged_decode_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: t
         num_sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
                    if q.is_cuda else 4)
         num_splits = choose_num_splits(num_seqs, cache.num_kv_heads, max_context_len, num_sms)
-    cfg = config or attention_config(cache.fmt.name, cache.head_dim, True)
+    cfg = config or attention_config(cache.fmt.name, cache.head_dim, True, num_splits)
     _launch(q, cache, block_tables, context_lens, None, seq_slots, scale, out, is_decode=True,
             num_splits=num_splits, grid_q=1, cfg=cfg)
     return out

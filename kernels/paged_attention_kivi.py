@@ -1,13 +1,16 @@
 """Paged attention kernel for the `kivi2` format (layout in `kv_kivi`).
 
 A tile is one key group of G tokens (its per-channel key scales are one vector). The four
-bit-pairs p of the loaded bytes are four channel slices (keys: channels p*D/4 + c; values: within
-each value group w, channels w*Gv + p*Gv/4 + j), each a dot operand as extracted:
+bit-pairs p of the loaded bytes [G, D/4] are four channel slices (keys: channels p*D/4 + c;
+values: column c = w*Gv/4 + j is channel w*Gv + p*Gv/4 + j of value group w), each a 2D dot
+operand as extracted:
     S[m, n]   = sum_p (q_p * sk_p) . c_p[n]  +  sum_p q_p . zk_p       (scale folded into q)
-    O_p[m, :] += (P * sv[:, w]) C_p  +  (P zv[:, w])                    (per value group w)
+    O_p      += (P * sv) C_p  +  (P . zv)                               (one value group, Gv = D)
+    O_p      += P (C_p * sv + zv)                  (several groups: dequantized in registers)
 `K_INT8` / `V_INT8` run those dots on int8 tensor cores, the scaled query / P-weights quantized
-per row (needs D >= 128 for keys); otherwise float16 operands. The newest context_len % R tokens
-come from the sequence's full-precision residual (`seq_slots`), one masked tile of R tokens.
+per row (needs D >= 128 for keys, one value group for values); otherwise float16 operands. The
+newest context_len % R tokens come from the sequence's full-precision residual (`seq_slots`), one
+masked tile of R tokens. Every tensor is 2D (batched 3D dots compiled to slow code).
 """
 from __future__ import annotations
 
@@ -25,11 +28,11 @@ def _rescale(s, m, l, a0, a1, a2, a3, corr):
     if tl.max((tile_max > m + TAU).to(tl.int32), 0) > 0:  # lazy rescale, see the common module
         m_new = tl.maximum(m, tile_max)
         alpha = tl.exp2(m - m_new)
-        a0 = a0 * alpha[None, :, None]
-        a1 = a1 * alpha[None, :, None]
-        a2 = a2 * alpha[None, :, None]
-        a3 = a3 * alpha[None, :, None]
-        corr = corr * alpha[None, :]
+        a0 = a0 * alpha[:, None]
+        a1 = a1 * alpha[:, None]
+        a2 = a2 * alpha[:, None]
+        a3 = a3 * alpha[:, None]
+        corr = corr * alpha
         l = l * alpha
         m = m_new
     p = tl.exp2(s - m[:, None])
@@ -42,10 +45,13 @@ def _key_dot(qp, kb, P: tl.constexpr, K_INT8: tl.constexpr):
 
 
 @triton.jit
-def _value_dot(pq, vb, p_scale, acc, P: tl.constexpr, V_INT8: tl.constexpr):
+def _value_dot(pq, vb, p_scale, vs, vz, acc, P: tl.constexpr, ONE_GROUP: tl.constexpr,
+               V_INT8: tl.constexpr):
     c = codes_operand((vb >> (2 * P)) & 3, V_INT8)
-    if V_INT8:
-        return acc + tl.dot(pq, c).to(tl.float32) * p_scale[:, :, None]
+    if not ONE_GROUP:
+        return tl.dot(pq, c * vs + vz, acc)
+    elif V_INT8:
+        return acc + tl.dot(pq, c).to(tl.float32) * p_scale[:, None]
     else:
         return tl.dot(pq, c, acc)
 
@@ -92,51 +98,54 @@ def _kivi_tile(q0, q1, q2, q3, m, l, a0, a1, a2, a3, corr, start, hi, pos, bt_ro
     if MASKED:
         s = causal_mask(s, n, pos, hi)
     p, m, l, a0, a1, a2, a3, corr = _rescale(s, m, l, a0, a1, a2, a3, corr)
-    # values [NGV, G, GV/4] bytes, per-token (scale, zero) [NGV, G]
+    # values: bytes [G, Q], per-token (scale, zero) of each value group
     vrow = (blk * BLOCK_SIZE + start % BLOCK_SIZE + t) * NUM_KV_HEADS + h_kv
-    w2 = tl.arange(0, NGV)[:, None]
-    vb = tl.load(v_ptr + vrow[None, :, None] * Q + tl.arange(0, NGV)[:, None, None] * (GV // 4)
-                 + tl.arange(0, GV // 4)[None, None, :])
-    vm = vmeta_ptr + (vrow[None, :] * NGV + w2) * 2
-    vs = tl.load(vm).to(tl.float32)
-    vz = tl.load(vm + 1).to(tl.float32)
-    pw = p[None, :, :] * vs[:, None, :]  # [NGV, M, G]
-    p_scale = tl.maximum(tl.max(pw, 2), 1e-30) / 127.0
-    pq = quantize_rows(pw, p_scale[:, :, None], V_INT8)
-    a0 = _value_dot(pq, vb, p_scale, a0, 0, V_INT8)
-    a1 = _value_dot(pq, vb, p_scale, a1, 1, V_INT8)
-    a2 = _value_dot(pq, vb, p_scale, a2, 2, V_INT8)
-    a3 = _value_dot(pq, vb, p_scale, a3, 3, V_INT8)
-    corr = corr + tl.sum(p[None, :, :] * vz[:, None, :], 2)
+    vb = tl.load(v_ptr + vrow[:, None] * Q + c[None, :])
+    if NGV == 1:
+        vs = tl.load(vmeta_ptr + vrow * 2).to(tl.float32)
+        vz = tl.load(vmeta_ptr + vrow * 2 + 1).to(tl.float32)
+        pw = p * vs[None, :]
+        p_scale = tl.maximum(tl.max(pw, 1), 1e-30) / 127.0
+        pq = quantize_rows(pw, p_scale[:, None], V_INT8)
+        corr = corr + tl.sum(p * vz[None, :], 1)
+    else:
+        vm = vmeta_ptr + vrow[:, None] * (NGV * 2) + (c // (GV // 4))[None, :] * 2  # [G, Q]
+        vs = tl.load(vm)
+        vz = tl.load(vm + 1)
+        p_scale = l  # unused without V_INT8
+        pq = p.to(tl.float16)
+    a0 = _value_dot(pq, vb, p_scale, vs, vz, a0, 0, NGV == 1, V_INT8)
+    a1 = _value_dot(pq, vb, p_scale, vs, vz, a1, 1, NGV == 1, V_INT8)
+    a2 = _value_dot(pq, vb, p_scale, vs, vz, a2, 2, NGV == 1, V_INT8)
+    a3 = _value_dot(pq, vb, p_scale, vs, vz, a3, 3, NGV == 1, V_INT8)
     return m, l, a0, a1, a2, a3, corr
 
 
 @triton.jit
 def _residual_tile(q0, q1, q2, q3, m, l, a0, a1, a2, a3, corr, start, lo, hi, pos, res_k, res_v,
                    sm_scale_log2, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   R: tl.constexpr, GV: tl.constexpr, BLOCK_M: tl.constexpr):
+                   R: tl.constexpr, GV: tl.constexpr):
     # full-precision tokens start..start+R-1 (rows 0..R-1 of the residual), kept to [lo, hi)
     Q: tl.constexpr = HEAD_DIM // 4
-    NGV: tl.constexpr = HEAD_DIM // GV
     t = tl.arange(0, R)
     n = start + t
     n_ok = (n >= lo) & (n < hi)
     ok = n_ok[:, None]
-    kr = res_k + (t * NUM_KV_HEADS)[:, None] * HEAD_DIM + tl.arange(0, Q)[None, :]
+    c = tl.arange(0, Q)
+    kr = res_k + (t * NUM_KV_HEADS)[:, None] * HEAD_DIM + c[None, :]
     s = tl.dot(q0.to(tl.float16), tl.trans(tl.load(kr, mask=ok, other=0.0).to(tl.float16)))
     s = tl.dot(q1.to(tl.float16), tl.trans(tl.load(kr + Q, mask=ok, other=0.0).to(tl.float16)), s)
     s = tl.dot(q2.to(tl.float16), tl.trans(tl.load(kr + 2 * Q, mask=ok, other=0.0).to(tl.float16)), s)
     s = tl.dot(q3.to(tl.float16), tl.trans(tl.load(kr + 3 * Q, mask=ok, other=0.0).to(tl.float16)), s)
     s = tl.where(n_ok[None, :], causal_mask(s * sm_scale_log2, n, pos, hi), float("-inf"))
     p, m, l, a0, a1, a2, a3, corr = _rescale(s, m, l, a0, a1, a2, a3, corr)
-    p3 = tl.broadcast_to(p.to(tl.float16)[None, :, :], (NGV, BLOCK_M, R))
-    vr = (res_v + (t * NUM_KV_HEADS)[None, :, None] * HEAD_DIM
-          + tl.arange(0, NGV)[:, None, None] * GV + tl.arange(0, GV // 4)[None, None, :])
-    ok3 = n_ok[None, :, None]
-    a0 = tl.dot(p3, tl.load(vr, mask=ok3, other=0.0).to(tl.float16), a0)
-    a1 = tl.dot(p3, tl.load(vr + GV // 4, mask=ok3, other=0.0).to(tl.float16), a1)
-    a2 = tl.dot(p3, tl.load(vr + GV // 2, mask=ok3, other=0.0).to(tl.float16), a2)
-    a3 = tl.dot(p3, tl.load(vr + 3 * GV // 4, mask=ok3, other=0.0).to(tl.float16), a3)
+    p16 = p.to(tl.float16)
+    ch = c // (GV // 4) * GV + c % (GV // 4)  # channel of slice 0's column c (module docstring)
+    vr = res_v + (t * NUM_KV_HEADS)[:, None] * HEAD_DIM + ch[None, :]
+    a0 = tl.dot(p16, tl.load(vr, mask=ok, other=0.0).to(tl.float16), a0)
+    a1 = tl.dot(p16, tl.load(vr + GV // 4, mask=ok, other=0.0).to(tl.float16), a1)
+    a2 = tl.dot(p16, tl.load(vr + GV // 2, mask=ok, other=0.0).to(tl.float16), a2)
+    a3 = tl.dot(p16, tl.load(vr + 3 * GV // 4, mask=ok, other=0.0).to(tl.float16), a3)
     return m, l, a0, a1, a2, a3, corr
 
 
@@ -163,7 +172,6 @@ def kivi_attention_kernel(
         return
     h_kv = tl.program_id(2)
     Q: tl.constexpr = HEAD_DIM // 4
-    NGV: tl.constexpr = HEAD_DIM // GV
     c = tl.arange(0, Q)[None, :]
     q_rows = (tok * stride_qt + head * stride_qh)[:, None]
     q_ok = row_valid[:, None]
@@ -173,11 +181,11 @@ def kivi_attention_kernel(
     q3 = tl.load(q_ptr + q_rows + c + 3 * Q, mask=q_ok, other=0.0).to(tl.float32)
     m = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
-    corr = tl.zeros([NGV, BLOCK_M], tl.float32)
-    a0 = tl.zeros([NGV, BLOCK_M, GV // 4], tl.float32)
-    a1 = tl.zeros([NGV, BLOCK_M, GV // 4], tl.float32)
-    a2 = tl.zeros([NGV, BLOCK_M, GV // 4], tl.float32)
-    a3 = tl.zeros([NGV, BLOCK_M, GV // 4], tl.float32)
+    corr = tl.zeros([BLOCK_M], tl.float32)
+    a0 = tl.zeros([BLOCK_M, Q], tl.float32)
+    a1 = tl.zeros([BLOCK_M, Q], tl.float32)
+    a2 = tl.zeros([BLOCK_M, Q], tl.float32)
+    a3 = tl.zeros([BLOCK_M, Q], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     ctx_len = tl.load(context_lens_ptr + b)
     quantized = ctx_len // R * R  # tokens [0, quantized) are in pages, the rest in the residual
@@ -198,14 +206,14 @@ def kivi_attention_kernel(
         m, l, a0, a1, a2, a3, corr = _residual_tile(
             q0, q1, q2, q3, m, l, a0, a1, a2, a3, corr, quantized, lo, hi, pos,
             res_k_ptr + res, res_v_ptr + res, sm_scale_log2,
-            NUM_KV_HEADS, HEAD_DIM, R, GV, BLOCK_M)
+            NUM_KV_HEADS, HEAD_DIM, R, GV)
     NUM_Q_HEADS: tl.constexpr = NUM_KV_HEADS * GQ
-    out_rows = (tok * stride_ot + head * stride_oh)[None, :, None]
-    part_rows = (((b * NUM_Q_HEADS + head) * NUM_SPLITS + split) * HEAD_DIM)[None, :, None]
-    l_b = l[None, :, None]
-    ok = row_valid[None, :, None]
-    corr_b = corr[:, :, None]
-    ch = tl.arange(0, NGV)[:, None, None] * GV + tl.arange(0, GV // 4)[None, None, :]
+    out_rows = (tok * stride_ot + head * stride_oh)[:, None]
+    part_rows = (((b * NUM_Q_HEADS + head) * NUM_SPLITS + split) * HEAD_DIM)[:, None]
+    l_b = l[:, None]
+    ok = row_valid[:, None]
+    corr_b = corr[:, None]
+    ch = (c // (GV // 4) * GV + c % (GV // 4))  # channel of slice 0's column c
     store_output(a0 + corr_b, l_b, ch, out_rows, part_rows, ok, out_ptr, part_acc_ptr, NUM_SPLITS)
     store_output(a1 + corr_b, l_b, ch + GV // 4, out_rows, part_rows, ok, out_ptr, part_acc_ptr,
                  NUM_SPLITS)
@@ -221,4 +229,5 @@ def kivi_cache_args(cache, k_int8: bool, v_int8: bool) -> tuple[list, dict]:
     p, s, fmt = cache.parts, cache.state, cache.fmt
     return ([p["k"], p["k_meta"], p["v"], p["v_meta"], s["res_k"], s["res_v"]],
             {"R": fmt.r, "GV": fmt.value_group_size,
-             "K_INT8": k_int8 and cache.head_dim >= 128, "V_INT8": v_int8})
+             "K_INT8": k_int8 and cache.head_dim >= 128,
+             "V_INT8": v_int8 and fmt.value_group_size == cache.head_dim})

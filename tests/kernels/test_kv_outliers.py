@@ -7,12 +7,14 @@ the decode kernel ("kernel") and with only keys or only values dequantized. Valu
 N(0, 1) noise, so an output (a weighted mean of ~hundreds of tokens) is small and every format's
 per-element value error shows up in full: these are harsh upper-end figures, not model quality.
 
-Bounds (kernel error; median and worst of 40 seeds on CPU in brackets):
-    none 0.01 (0.002, 0.002)   fp8 0.12 (0.053, 0.072)   int8 0.04 (0.020, 0.025)
-    int4 g32 0.35 (0.196, 0.234)   int4 g64 0.50 (0.266, 0.336)   int4 g128 0.80 (0.353, 0.578)
-    kivi2 1.10 (0.655, 0.802; 2 bits: values carry most of it)
-int4 g128 has the heaviest tail: one outlier key channel in a 128-wide group stretches the whole
-group's scale.
+Bounds (kernel error; median and worst of 40 seeds on CPU in brackets, two runs of 40 for the
+quantized formats where they differed):
+    none 0.01 (0.002, 0.002)   fp8 0.15 (0.055, 0.072-0.099)   int8 0.04 (0.020, 0.025)
+    int4 g32 0.35 (0.20, 0.234-0.253)   int4 g64 0.65 (0.267, 0.336-0.476)
+    int4 g128 0.80 (0.353, 0.512-0.578)   kivi2 1.10 (0.655, 0.802-0.812; 2 bits: values carry most)
+The tails are the data's, not the kernels': on the worst seeds the Triton kernel's error is within
+1% of the torch reference's over the same cache. int4 g128 has the heaviest tail: one outlier key
+channel in a 128-wide group stretches the whole group's scale.
 KIVI's point is checked on keys alone: with outliers, per-channel 2-bit keys (kivi2) beat 2-bit
 per-token keys (simulated here) by far, and kivi2's key error does not grow with the outliers
 while per-token int4's does.
@@ -25,8 +27,8 @@ from partita.kernels.kv_testing import output_errors, outlier_kv
 from partita.kernels.paged_attention_ref import attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BOUNDS = {"none": 0.01, "fp8": 0.12, "int8": 0.04, "int4:group_size=32": 0.35,
-          "int4:group_size=64": 0.50, "int4": 0.80, "kivi2": 1.10}
+BOUNDS = {"none": 0.01, "fp8": 0.15, "int8": 0.04, "int4:group_size=32": 0.35,
+          "int4:group_size=64": 0.65, "int4": 0.80, "kivi2": 1.10}
 
 
 def _data(outlier_scale: float, seed: int):
