@@ -58,7 +58,8 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool,
     """Default tiling per format, from the H200 sweeps (`benchmarks/attention.py --sweep-only`,
     benchmarks/results/2026-11-24-attention-h200.md): the fastest config at batch 64 x context 8k
     (and, for bf16, also at 32 x 4k, 32 x 8k and 128 x 4k). Split launches (small batches) take
-    128-token tiles with 3 stages, the fastest at batch 1 x 32k. Float operands throughout:
+    128-token tiles with 3 stages when they split the context >= 8 ways, the fastest at batch 1 x
+    32k (at batch 32 x 4k, 2 splits, the unsplit config stays faster). Float operands throughout:
     `k_int8` was up to 9% faster for int4 but adds the query's 8-bit rounding to every score."""
     if not is_decode:
         if fmt_name == "none":
@@ -68,7 +69,7 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool,
     if fmt_name == "kivi2":  # one key group per tile: two warps keep the small tiles busiest
         return AttentionConfig(num_warps=2, num_stages=3)
     if fmt_name == "none":
-        if num_splits > 1:
+        if num_splits >= 8:
             return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
         return AttentionConfig(block_n=64, num_warps=4, num_stages=2)
     return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
