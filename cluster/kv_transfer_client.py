@@ -11,6 +11,11 @@ receiver's acks are the backpressure: nothing is buffered beyond the window), th
 is aborted on the receiver (best effort: the receiver aborts on its own errors and its ttl frees the rest)
 and retried once; a second failure, or a refusal no retry can fix (INVALID_ARGUMENT: formats differ), raises
 KvTransferFailed so the caller can decode on the prefill engine instead.
+
+Same-GPU fast path: `open_peer_cache` maps a decode worker's cache when it shares this worker's GPU (OpenCache,
+`workers/kv_ipc.py`); `migrate_or_resume(..., peer=...)` then reserves, copies the blocks device to device into
+the reservation and commits with `written_in_place`, with no chunks at all. If that attempt fails it is aborted
+and the chunked path runs as usual.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from typing import TYPE_CHECKING, AsyncIterator, Iterator
 import grpc
 
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
-from partita.workers.kv_migration import KvExport, KvLayout, export_request
+from partita.workers.kv_ipc import PeerCache, copy_in_place, device_uuid, open_cache
+from partita.workers.kv_migration import KvExport, KvLayout, export_request, kv_layout
 
 if TYPE_CHECKING:
     from partita.cluster.async_engine import AsyncEngine
@@ -51,6 +57,7 @@ class TransferResult:
     num_chunks: int
     seconds: float  # the successful attempt, Reserve to Commit (which waits for the first decode step there)
     stream_seconds: float = 0.0  # the successful attempt, Reserve to the last chunk's ack: the bytes alone
+    in_place: bool = False  # written straight into the receiver's cache (same GPU), no chunks
 
 
 def build_chunks(transfer_id: str, export: KvExport, chunk_bytes: int) -> Iterator[pb.KvChunk]:
@@ -177,10 +184,75 @@ async def send_kv(channel: grpc.aio.Channel, export: KvExport, sampling: inferen
     raise KvTransferFailed(f"KV transfer of {export.request_id!r} failed: {last.message}", last.code)
 
 
+async def open_peer_cache(prefill: "AsyncEngine", channel: grpc.aio.Channel, *, sender_id: str = "",
+                          timeout_s: float = 30.0) -> PeerCache | None:
+    """The cache of the decode worker behind `channel` mapped into this process, when it is on this worker's GPU;
+    None when it is not (or this worker is not on a GPU, or the receiver or CUDA refuses)."""
+    uuid = await asyncio.wrap_future(prefill.submit(device_uuid))
+    if not uuid:
+        return None
+    layout = await asyncio.wrap_future(prefill.submit(kv_layout))
+    stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
+    try:
+        response = await stub.OpenCache(pb.OpenCacheRequest(format=layout.to_proto(), device_uuid=uuid,
+                                                             sender_id=sender_id), timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        log.info("no same-GPU KV path to this decode worker (%s: %s); sending chunks", e.code(), e.details())
+        return None
+    try:
+        return await asyncio.wrap_future(prefill.submit(lambda e: open_cache(e, response)))
+    except Exception as e:  # noqa: BLE001 - e.g. CUDA IPC not permitted here: the chunked path still works
+        log.warning("mapping the decode worker's KV cache failed (%s); sending chunks", e)
+        return None
+
+
+async def _attempt_in_place(prefill: "AsyncEngine", stub, request_id: str, peer: PeerCache, sampling, *,
+                            model: str, sender_id: str, ttl_s: float, timeout_s: float, **_) -> TransferResult:
+    start = time.perf_counter()
+
+    def describe(engine):
+        seq = engine.prefilled_sequence(request_id)
+        n = seq.num_prompt_tokens
+        return list(seq.token_ids[:n]), seq.token_ids[n], kv_layout(engine)
+
+    prompt, first_token, layout = await asyncio.wrap_future(prefill.submit(describe))
+    try:
+        reserved = await stub.Reserve(reserve_request(request_id, prompt, layout, model=model, sender_id=sender_id,
+                                                      ttl_s=ttl_s), timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        raise AttemptFailed(e.code(), f"Reserve: {e.details()}") from None
+    tid = reserved.transfer_id
+    try:
+        written = await asyncio.wrap_future(prefill.submit(
+            lambda e: copy_in_place(e, request_id, peer, list(reserved.block_ids), reserved.seq_slot)))
+        copied = time.perf_counter() - start
+        await stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=first_token, sampling=sampling,
+                                           written_in_place=True), timeout=timeout_s)
+    except grpc.aio.AioRpcError as e:
+        await abort_transfer(stub, tid, e.details() or str(e.code()))
+        raise AttemptFailed(e.code(), f"transfer {tid} in place: {e.details()}") from None
+    except Exception as e:  # noqa: BLE001 - a failed device copy: the chunked path still works
+        await abort_transfer(stub, tid, str(e))
+        raise AttemptFailed(None, f"transfer {tid} in place: {e}") from None
+    return TransferResult(tid, 1, written, 0, time.perf_counter() - start, copied, in_place=True)
+
+
 async def migrate_or_resume(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str,
-                            sampling: inference_pb2.SamplingParams | None = None, **send_kwargs) -> TransferResult | None:
-    """For a prefill-only request held on `prefill` after its first token: exports its KV, sends it, and
-    releases it there; if the transfer fails, resumes it on `prefill` (colocated decode) and returns None."""
+                            sampling: inference_pb2.SamplingParams | None = None, *, peer: PeerCache | None = None,
+                            **send_kwargs) -> TransferResult | None:
+    """For a prefill-only request held on `prefill` after its first token: moves its KV to the decode worker (in
+    place when `peer` maps its cache, else exported and sent in chunks) and releases it there; if the transfer
+    fails, resumes it on `prefill` (colocated decode) and returns None."""
+    if peer is not None:
+        stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
+        opts = {"model": "", "sender_id": "", "ttl_s": 30.0, "timeout_s": 30.0, **send_kwargs}
+        try:
+            result = await _attempt_in_place(prefill, stub, request_id, peer, sampling, **opts)
+        except AttemptFailed as e:
+            log.warning("same-GPU KV transfer of %s failed (%s); sending chunks instead", request_id, e.message)
+        else:
+            await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
+            return result
     export = await asyncio.wrap_future(prefill.submit(lambda e: export_request(e, request_id)))
     try:
         result = await send_kv(channel, export, sampling, **send_kwargs)

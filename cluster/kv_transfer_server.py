@@ -12,6 +12,10 @@ Per transfer (protos/partita/v1/kv_transfer.proto):
     Commit    only when every expected payload arrived (else FAILED_PRECONDITION, and the transfer is
               aborted); the request joins the engine's running set after its first token, and its outputs go
               to `on_commit`.
+    OpenCache the same-GPU fast path (`workers/kv_ipc.py`): CUDA IPC handles of this engine's cache, only for a
+              sender that names this GPU and this layout (FAILED_PRECONDITION otherwise). Such a sender writes
+              the reserved blocks itself and commits with `written_in_place`, which is accepted only after an
+              OpenCache and only for a transfer that received no chunks.
     Abort     frees the reservation.
 A reaper frees reservations not committed within their ttl. The engine is not thread-safe: every engine
 mutation goes through `AsyncEngine.submit`/`adopt`, which run it on the engine thread between steps; the
@@ -35,6 +39,7 @@ from partita.cluster.grpc_server import sampling_from_proto
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers.engine.sequence import Sequence, Status
 from partita.workers.errors import InvalidRequestError, KvCapacityError
+from partita.workers.kv_ipc import device_uuid, share_cache
 from partita.workers.kv_migration import KvLayout, KvLayoutMismatch, import_payloads, kv_layout
 
 if TYPE_CHECKING:
@@ -91,6 +96,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         self.transfers: dict[str, _Transfer] = {}
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
+        self._shared: set[str] = set()  # sender_ids that opened this cache (OpenCache)
 
     async def _run(self, fn: Callable[["Engine"], object]) -> object:
         return await asyncio.wrap_future(self._engine.submit(fn))
@@ -140,7 +146,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         t = _Transfer(uuid.uuid4().hex, request.request_id, seq, n, expected, time.monotonic() + ttl)
         self.transfers[t.transfer_id] = t
         return pb.ReserveResponse(transfer_id=t.transfer_id, max_chunk_bytes=self.max_chunk_bytes,
-                                  block_ids=seq.block_table[:num_blocks])
+                                  block_ids=seq.block_table[:num_blocks], seq_slot=seq.kv_slot)
 
     # --- Send / SendStream ----------------------------------------------------------------------------
     async def Send(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.SendSummary:
@@ -250,7 +256,12 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         t = self.transfers.get(request.transfer_id)
         if t is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {request.transfer_id!r} is not reserved")
-        if t.sending or not t.complete:
+        if request.written_in_place and (not self._shared or t.received or t.sending):
+            await self._fail(t)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"transfer {t.transfer_id}: written_in_place needs an OpenCache first and no chunks "
+                                f"sent ({len(t.received)} received); the transfer is aborted")
+        if not request.written_in_place and (t.sending or not t.complete):
             await self._fail(t)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"transfer {t.transfer_id}: {len(t.received)} of {len(t.expected)} payloads received"
@@ -277,6 +288,24 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
             log.info("transfer %s of %s aborted by the sender: %s", t.transfer_id, t.request_id, request.reason)
             await self._fail(t)
         return pb.AbortTransferResponse(transfer_id=request.transfer_id, was_reserved=t is not None)
+
+    # --- OpenCache (same-GPU fast path) -----------------------------------------------------------------
+    async def OpenCache(self, request: pb.OpenCacheRequest, context: grpc.aio.ServicerContext) -> pb.OpenCacheResponse:
+        if self._layout is None:
+            self._layout = await self._run(kv_layout)
+        try:
+            self._layout.check_compatible(request.format)
+        except KvLayoutMismatch as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"format: {e}")
+        mine = await self._run(device_uuid)
+        if not mine or request.device_uuid != mine:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"device_uuid: this worker's cache is on {mine or 'the CPU'}, not on the sender's GPU "
+                                f"{request.device_uuid or '(none named)'}; send the KV in chunks instead")
+        response = await self._run(share_cache)
+        self._shared.add(request.sender_id)
+        log.info("KV cache shared in place with %s (same GPU %s)", request.sender_id or "a sender", mine)
+        return response
 
     async def _fail(self, t: _Transfer) -> None:
         """Drops the transfer and frees its reservation (idempotent)."""

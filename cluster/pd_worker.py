@@ -4,7 +4,9 @@ A PD request crosses two workers:
 
     prefill worker   PrefillSide.run: the request runs prefill_only; its first token is yielded at once; its
                      KV then migrates over gRPC to the decode worker the router chose (`migrate_or_resume`,
-                     cluster/kv_transfer_client.py). On success the stream ends with a `Migrated` marker
+                     cluster/kv_transfer_client.py), or, when that worker shares this worker's GPU and
+                     `kv_transfer.same_gpu` allows, is copied device to device into its reserved blocks
+                     (CUDA IPC, workers/kv_ipc.py; gRPC then carries only Reserve and Commit). On success the stream ends with a `Migrated` marker
                      naming the decode worker's KV address; when the transfer fails (decode worker dead,
                      full, or of another format) the request decodes here instead and the stream carries
                      its outputs to the end, so the caller sees one complete stream either way.
@@ -29,12 +31,13 @@ import grpc
 from partita.cluster.auth import bearer_token_interceptors
 from partita.cluster.grpc_server import sampling_to_proto
 from partita.cluster.kv_stream_client import prefill_and_migrate
-from partita.cluster.kv_transfer_client import migrate_or_resume
+from partita.cluster.kv_transfer_client import migrate_or_resume, open_peer_cache
 from partita.cluster.kv_transfer_server import start_kv_transfer_server
 from partita.workers.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from partita.cluster.async_engine import AsyncEngine
+    from partita.workers.kv_ipc import PeerCache
     from partita.workers import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ class Migrated:
     bytes_sent: int
     seconds: float
     streamed: bool = False  # sent layer by layer under the prefill (kv_transfer.stream_layers)
+    in_place: bool = False  # copied into the decode worker's cache on the shared GPU (kv_transfer.same_gpu)
 
 
 class NotCommittedError(RuntimeError):
@@ -63,9 +67,11 @@ class PrefillSide:
     KV format's name, for the router's migration metrics."""
 
     def __init__(self, engine: "AsyncEngine", worker_id: str, model_name: str, kv_format: str, *,
-                 auth_token: str | None = None, stream_layers: bool = False):
+                 auth_token: str | None = None, stream_layers: bool = False, same_gpu: bool = True):
         self._engine = engine
         self._stream_layers = stream_layers
+        self._same_gpu = same_gpu
+        self._peers: dict[str, "PeerCache | None"] = {}  # decode address -> its cache mapped here (same GPU)
         self._worker_id = worker_id
         self._model_name = model_name
         self._kv_format = kv_format
@@ -76,7 +82,8 @@ class PrefillSide:
                   decode_address: str) -> AsyncIterator["RequestOutput | Migrated"]:
         """First token, then Migrated, or the local decode's outputs when the migration failed.
         Raises InvalidRequestError (bad input) and EngineUnavailableError like AsyncEngine.generate."""
-        if self._stream_layers:
+        peer = await self._peer(decode_address)
+        if self._stream_layers and peer is None:  # in place is faster than any overlap of a chunked send
             async for item in self._run_streamed(request_id, prompt, params, decode_address):
                 yield item
             return
@@ -89,13 +96,14 @@ class PrefillSide:
                 return
             try:
                 result = await migrate_or_resume(self._engine, self._channel(decode_address), request_id,
-                                                 sampling_to_proto(params), model=self._model_name,
+                                                 sampling_to_proto(params), peer=peer, model=self._model_name,
                                                  sender_id=self._worker_id)
             except InvalidRequestError:
                 # aborted while held: the engine no longer has it; its stream ends with the abort output
                 result = None
             if result is not None:
-                yield Migrated(request_id, decode_address, self._kv_format, result.bytes_sent, result.seconds)
+                yield Migrated(request_id, decode_address, self._kv_format, result.bytes_sent, result.seconds,
+                               in_place=result.in_place)
                 return
             async for out in stream:
                 yield out
@@ -118,6 +126,15 @@ class PrefillSide:
             async for out in m.prefill_outputs:
                 yield out
 
+    async def _peer(self, address: str) -> "PeerCache | None":
+        """The decode worker's cache mapped here if it shares this GPU (asked once per decode worker)."""
+        if not self._same_gpu:
+            return None
+        if address not in self._peers:
+            self._peers[address] = await open_peer_cache(self._engine, self._channel(address),
+                                                         sender_id=self._worker_id)
+        return self._peers[address]
+
     def _channel(self, address: str) -> grpc.aio.Channel:
         # one channel per decode worker, reused: a connection per request would cost a handshake each
         channel = self._channels.get(address)
@@ -129,6 +146,7 @@ class PrefillSide:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        self._peers.clear()
 
 
 class DecodeSide:

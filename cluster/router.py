@@ -120,6 +120,7 @@ class RayRouter:
         self.num_reruns = 0
         self.num_migrations = 0  # PD requests whose KV moved to their decode worker
         self.num_streamed_migrations = 0  # ... of which layer by layer under the prefill
+        self.num_in_place_migrations = 0  # ... of which copied on a GPU shared with the decode worker
         self._migrated: dict[str, tuple[int, int, float]] = {}  # kv_format -> (migrations, bytes, seconds)
 
     @classmethod
@@ -264,6 +265,7 @@ class RayRouter:
     def _count_migration(self, m: Migrated) -> None:
         self.num_migrations += 1
         self.num_streamed_migrations += m.streamed
+        self.num_in_place_migrations += m.in_place
         n, num_bytes, seconds = self._migrated.get(m.kv_format, (0, 0, 0.0))
         self._migrated[m.kv_format] = (n + 1, num_bytes + m.bytes_sent, seconds + m.seconds)
 

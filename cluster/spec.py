@@ -267,12 +267,16 @@ class KvTransferSpec:
         draws a random one per deployment and hands it to its workers, so the port never runs open.
     stream_layers: send each layer's KV while the prefill computes the later ones (cluster/kv_stream_client.py)
         rather than all of it after the prefill; the first token then reaches the client once the transfer is
-        committed. Off by default: measured on CPU only, where the sender competes with the prefill for cores.
+        committed. Off by default: it hid at most 68% of a transfer on the H200 and slowed the prefill.
+    same_gpu: a prefill worker whose decode peer sits on its own GPU (fractional `gpus_per_worker`) maps the
+        peer's KV cache over CUDA IPC and copies the blocks device to device (workers/kv_ipc.py); gRPC then
+        carries only the reservation and the commit. Peers on other GPUs always get chunks over gRPC.
     """
 
     host: str = "127.0.0.1"
     auth_token: str | None = None
     stream_layers: bool = False
+    same_gpu: bool = True
 
     def __post_init__(self) -> None:
         _require(bool(self.host) and not any(c.isspace() for c in self.host), "host",

@@ -141,7 +141,7 @@ def _gather_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) ->
     cache = backend.caches[layer]
     ids = _block_ids(seq, n, cache.device)
     # `export_blocks`'s layout, gathered with index_select into one buffer and copied to the host at once.
-    out = [torch.cat([part.index_select(0, ids) for part in _byte_rows(cache)], dim=1)]
+    out = [torch.cat([part.index_select(0, ids) for part in cache_byte_rows(cache)], dim=1)]
     if layout.state_bytes(num_tokens):
         r = num_tokens % layout.state_period
         out.append(torch.cat([cache.state[name][seq.kv_slot, :r].reshape(-1).view(torch.uint8)
@@ -238,13 +238,13 @@ def _write_blocks(engine: Engine, layer: int, block_ids: list[int], rows: torch.
     ids = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
     rows = rows.to(cache.device)
     offset = 0
-    for part in _byte_rows(cache):  # `export_blocks`'s layout, written with index_copy_: kv_base's
+    for part in cache_byte_rows(cache):  # `export_blocks`'s layout, written with index_copy_: kv_base's
         width = part.shape[1]       # import_blocks does an index_put per part, several times slower on CPU
         part.index_copy_(0, ids, rows[:, offset:offset + width])
         offset += width
 
 
-def _byte_rows(cache: PagedKVCache) -> list[torch.Tensor]:
+def cache_byte_rows(cache: PagedKVCache) -> list[torch.Tensor]:
     """Each part of the cache as a [num_blocks, bytes of one block] uint8 view of its storage, in part order."""
     return [p.view(p.shape[0], -1).view(torch.uint8) for p in cache.parts.values()]
 

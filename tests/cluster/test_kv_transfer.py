@@ -305,3 +305,105 @@ def test_format_mismatch_is_invalid_argument_and_falls_back():
             await pair.assert_all_free()
             return tokens
     assert asyncio.run(main()) == colocated("int8")
+
+
+def test_same_gpu_path_is_refused_off_the_gpu():
+    """OpenCache answers FAILED_PRECONDITION for a CPU cache (the sender then sends chunks), and a Commit claiming
+    `written_in_place` without an OpenCache is refused and frees the reservation: no unwritten KV is ever used."""
+    async def main():
+        async with Pair("int4") as pair:
+            assert await kv_transfer_client.open_peer_cache(pair.prefill, pair.channel) is None  # CPU engine
+            layout = await asyncio.wrap_future(pair.prefill.submit(kv_layout))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pair.stub.OpenCache(pb.OpenCacheRequest(format=layout.to_proto(), device_uuid="GPU-x"))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "CPU" in err.value.details()
+            stream, export, tid, _ = await pair.held_and_reserved()
+            async with contextlib.aclosing(stream):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await pair.stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=export.first_token_id,
+                                                            written_in_place=True))
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "OpenCache" in err.value.details()
+                await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
+            await pair.assert_all_free()
+    asyncio.run(main())
+
+
+SAME_GPU_DECODE_WORKER = r"""
+import asyncio, json, sys
+from partita.cluster.async_engine import AsyncEngine
+from partita.cluster.kv_transfer_server import start_kv_transfer_server
+from partita.workers import EngineConfig
+
+async def main(kv_format, config):
+    engine = AsyncEngine.from_model("tiny-llama", device="cuda", kv_format=kv_format, config=EngineConfig(**config))
+    tasks = set()
+
+    def on_commit(request_id, outputs):
+        async def collect():
+            tokens = [t async for o in outputs for t in o.new_token_ids]
+            free = await asyncio.wrap_future(engine.submit(
+                lambda e: e.blocks.num_free_blocks == e.blocks.num_blocks and not e.scheduler.held))
+            print(json.dumps({"tokens": tokens, "all_free": free}), flush=True)
+        tasks.add(asyncio.get_running_loop().create_task(collect()))
+
+    server, port, servicer = await start_kv_transfer_server(engine, on_commit=on_commit)
+    print(json.dumps({"port": port}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the test closes stdin
+    await server.stop(None)
+    servicer.close()
+    engine.shutdown()
+
+asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
+def test_same_gpu_pd_in_place_equals_colocated(kv_format):
+    """A decode worker in another process on the same GPU: the prefill side maps its cache (OpenCache, CUDA IPC),
+    copies the blocks (and kivi2's residual) in place, commits without chunks; greedy output equals the colocated
+    engine's on the GPU, and every block returns on both sides."""
+    import json
+    import subprocess
+    import sys
+
+    def colocated_cuda() -> list[int]:
+        engine = Engine("tiny-llama", device="cuda", kv_format=kv_format, config=EngineConfig(**CONFIG))
+        engine.add_request("r", PROMPT, GREEDY)
+        tokens = []
+        while engine.has_unfinished():
+            tokens += [t for o in engine.step() for t in o.new_token_ids]
+        return tokens
+
+    child = subprocess.Popen([sys.executable, "-c", SAME_GPU_DECODE_WORKER, kv_format, json.dumps(CONFIG)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = json.loads(child.stdout.readline())["port"]
+
+        async def main():
+            prefill = AsyncEngine.from_model("tiny-llama", device="cuda", kv_format=kv_format,
+                                             config=EngineConfig(**CONFIG))
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            try:
+                peer = await kv_transfer_client.open_peer_cache(prefill, channel, sender_id="prefill-0")
+                assert peer is not None, "the same-GPU path was refused"
+                stream = prefill.adopt("r", lambda e: e.add_request("r", PROMPT, GREEDY, prefill_only=True))
+                async with contextlib.aclosing(stream):
+                    first = await anext(stream)
+                    result = await migrate_or_resume(prefill, channel, "r", WIRE_GREEDY, peer=peer)
+                free = await asyncio.wrap_future(prefill.submit(
+                    lambda e: e.blocks.num_free_blocks == e.blocks.num_blocks and not e.scheduler.held))
+                return first.new_token_ids, result, free
+            finally:
+                await channel.close()
+                prefill.shutdown()
+
+        first, result, prefill_free = asyncio.run(main())
+        decoded = json.loads(child.stdout.readline())
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+    assert result is not None and result.in_place and result.num_chunks == 0 and result.bytes_sent > 0
+    assert first + decoded["tokens"] == colocated_cuda()
+    assert prefill_free and decoded["all_free"]

@@ -54,14 +54,16 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., format: _Optional[_Union[KvFormat, _Mapping]] = ..., num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., bytes_per_block: _Optional[int] = ..., expected_total_bytes: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., ttl_s: _Optional[float] = ..., sender_id: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("transfer_id", "max_chunk_bytes", "block_ids")
+    __slots__ = ("transfer_id", "max_chunk_bytes", "block_ids", "seq_slot")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_SLOT_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     max_chunk_bytes: int
     block_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, transfer_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    seq_slot: int
+    def __init__(self, transfer_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., seq_slot: _Optional[int] = ...) -> None: ...
 
 class KvBlockPayload(_message.Message):
     __slots__ = ("layer", "block_index", "data", "crc32")
@@ -110,14 +112,16 @@ class SendSummary(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., num_chunks: _Optional[int] = ..., bytes_received: _Optional[int] = ..., num_blocks_written: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("transfer_id", "first_token_id", "sampling")
+    __slots__ = ("transfer_id", "first_token_id", "sampling", "written_in_place")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_IN_PLACE_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     first_token_id: int
     sampling: _inference_pb2.SamplingParams
-    def __init__(self, transfer_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    written_in_place: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., written_in_place: bool = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ("transfer_id", "request_id")
@@ -142,3 +146,49 @@ class AbortTransferResponse(_message.Message):
     transfer_id: str
     was_reserved: bool
     def __init__(self, transfer_id: _Optional[str] = ..., was_reserved: bool = ...) -> None: ...
+
+class OpenCacheRequest(_message.Message):
+    __slots__ = ("format", "device_uuid", "sender_id")
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    format: KvFormat
+    device_uuid: str
+    sender_id: str
+    def __init__(self, format: _Optional[_Union[KvFormat, _Mapping]] = ..., device_uuid: _Optional[str] = ..., sender_id: _Optional[str] = ...) -> None: ...
+
+class CudaIpcTensor(_message.Message):
+    __slots__ = ("shape", "stride", "storage_offset", "dtype", "storage_handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    stride: _containers.RepeatedScalarFieldContainer[int]
+    storage_offset: int
+    dtype: str
+    storage_handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., stride: _Optional[_Iterable[int]] = ..., storage_offset: _Optional[int] = ..., dtype: _Optional[str] = ..., storage_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: bool = ...) -> None: ...
+
+class OpenCacheResponse(_message.Message):
+    __slots__ = ("device_uuid", "tensors", "tensors_per_layer")
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    device_uuid: str
+    tensors: _containers.RepeatedCompositeFieldContainer[CudaIpcTensor]
+    tensors_per_layer: int
+    def __init__(self, device_uuid: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[CudaIpcTensor, _Mapping]]] = ..., tensors_per_layer: _Optional[int] = ...) -> None: ...

@@ -65,6 +65,11 @@ class KvTransferStub(object):
                 request_serializer=partita_dot_v1_dot_kv__transfer__pb2.AbortTransferRequest.SerializeToString,
                 response_deserializer=partita_dot_v1_dot_kv__transfer__pb2.AbortTransferResponse.FromString,
                 _registered_method=True)
+        self.OpenCache = channel.unary_unary(
+                '/partita.v1.KvTransfer/OpenCache',
+                request_serializer=partita_dot_v1_dot_kv__transfer__pb2.OpenCacheRequest.SerializeToString,
+                response_deserializer=partita_dot_v1_dot_kv__transfer__pb2.OpenCacheResponse.FromString,
+                _registered_method=True)
 
 
 class KvTransferServicer(object):
@@ -100,6 +105,12 @@ class KvTransferServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenCache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KvTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +138,11 @@ def add_KvTransferServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=partita_dot_v1_dot_kv__transfer__pb2.AbortTransferRequest.FromString,
                     response_serializer=partita_dot_v1_dot_kv__transfer__pb2.AbortTransferResponse.SerializeToString,
+            ),
+            'OpenCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenCache,
+                    request_deserializer=partita_dot_v1_dot_kv__transfer__pb2.OpenCacheRequest.FromString,
+                    response_serializer=partita_dot_v1_dot_kv__transfer__pb2.OpenCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +280,33 @@ class KvTransfer(object):
             '/partita.v1.KvTransfer/Abort',
             partita_dot_v1_dot_kv__transfer__pb2.AbortTransferRequest.SerializeToString,
             partita_dot_v1_dot_kv__transfer__pb2.AbortTransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/partita.v1.KvTransfer/OpenCache',
+            partita_dot_v1_dot_kv__transfer__pb2.OpenCacheRequest.SerializeToString,
+            partita_dot_v1_dot_kv__transfer__pb2.OpenCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,137 @@
+"""Same-GPU KV migration: the decode engine's cache shared over CUDA IPC and written in place by the prefill engine.
+
+When a prefill and a decode worker share one GPU (semi-PD, `gpus_per_worker: 0.5`), sending the KV through gRPC
+moves every byte GPU -> host -> socket -> host -> GPU at a fraction of a GB/s, though both caches sit in the same
+device memory. Here instead the decode engine shares its cache tensors (`share_cache`, CUDA IPC handles in the
+`CudaIpcTensor` messages of kv_transfer.proto), the prefill engine maps them once (`open_cache`), and a migration
+is one device-to-device gather/scatter per layer and part into the blocks (and the sequence slot) that the decode
+side reserved (`copy_in_place`), followed by a stream synchronization, so the bytes are in place before the sender
+commits. The reservation, the commit and every refusal stay on the gRPC service (cluster/kv_transfer_server.py).
+
+Tensors, per layer, in the order `cache_tensors` lists them (both sides' layouts must be equal: `kv_layout`):
+    block-indexed parts, each viewed [num_blocks, bytes per block] uint8 (the format's parts, in part order; the
+    torch backend's keys then values), then the per-sequence state tensors [max_num_seqs, ...] if any (kivi2's
+    residual keys then values).
+The handles are torch.multiprocessing's (the producer keeps each allocation alive while it is mapped); they are
+carried field by field in protobuf, never pickled. Every function here runs on its engine's thread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
+
+from partita.protos.partita.v1 import kv_transfer_pb2 as pb
+from partita.workers.attention.torch_paged import TorchPagedAttention
+from partita.workers.engine.engine import Engine
+from partita.workers.kv_migration import cache_byte_rows, kv_layout
+
+STATE_PARTS = ("res_k", "res_v")
+
+
+def device_uuid(engine: Engine) -> str:
+    """The engine's GPU, as CUDA names it (stable across processes and CUDA_VISIBLE_DEVICES); "" off CUDA."""
+    if engine.device.type != "cuda":
+        return ""
+    return str(torch.cuda.get_device_properties(engine.device).uuid)
+
+
+def cache_tensors(engine: Engine) -> tuple[list[list[torch.Tensor]], int]:
+    """Per layer, the block-indexed parts then the state tensors (module docstring); and how many of each
+    layer's tensors are block-indexed."""
+    backend = engine.runner.backend
+    layers = []
+    if isinstance(backend, TorchPagedAttention):
+        for k, v in zip(backend.k_caches, backend.v_caches):
+            layers.append([k.view(k.shape[0], -1).view(torch.uint8), v.view(v.shape[0], -1).view(torch.uint8)])
+        return layers, 2
+    num_parts = len(backend.caches[0].parts)
+    for cache in backend.caches:
+        layers.append(cache_byte_rows(cache) + [cache.state[name] for name in STATE_PARTS if name in cache.state])
+    return layers, num_parts
+
+
+def share_cache(engine: Engine) -> pb.OpenCacheResponse:
+    """The engine's cache tensors as CUDA IPC handles, for a sender on the same GPU."""
+    if engine.device.type != "cuda":
+        raise ValueError(f"the KV cache is on {engine.device}, not on a CUDA device")
+    layers, num_parts = cache_tensors(engine)
+    msgs = []
+    for tensors in layers:
+        for t in tensors:
+            _, (_, size, stride, offset, _, dtype, _, handle, size_bytes, offset_bytes, _, rc_handle, rc_offset,
+                event, event_sync) = reduce_tensor(t)
+            msgs.append(pb.CudaIpcTensor(
+                shape=list(size), stride=list(stride), storage_offset=offset, dtype=str(dtype).removeprefix("torch."),
+                storage_handle=handle, storage_size_bytes=size_bytes, storage_offset_bytes=offset_bytes,
+                ref_counter_handle=rc_handle, ref_counter_offset=rc_offset, event_handle=event or b"",
+                event_sync_required=event_sync))
+    return pb.OpenCacheResponse(device_uuid=device_uuid(engine), tensors=msgs, tensors_per_layer=len(layers[0]))
+
+
+@dataclass
+class PeerCache:
+    """A decode engine's cache mapped into this process (`open_cache`)."""
+
+    layers: list[list[torch.Tensor]]
+    num_parts: int  # block-indexed tensors per layer; the rest are state
+
+
+def open_cache(engine: Engine, response: pb.OpenCacheResponse) -> PeerCache:
+    """Maps the tensors of `share_cache`'s response (from another process on this engine's GPU). The layouts were
+    checked by OpenCache; here each mapped tensor must also match this engine's own tensor in shape and dtype."""
+    if response.device_uuid != device_uuid(engine):
+        raise ValueError(f"the peer's cache is on GPU {response.device_uuid}, this engine on {device_uuid(engine)!r}")
+    own, num_parts = cache_tensors(engine)
+    per_layer = response.tensors_per_layer
+    if per_layer != len(own[0]) or len(response.tensors) != per_layer * len(own):
+        raise ValueError(f"the peer shares {len(response.tensors)} tensors ({per_layer} per layer); this engine has "
+                         f"{len(own)} layers of {len(own[0])}")
+    index = engine.device.index if engine.device.index is not None else torch.cuda.current_device()
+    layers = []
+    for layer, mine in enumerate(own):
+        mapped = []
+        for j, t in enumerate(mine):
+            m = response.tensors[layer * per_layer + j]
+            dtype = getattr(torch, m.dtype, None)
+            if not isinstance(dtype, torch.dtype) or dtype != t.dtype or list(m.shape)[1:] != list(t.shape)[1:]:
+                raise ValueError(f"layer {layer} tensor {j}: the peer's is {m.dtype} {list(m.shape)}, this engine's "
+                                 f"{t.dtype} {list(t.shape)}")
+            mapped.append(rebuild_cuda_tensor(
+                torch.Tensor, torch.Size(m.shape), tuple(m.stride), m.storage_offset, torch.UntypedStorage, dtype,
+                index, m.storage_handle, m.storage_size_bytes, m.storage_offset_bytes, False, m.ref_counter_handle,
+                m.ref_counter_offset, m.event_handle or None, m.event_sync_required))
+        layers.append(mapped)
+    return PeerCache(layers, num_parts)
+
+
+def copy_in_place(engine: Engine, request_id: str, peer: PeerCache, block_ids: list[int], seq_slot: int) -> int:
+    """Copies the prompt's KV of a prefill-only request held on `engine` into the peer's reserved blocks (and
+    sequence slot), then waits for the copies: the bytes are in the peer's cache when this returns. Returns the
+    bytes written."""
+    seq = engine.prefilled_sequence(request_id)
+    layout = kv_layout(engine)
+    n_tokens = seq.num_prompt_tokens
+    n = layout.num_blocks(n_tokens)
+    if len(block_ids) != n:
+        raise ValueError(f"{len(block_ids)} reserved blocks for {n_tokens} tokens, {n} expected")
+    if len(seq.block_table) < n:
+        raise ValueError(f"{request_id!r} holds {len(seq.block_table)} blocks, {n} expected")
+    own, num_parts = cache_tensors(engine)
+    src = torch.tensor(seq.block_table[:n], dtype=torch.long, device=engine.device)
+    dst = torch.tensor(block_ids, dtype=torch.long, device=engine.device)
+    state_rows = n_tokens % layout.state_period if layout.state_bytes(n_tokens) else 0
+    if state_rows and seq_slot < 0:
+        raise ValueError("the format keeps per-sequence state but the reservation has no sequence slot")
+    written = 0
+    for mine, theirs in zip(own, peer.layers):
+        for part in range(num_parts):
+            theirs[part].index_copy_(0, dst, mine[part].index_select(0, src))
+            written += n * mine[part].shape[1]
+        for j in range(num_parts, len(mine)):
+            if state_rows:
+                theirs[j][seq_slot, :state_rows].copy_(mine[j][seq.kv_slot, :state_rows])
+                written += mine[j][seq.kv_slot, :state_rows].numel() * mine[j].element_size()
+    torch.cuda.current_stream(engine.device).synchronize()
+    return written
