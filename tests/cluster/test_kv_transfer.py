@@ -358,6 +358,9 @@ asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
 """
 
 
+GPU_CONFIG = {**CONFIG, "kv_cache_memory_bytes": 64 << 20}  # three engines share the GPU: none may take 90% of it
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
 def test_same_gpu_pd_in_place_equals_colocated(kv_format):
@@ -369,21 +372,21 @@ def test_same_gpu_pd_in_place_equals_colocated(kv_format):
     import sys
 
     def colocated_cuda() -> list[int]:
-        engine = Engine("tiny-llama", device="cuda", kv_format=kv_format, config=EngineConfig(**CONFIG))
+        engine = Engine("tiny-llama", device="cuda", kv_format=kv_format, config=EngineConfig(**GPU_CONFIG))
         engine.add_request("r", PROMPT, GREEDY)
         tokens = []
         while engine.has_unfinished():
             tokens += [t for o in engine.step() for t in o.new_token_ids]
         return tokens
 
-    child = subprocess.Popen([sys.executable, "-c", SAME_GPU_DECODE_WORKER, kv_format, json.dumps(CONFIG)],
+    child = subprocess.Popen([sys.executable, "-c", SAME_GPU_DECODE_WORKER, kv_format, json.dumps(GPU_CONFIG)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         port = json.loads(child.stdout.readline())["port"]
 
         async def main():
             prefill = AsyncEngine.from_model("tiny-llama", device="cuda", kv_format=kv_format,
-                                             config=EngineConfig(**CONFIG))
+                                             config=EngineConfig(**GPU_CONFIG))
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
             try:
                 peer = await kv_transfer_client.open_peer_cache(prefill, channel, sender_id="prefill-0")
