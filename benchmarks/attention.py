@@ -60,22 +60,10 @@ def time_graph(fn, iters: int = 20, reps: int = 5) -> float:
 
 
 def copy_bandwidth() -> float:
-    """Bytes/s of a device-to-device copy, counting read + write (median of 20 eager copies)."""
-    # Eager, not in a CUDA graph: a captured copy_ becomes a memcpy node that ran at only ~2.7 TB/s
-    # on the H200, where the same copy launched eagerly reaches DESIGN.md's ~4.2 TB/s.
-    x = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        y.copy_(x)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * x.numel() * x.element_size() / statistics.median(times)
+    """Bytes/s of a device-to-device copy, counting read + write (decode_kernels' probe: eager copies; a copy
+    captured in a CUDA graph became a memcpy node that ran at only ~2.7 TB/s on the H200)."""
+    from decode_kernels import copy_bandwidth_tbs  # a sibling script: benchmarks/ is sys.path[0]
+    return copy_bandwidth_tbs() * 1e12
 
 
 _BUILT: dict = {}

@@ -32,8 +32,8 @@ GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 WIRE_GREEDY = inference_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 
 
-def colocated(kv_format: str) -> list[int]:
-    engine = Engine("tiny-llama", device="cpu", kv_format=kv_format, config=EngineConfig(**CONFIG))
+def colocated(kv_format: str, device: str = "cpu", config: dict = CONFIG) -> list[int]:
+    engine = Engine("tiny-llama", device=device, kv_format=kv_format, config=EngineConfig(**config))
     engine.add_request("r", PROMPT, GREEDY)
     tokens = []
     while engine.has_unfinished():
@@ -371,14 +371,6 @@ def test_same_gpu_pd_in_place_equals_colocated(kv_format):
     import subprocess
     import sys
 
-    def colocated_cuda() -> list[int]:
-        engine = Engine("tiny-llama", device="cuda", kv_format=kv_format, config=EngineConfig(**GPU_CONFIG))
-        engine.add_request("r", PROMPT, GREEDY)
-        tokens = []
-        while engine.has_unfinished():
-            tokens += [t for o in engine.step() for t in o.new_token_ids]
-        return tokens
-
     child = subprocess.Popen([sys.executable, "-c", SAME_GPU_DECODE_WORKER, kv_format, json.dumps(GPU_CONFIG)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -408,5 +400,5 @@ def test_same_gpu_pd_in_place_equals_colocated(kv_format):
         child.stdin.close()
         child.wait(timeout=60)
     assert result is not None and result.in_place and result.num_chunks == 0 and result.bytes_sent > 0
-    assert first + decoded["tokens"] == colocated_cuda()
+    assert first + decoded["tokens"] == colocated(kv_format, "cuda", GPU_CONFIG)
     assert prefill_free and decoded["all_free"]
