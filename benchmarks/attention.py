@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import math
-import statistics
 import sys
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from partita.kernels.kv_formats import get_kv_format
 from partita.kernels.kv_testing import make_paged_batch, outlier_kv, output_errors
+from partita.kernels.linear import graph_time_us
 from partita.kernels.paged_attention import (AttentionConfig, attention_config,
                                              choose_num_splits, paged_decode_attention,
                                              paged_prefill_attention)
@@ -39,24 +39,8 @@ L2_BYTES = 256 << 20
 
 
 def time_graph(fn, iters: int = 20, reps: int = 5) -> float:
-    """Seconds per call of `fn`, captured `iters` times in one CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / iters)
-    return statistics.median(times)
+    """Seconds per call of `fn`, captured `iters` times in one CUDA graph (median of `reps` replays)."""
+    return graph_time_us([fn], iters, reps) * 1e-6
 
 
 def copy_bandwidth() -> float:

@@ -65,6 +65,13 @@ def bytes_per_token(name: str) -> float:
     return LAYERS * fmt.bytes_per_token(KV_HEADS, HEAD_DIM)
 
 
+def engine_config(name: str, tokens: int, prompts: int) -> EngineConfig:
+    """One prompt of `tokens` tokens at a time, KV room for `prompts` of them (eager: decode is not timed)."""
+    return EngineConfig(max_model_len=tokens + 64, max_num_seqs=2, max_num_batched_tokens=tokens + 64,
+                        enforce_eager=True,
+                        kv_cache_memory_bytes=prompts * (tokens + 64) * int(bytes_per_token(name) * 1.3 + 1) + 2**26)
+
+
 class _AckOnly(KvTransferServicer):
     """Acknowledges every chunk unread: the gRPC ceiling (module docstring)."""
 
@@ -100,9 +107,7 @@ async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int,
     """Median GB/s of payload bytes (Reserve to Commit; Reserve to the last ack), the ceiling's median GB/s,
     payload bytes per transfer."""
     kv_format = "none" if name == "bf16" else name
-    config = EngineConfig(max_model_len=tokens + 64, max_num_seqs=2, max_num_batched_tokens=tokens + 64,
-                          enforce_eager=True,
-                          kv_cache_memory_bytes=2 * (tokens + 64) * int(bytes_per_token(name) * 1.3 + 1) + 2**26)
+    config = engine_config(name, tokens, 2)
     prefill = Engine(KV_SHAPE, device=device, dtype="bfloat16", kv_format=kv_format, config=config)
     decode = AsyncEngine(Engine(KV_SHAPE, device=device, dtype="bfloat16", kv_format=kv_format, config=config))
     prefill.add_request("p", [(7 * j) % 500 + 2 for j in range(tokens)],
@@ -137,9 +142,7 @@ async def overlap(name: str, tokens: int, chunk_bytes: int, window: int, device:
                   shape: ModelConfig) -> list[str]:
     """Table rows of the streamed and the export-after-prefill path for one prompt of `tokens` tokens."""
     kv_format = "none" if name == "bf16" else name
-    config = EngineConfig(max_model_len=tokens + 64, max_num_seqs=2, max_num_batched_tokens=tokens + 64,
-                          enforce_eager=True,
-                          kv_cache_memory_bytes=4 * (tokens + 64) * int(bytes_per_token(name) * 1.3 + 1) + 2**26)
+    config = engine_config(name, tokens, 4)
     make = lambda: AsyncEngine(Engine(shape, device=device, dtype="bfloat16", kv_format=kv_format,  # noqa: E731
                                       config=config))
     prefill, decode = make(), make()

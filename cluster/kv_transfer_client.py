@@ -207,7 +207,9 @@ async def open_peer_cache(prefill: "AsyncEngine", channel: grpc.aio.Channel, *, 
 
 
 async def _attempt_in_place(prefill: "AsyncEngine", stub, request_id: str, peer: PeerCache, sampling, *,
-                            model: str, sender_id: str, ttl_s: float, timeout_s: float, **_) -> TransferResult:
+                            model: str = "", sender_id: str = "", ttl_s: float = 30.0, timeout_s: float = 30.0,
+                            **_chunking) -> TransferResult:
+    """One same-GPU attempt (module docstring); send_kv's defaults, and its chunking options do not apply."""
     start = time.perf_counter()
 
     def describe(engine):
@@ -245,9 +247,8 @@ async def migrate_or_resume(prefill: "AsyncEngine", channel: grpc.aio.Channel, r
     fails, resumes it on `prefill` (colocated decode) and returns None."""
     if peer is not None:
         stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
-        opts = {"model": "", "sender_id": "", "ttl_s": 30.0, "timeout_s": 30.0, **send_kwargs}
         try:
-            result = await _attempt_in_place(prefill, stub, request_id, peer, sampling, **opts)
+            result = await _attempt_in_place(prefill, stub, request_id, peer, sampling, **send_kwargs)
         except AttemptFailed as e:
             log.warning("same-GPU KV transfer of %s failed (%s); sending chunks instead", request_id, e.message)
         else:

@@ -96,7 +96,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         self.transfers: dict[str, _Transfer] = {}
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
-        self._shared: set[str] = set()  # sender_ids that opened this cache (OpenCache)
+        self._cache_shared = False  # an OpenCache was answered: written_in_place commits are possible
 
     async def _run(self, fn: Callable[["Engine"], object]) -> object:
         return await asyncio.wrap_future(self._engine.submit(fn))
@@ -256,7 +256,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         t = self.transfers.get(request.transfer_id)
         if t is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {request.transfer_id!r} is not reserved")
-        if request.written_in_place and (not self._shared or t.received or t.sending):
+        if request.written_in_place and (not self._cache_shared or t.received or t.sending):
             await self._fail(t)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"transfer {t.transfer_id}: written_in_place needs an OpenCache first and no chunks "
@@ -303,7 +303,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
                                 f"device_uuid: this worker's cache is on {mine or 'the CPU'}, not on the sender's GPU "
                                 f"{request.device_uuid or '(none named)'}; send the KV in chunks instead")
         response = await self._run(share_cache)
-        self._shared.add(request.sender_id)
+        self._cache_shared = True
         log.info("KV cache shared in place with %s (same GPU %s)", request.sender_id or "a sender", mine)
         return response
 

@@ -6,10 +6,11 @@ A PD request crosses two workers:
                      KV then migrates over gRPC to the decode worker the router chose (`migrate_or_resume`,
                      cluster/kv_transfer_client.py), or, when that worker shares this worker's GPU and
                      `kv_transfer.same_gpu` allows, is copied device to device into its reserved blocks
-                     (CUDA IPC, workers/kv_ipc.py; gRPC then carries only Reserve and Commit). On success the stream ends with a `Migrated` marker
-                     naming the decode worker's KV address; when the transfer fails (decode worker dead,
-                     full, or of another format) the request decodes here instead and the stream carries
-                     its outputs to the end, so the caller sees one complete stream either way.
+                     (CUDA IPC, workers/kv_ipc.py; gRPC then carries only Reserve and Commit). On success
+                     the stream ends with a `Migrated` marker naming the decode worker's KV address; when
+                     the transfer fails (decode worker dead, full, or of another format) the request decodes
+                     here instead and the stream carries its outputs to the end, so the caller sees one
+                     complete stream either way.
     decode worker    DecodeSide: serves KvTransfer (cluster/kv_transfer_server.py) on its node; a committed
                      request's outputs wait, buffered by the engine's own per-request stream, until the
                      router calls `follow(request_id)` after the marker. A committed request nobody follows

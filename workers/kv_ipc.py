@@ -23,11 +23,8 @@ import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb
-from partita.workers.attention.torch_paged import TorchPagedAttention
 from partita.workers.engine.engine import Engine
-from partita.workers.kv_migration import cache_byte_rows, kv_layout
-
-STATE_PARTS = ("res_k", "res_v")
+from partita.workers.kv_migration import kv_layout, layer_byte_rows, layer_state
 
 
 def device_uuid(engine: Engine) -> str:
@@ -40,16 +37,9 @@ def device_uuid(engine: Engine) -> str:
 def cache_tensors(engine: Engine) -> tuple[list[list[torch.Tensor]], int]:
     """Per layer, the block-indexed parts then the state tensors (module docstring); and how many of each
     layer's tensors are block-indexed."""
-    backend = engine.runner.backend
-    layers = []
-    if isinstance(backend, TorchPagedAttention):
-        for k, v in zip(backend.k_caches, backend.v_caches):
-            layers.append([k.view(k.shape[0], -1).view(torch.uint8), v.view(v.shape[0], -1).view(torch.uint8)])
-        return layers, 2
-    num_parts = len(backend.caches[0].parts)
-    for cache in backend.caches:
-        layers.append(cache_byte_rows(cache) + [cache.state[name] for name in STATE_PARTS if name in cache.state])
-    return layers, num_parts
+    layers = [layer_byte_rows(engine, layer) + layer_state(engine, layer)
+              for layer in range(engine.model_config.num_layers)]
+    return layers, len(layer_byte_rows(engine, 0))
 
 
 def share_cache(engine: Engine) -> pb.OpenCacheResponse:
@@ -129,9 +119,9 @@ def copy_in_place(engine: Engine, request_id: str, peer: PeerCache, block_ids: l
         for part in range(num_parts):
             theirs[part].index_copy_(0, dst, mine[part].index_select(0, src))
             written += n * mine[part].shape[1]
-        for j in range(num_parts, len(mine)):
-            if state_rows:
-                theirs[j][seq_slot, :state_rows].copy_(mine[j][seq.kv_slot, :state_rows])
-                written += mine[j][seq.kv_slot, :state_rows].numel() * mine[j].element_size()
+        for j in range(num_parts, len(mine) if state_rows else num_parts):
+            rows = mine[j][seq.kv_slot, :state_rows]
+            theirs[j][seq_slot, :state_rows].copy_(rows)
+            written += rows.numel() * rows.element_size()
     torch.cuda.current_stream(engine.device).synchronize()
     return written

@@ -34,7 +34,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from partita.kernels.kv_base import PagedKVCache
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb
 from partita.workers.attention.kernel_paged import KernelPagedAttention
 from partita.workers.attention.torch_paged import TorchPagedAttention
@@ -43,6 +42,7 @@ from partita.workers.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+STATE_PARTS = ("res_k", "res_v")  # per-sequence state of the formats that keep some, in wire order
 _BITS = {"none": 16, "fp8": 8, "int8": 8, "int4": 4, "kivi2": 2}
 
 
@@ -129,23 +129,15 @@ def _block_ids(seq: Sequence, num_blocks: int, device: torch.device) -> torch.Te
 
 def _gather_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) -> list[torch.Tensor]:
     """One layer's KV for the first num_tokens tokens of seq, on the cache's device: the block rows
-    [num_blocks, bytes_per_block] uint8, then the state rows (if the layout has state)."""
+    [num_blocks, bytes_per_block] uint8 (`layer_byte_rows` gathered into one buffer, copied to the host at
+    once), then the state rows (if the layout has state)."""
     layout = kv_layout(engine)
-    n = layout.num_blocks(num_tokens)
-    backend = engine.runner.backend
-    if isinstance(backend, TorchPagedAttention):
-        ids = _block_ids(seq, n, backend.k_caches[layer].device)
-        k = backend.k_caches[layer].index_select(0, ids).reshape(n, -1).view(torch.uint8)
-        v = backend.v_caches[layer].index_select(0, ids).reshape(n, -1).view(torch.uint8)
-        return [torch.cat([k, v], dim=1)]
-    cache = backend.caches[layer]
-    ids = _block_ids(seq, n, cache.device)
-    # `export_blocks`'s layout, gathered with index_select into one buffer and copied to the host at once.
-    out = [torch.cat([part.index_select(0, ids) for part in cache_byte_rows(cache)], dim=1)]
+    parts = layer_byte_rows(engine, layer)
+    ids = _block_ids(seq, layout.num_blocks(num_tokens), parts[0].device)
+    out = [torch.cat([part.index_select(0, ids) for part in parts], dim=1)]
     if layout.state_bytes(num_tokens):
         r = num_tokens % layout.state_period
-        out.append(torch.cat([cache.state[name][seq.kv_slot, :r].reshape(-1).view(torch.uint8)
-                              for name in ("res_k", "res_v")]))
+        out.append(torch.cat([s[seq.kv_slot, :r].reshape(-1).view(torch.uint8) for s in layer_state(engine, layer)]))
     return out
 
 
@@ -225,28 +217,38 @@ def import_payloads(engine: Engine, seq: Sequence, num_tokens: int, payloads: li
 
 
 def _write_blocks(engine: Engine, layer: int, block_ids: list[int], rows: torch.Tensor) -> None:
-    """rows: [len(block_ids), bytes_per_block] uint8 on the host, written into those blocks of `layer`."""
-    backend = engine.runner.backend
-    if isinstance(backend, TorchPagedAttention):
-        k_cache, v_cache = backend.k_caches[layer], backend.v_caches[layer]
-        ids = torch.tensor(block_ids, dtype=torch.long, device=k_cache.device)
-        raw = rows.to(k_cache.device).view(k_cache.dtype).reshape(len(block_ids), 2, *k_cache.shape[1:])
-        k_cache.index_copy_(0, ids, raw[:, 0])
-        v_cache.index_copy_(0, ids, raw[:, 1])
-        return
-    cache = backend.caches[layer]
-    ids = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
-    rows = rows.to(cache.device)
+    """rows: [len(block_ids), bytes_per_block] uint8 on the host, written into those blocks of `layer` with one
+    index_copy_ per part (kv_base's import_blocks does an index_put per part, several times slower on CPU)."""
+    parts = layer_byte_rows(engine, layer)
+    ids = torch.tensor(block_ids, dtype=torch.long, device=parts[0].device)
+    rows = rows.to(parts[0].device)
     offset = 0
-    for part in cache_byte_rows(cache):  # `export_blocks`'s layout, written with index_copy_: kv_base's
-        width = part.shape[1]       # import_blocks does an index_put per part, several times slower on CPU
+    for part in parts:
+        width = part.shape[1]
         part.index_copy_(0, ids, rows[:, offset:offset + width])
         offset += width
 
 
-def cache_byte_rows(cache: PagedKVCache) -> list[torch.Tensor]:
-    """Each part of the cache as a [num_blocks, bytes of one block] uint8 view of its storage, in part order."""
-    return [p.view(p.shape[0], -1).view(torch.uint8) for p in cache.parts.values()]
+def layer_byte_rows(engine: Engine, layer: int) -> list[torch.Tensor]:
+    """Each part of `layer`'s cache as a [num_blocks, bytes of one block] uint8 view of its storage, in wire
+    order (the torch backend: keys then values; the kernel backend: its format's parts, `export_blocks`'s
+    order). Writing into a view writes the cache."""
+    backend = engine.runner.backend
+    if isinstance(backend, TorchPagedAttention):
+        parts = [backend.k_caches[layer], backend.v_caches[layer]]
+    else:
+        parts = list(backend.caches[layer].parts.values())
+    return [p.view(p.shape[0], -1).view(torch.uint8) for p in parts]
+
+
+def layer_state(engine: Engine, layer: int) -> list[torch.Tensor]:
+    """`layer`'s per-sequence state tensors [max_num_seqs, ...] in wire order (kivi2's residual keys, then
+    values); empty for formats without state."""
+    backend = engine.runner.backend
+    if isinstance(backend, TorchPagedAttention):
+        return []
+    state = backend.caches[layer].state
+    return [state[name] for name in STATE_PARTS if name in state]
 
 
 def _import_state(engine: Engine, seq: Sequence, num_tokens: int, layer: int, data: bytes,
@@ -254,13 +256,12 @@ def _import_state(engine: Engine, seq: Sequence, num_tokens: int, layer: int, da
     expected = layout.state_bytes(num_tokens)
     if not expected or len(data) != expected:
         raise ValueError(f"state payload of layer {layer}: {len(data)} bytes, expected {expected}")
-    cache = engine.runner.backend.caches[layer]
     r = num_tokens % layout.state_period
-    res_k = cache.state["res_k"]
-    half = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).to(cache.device)
+    res_k, res_v = layer_state(engine, layer)
+    half = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).to(res_k.device)
     half = half.view(res_k.dtype).reshape(2, r, *res_k.shape[2:])
     res_k[seq.kv_slot, :r] = half[0]
-    cache.state["res_v"][seq.kv_slot, :r] = half[1]
+    res_v[seq.kv_slot, :r] = half[1]
 
 
 @dataclass
