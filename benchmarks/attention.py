@@ -29,7 +29,7 @@ from partita.kernels.kv_formats import get_kv_format
 from partita.kernels.kv_testing import make_paged_batch, outlier_kv, output_errors
 from partita.kernels.linear import graph_time_us
 from partita.kernels.paged_attention import (AttentionConfig, attention_config,
-                                             choose_num_splits, paged_decode_attention,
+                                             choose_num_splits, decode_waves, paged_decode_attention,
                                              paged_prefill_attention)
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
@@ -109,7 +109,8 @@ def bench_decode(spec: str, batch_size: int, ctx: int, *, num_splits=None, confi
                                num_splits=num_splits, config=config)
     t = time_graph(call, iters=max(20, len(copies)))
     splits = num_splits or choose_num_splits(batch_size, HKV, ctx,
-                                             torch.cuda.get_device_properties(0).multi_processor_count)
+                                             torch.cuda.get_device_properties(0).multi_processor_count,
+                                             waves=decode_waves(cache.fmt.name))
     return {"kind": "decode", "format": spec, "batch": batch_size, "ctx": ctx, "time_s": t,
             "bytes": nbytes, "splits": splits,
             "config": cfg_str(config or attention_config(cache.fmt.name, D, True, splits))}
@@ -166,12 +167,13 @@ def sweep_cases() -> list[tuple[str, int, int, dict]]:
     cases = []
     int8_modes = ((False, False), (True, False), (True, True))
     for bn in (32, 64, 128):
-        for warps in (4, 8):
-            for stages in (2, 3):
-                for ki, vi in int8_modes:
-                    cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=stages,
-                                          k_int8=ki, v_int8=vi)
-                    cases.append(("int4", 64, 8192, {"config": cfg}))
+        for warps in (1, 2, 4):
+            for splits in (1, 2, 4):
+                cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=3)
+                cases.append(("int4", 64, 8192, {"config": cfg, "num_splits": splits}))
+    for ki, vi in int8_modes[1:]:
+        cfg = AttentionConfig(block_n=32, num_warps=1, num_stages=3, k_int8=ki, v_int8=vi)
+        cases.append(("int4", 64, 8192, {"config": cfg, "num_splits": 2}))
     for spec in ("int4:group_size=64", "fp8", "int8"):
         for bn in (64, 128):
             for warps in (4, 8):
@@ -180,11 +182,11 @@ def sweep_cases() -> list[tuple[str, int, int, dict]]:
                     cases.append((spec, 64, 8192, {"config": cfg}))
     for spec, modes in (("kivi2", ((False, False), (True, False))),
                         ("kivi2:value_group_size=128", int8_modes)):
-        for warps in (2, 4, 8):
-            for stages in (2, 3):
+        for warps in (1, 2, 4):
+            for splits in (1, 2):
                 for ki, vi in modes:
-                    cfg = AttentionConfig(num_warps=warps, num_stages=stages, k_int8=ki, v_int8=vi)
-                    cases.append((spec, 64, 8192, {"config": cfg}))
+                    cfg = AttentionConfig(num_warps=warps, num_stages=3, k_int8=ki, v_int8=vi)
+                    cases.append((spec, 64, 8192, {"config": cfg, "num_splits": splits}))
     for bn, warps in ((64, 4), (128, 4), (128, 8)):
         for splits in (16, 32, 64):
             cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=3)

@@ -51,6 +51,7 @@ class AttentionConfig:
     num_stages: int = 2
     k_int8: bool = False  # int4/kivi2: int8 tensor-core dots for the scores where shapes allow
     v_int8: bool = False  # int4/kivi2: int8 dots for P V (P quantized per row and group)
+    max_registers: int | None = None  # per thread (CUDA): caps a kernel that would spill to fewer warps per SM
 
 
 def attention_config(fmt_name: str, head_dim: int, is_decode: bool,
@@ -72,7 +73,18 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool,
         if num_splits >= 8:
             return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
         return AttentionConfig(block_n=64, num_warps=4, num_stages=2)
+    if fmt_name == "int4" and num_splits < 8:
+        # one warp per program: no cross-warp softmax reductions or operand exchanges, and
+        # 32-token tiles keep the unpacked codes in registers (see `decode_waves`)
+        return AttentionConfig(block_n=32, num_warps=1, num_stages=3)
     return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
+
+
+def decode_waves(fmt_name: str) -> int:
+    """Programs per SM that `choose_num_splits` aims for: int4's one-warp programs need more of
+    them resident to keep an SM busy (they take 255 registers: 8 per SM, 4 when 512 programs
+    cover 132 SMs unsplit, which is batch 64 x 8 kv heads)."""
+    return 4 if fmt_name == "int4" else 2
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int,
@@ -135,7 +147,8 @@ def _launch(q, cache, block_tables, context_lens, cu_seqlens_q, seq_slots, scale
         NUM_KV_HEADS=hkv, HEAD_DIM=d, BLOCK_SIZE=cache.block_size, GQ=gq, GQ_PAD=gq_pad,
         BLOCK_Q=1 if is_decode else block_m // gq_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, IS_DECODE=is_decode, **meta,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}))
     if num_splits > 1:
         combine_splits(out, part_acc, part_ml)
 
@@ -159,7 +172,8 @@ def paged_decode_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: t
             max_context_len = int(context_lens.max())  # host sync: pass it under CUDA graphs
         num_sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
                    if q.is_cuda else 4)
-        num_splits = choose_num_splits(num_seqs, cache.num_kv_heads, max_context_len, num_sms)
+        num_splits = choose_num_splits(num_seqs, cache.num_kv_heads, max_context_len, num_sms,
+                                       waves=decode_waves(cache.fmt.name))
     cfg = config or attention_config(cache.fmt.name, cache.head_dim, True, num_splits)
     _launch(q, cache, block_tables, context_lens, None, seq_slots, scale, out, is_decode=True,
             num_splits=num_splits, grid_q=1, cfg=cfg)

@@ -19,6 +19,7 @@ by `_combine_kernel` with the usual log-sum-exp weights.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -78,6 +79,81 @@ def codes_operand(x, INT8: tl.constexpr):
         # 0x6400 is float16 1024.0: OR-ing a code into its mantissa gives 1024 + code exactly,
         # cheaper than an int-to-float conversion
         return ((x.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
+
+
+# PTX for the packed unpacking below. A byte pair b0, b1 is spread into the two 16-bit halves of
+# a register (prmt), so each following instruction handles two codes: lop3 keeps one code field
+# and ORs in 0x6400 (float16 1024.0, whose ulp is 1), giving 1024 + 2**s * code for a field at bit
+# s; one fma.rn.f16x2 by 2**-s and -1024 * 2**-s then leaves the code itself, exactly.
+_SPREAD = """
+    .reg .b32 t0, t1;
+    prmt.b32 t0, $IN, 0, 0x4140;
+    prmt.b32 t1, $IN, 0, 0x4342;
+"""
+_FIELD = """
+    {{
+    .reg .b32 f, m;
+    mov.b32 f, {scale};
+    mov.b32 m, {shift};
+    lop3.b32 ${a}, t0, {mask}, 0x64006400, 0xEA;
+    lop3.b32 ${b}, t1, {mask}, 0x64006400, 0xEA;
+    fma.rn.f16x2 ${a}, ${a}, f, m;
+    fma.rn.f16x2 ${b}, ${b}, f, m;
+    }}
+"""
+_FIELD_CONSTS = {0: ("0x3C003C00", "0xE400E400"), 2: ("0x34003400", "0xDC00DC00"),
+                 4: ("0x2C002C00", "0xD400D400"), 6: ("0x24002400", "0xCC00CC00")}
+
+
+def _unpack_asm(bits: int) -> str:
+    """Asm of one invocation (4 bytes in, 8 // bits fields of 4 float16 codes out)."""
+    fields = 8 // bits
+    body = [_SPREAD.replace("$IN", f"${2 * fields}")]
+    for i in range(fields):
+        shift = i * bits
+        mask = ((1 << bits) - 1) << shift
+        scale, offset = _FIELD_CONSTS[shift]
+        body.append(_FIELD.format(a=2 * i, b=2 * i + 1, scale=scale, shift=offset,
+                                  mask=f"0x{mask:04X}{mask:04X}"))
+    return "{" + "".join(body) + "}"
+
+
+_NIBBLES_ASM = tl.constexpr(_unpack_asm(4))
+
+
+def packed_unpack(codes: torch.Tensor) -> bool:
+    """Whether kernels reading `codes` take the PTX unpacking (NVIDIA GPUs; not the interpreter)."""
+    return codes.is_cuda and torch.version.hip is None
+_CRUMBS_ASM = tl.constexpr(_unpack_asm(2))
+
+
+@triton.jit
+def nibble_planes(x, PACKED: tl.constexpr):
+    """uint8 bytes -> (low nibbles, high nibbles), each an exact float16 code 0..15.
+    PACKED (CUDA): two codes per instruction (the PTX above); otherwise `codes_operand`."""
+    if PACKED:
+        lo, hi = tl.inline_asm_elementwise(_NIBBLES_ASM, "=r,=r,=r,=r,r", [x],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        lo = codes_operand(x & 15, False)
+        hi = codes_operand(x >> 4, False)
+    return lo, hi
+
+
+@triton.jit
+def crumb_planes(x, PACKED: tl.constexpr):
+    """uint8 bytes -> their four 2-bit fields (bits 0-1 first), each an exact float16 code 0..3.
+    PACKED (CUDA): two codes per instruction (the PTX above); otherwise `codes_operand`."""
+    if PACKED:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            _CRUMBS_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        c0 = codes_operand(x & 3, False)
+        c1 = codes_operand((x >> 2) & 3, False)
+        c2 = codes_operand((x >> 4) & 3, False)
+        c3 = codes_operand(x >> 6, False)
+    return c0, c1, c2, c3
 
 
 @triton.jit

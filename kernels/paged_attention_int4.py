@@ -10,7 +10,7 @@ Scales and zeros, per token and channel group:
         O      += (P * sv) [C_lo | C_hi]  +  (P . zv)
     several groups: the codes are dequantized in registers (code * scale + zero, float16, the
         group's scale broadcast along its W columns) before the dots.
-Dequantizing a code costs a mask or shift and an exact int-to-float16 step (`codes_operand`).
+Codes become exact float16 values two per instruction on CUDA (`nibble_planes`).
 With `K_INT8` (one group per head) the query is quantized per row to int8 and the score dots run
 on int8 tensor cores; `V_INT8` does the same for the P-weights. Otherwise operands are float16.
 Every tensor is 2D: batched 3D dots and reductions over a group axis compiled to slow code.
@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from partita.kernels.paged_attention_common import (NEG_BIG, TAU, causal_mask, codes_operand,
-                                                    program_rows, quantize_rows, store_output,
-                                                    store_split_stats)
+                                                    nibble_planes, packed_unpack, program_rows,
+                                                    quantize_rows, store_output, store_split_stats)
 
 
 @triton.jit
@@ -32,11 +32,20 @@ def _per_column(x, BLOCK_N: tl.constexpr, NG: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _scale_zero(meta_ptr, row, mask):
+    """float32 (scale, zero) of rows [N] of a one-group meta part: one 32-bit load per row."""
+    pair = tl.load(meta_ptr.to(tl.pointer_type(tl.int32)) + row, mask=mask, other=0)
+    scale = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    zero = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
 def _int4_tile(q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi, pos, bt_row,
                h_kv, sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
                NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                BLOCK_N: tl.constexpr, G: tl.constexpr, K_INT8: tl.constexpr,
-               V_INT8: tl.constexpr, MASKED: tl.constexpr):
+               V_INT8: tl.constexpr, PACKED: tl.constexpr, MASKED: tl.constexpr):
     NG: tl.constexpr = HEAD_DIM // G
     W: tl.constexpr = G // 2
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -50,21 +59,22 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi,
     # scores
     kb = tl.load(k_ptr + codes, mask=ok, other=0)
     if NG == 1:
-        ks = tl.load(kmeta_ptr + row * 2, mask=n_ok, other=0.0).to(tl.float32)
-        kz = tl.load(kmeta_ptr + row * 2 + 1, mask=n_ok, other=0.0).to(tl.float32)
+        ks, kz = _scale_zero(kmeta_ptr, row, n_ok)
         if K_INT8:
             dots = (tl.dot(q_lo, tl.trans(codes_operand(kb & 15, True)))
                     + tl.dot(q_hi, tl.trans(codes_operand(kb >> 4, True))))
             dots = dots.to(tl.float32) * q_scale[:, None]
         else:
-            dots = tl.dot(q_lo, tl.trans(codes_operand(kb & 15, False)))
-            dots = tl.dot(q_hi, tl.trans(codes_operand(kb >> 4, False)), dots)
+            k_lo, k_hi = nibble_planes(kb, PACKED)
+            dots = tl.dot(q_lo, tl.trans(k_lo))
+            dots = tl.dot(q_hi, tl.trans(k_hi), dots)
         s = dots * ks[None, :] + qsum[:, None] * kz[None, :]
     else:
         ks = _per_column(tl.load(kmeta_ptr + meta, mask=ok, other=0.0), BLOCK_N, NG, W)
         kz = _per_column(tl.load(kmeta_ptr + meta + 1, mask=ok, other=0.0), BLOCK_N, NG, W)
-        s = tl.dot(q_lo, tl.trans(codes_operand(kb & 15, False) * ks + kz))
-        s = tl.dot(q_hi, tl.trans(codes_operand(kb >> 4, False) * ks + kz), s)
+        k_lo, k_hi = nibble_planes(kb, PACKED)
+        s = tl.dot(q_lo, tl.trans(k_lo * ks + kz))
+        s = tl.dot(q_hi, tl.trans(k_hi * ks + kz), s)
     s = s * sm_scale_log2
     if MASKED:
         s = causal_mask(s, n, pos, hi)
@@ -82,8 +92,7 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi,
     # values
     vb = tl.load(v_ptr + codes, mask=ok, other=0)
     if NG == 1:
-        vs = tl.load(vmeta_ptr + row * 2, mask=n_ok, other=0.0).to(tl.float32)
-        vz = tl.load(vmeta_ptr + row * 2 + 1, mask=n_ok, other=0.0).to(tl.float32)
+        vs, vz = _scale_zero(vmeta_ptr, row, n_ok)
         pw = p * vs[None, :]
         if V_INT8:
             p_scale = tl.maximum(tl.max(pw, 1), 1e-30) / 127.0  # [M]
@@ -92,15 +101,17 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi,
             acc_hi += tl.dot(pq, codes_operand(vb >> 4, True)).to(tl.float32) * p_scale[:, None]
         else:
             pq = pw.to(tl.float16)
-            acc_lo = tl.dot(pq, codes_operand(vb & 15, False), acc_lo)
-            acc_hi = tl.dot(pq, codes_operand(vb >> 4, False), acc_hi)
+            v_lo, v_hi = nibble_planes(vb, PACKED)
+            acc_lo = tl.dot(pq, v_lo, acc_lo)
+            acc_hi = tl.dot(pq, v_hi, acc_hi)
         corr = corr + tl.sum(p * vz[None, :], 1)
     else:
         vs = _per_column(tl.load(vmeta_ptr + meta, mask=ok, other=0.0), BLOCK_N, NG, W)
         vz = _per_column(tl.load(vmeta_ptr + meta + 1, mask=ok, other=0.0), BLOCK_N, NG, W)
         pq = p.to(tl.float16)
-        acc_lo = tl.dot(pq, codes_operand(vb & 15, False) * vs + vz, acc_lo)
-        acc_hi = tl.dot(pq, codes_operand(vb >> 4, False) * vs + vz, acc_hi)
+        v_lo, v_hi = nibble_planes(vb, PACKED)
+        acc_lo = tl.dot(pq, v_lo * vs + vz, acc_lo)
+        acc_hi = tl.dot(pq, v_hi * vs + vz, acc_hi)
     return m, l, acc_lo, acc_hi, corr
 
 
@@ -118,7 +129,7 @@ def int4_attention_kernel(
     GQ: tl.constexpr, GQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_DECODE: tl.constexpr,
     # format
-    G: tl.constexpr, K_INT8: tl.constexpr, V_INT8: tl.constexpr,
+    G: tl.constexpr, K_INT8: tl.constexpr, V_INT8: tl.constexpr, PACKED: tl.constexpr,
 ):
     b, split, is_done, row_valid, tok, head, pos, lo, full_hi, hi = program_rows(
         context_lens_ptr, cu_seqlens_q_ptr, GQ, GQ_PAD, BLOCK_Q, BLOCK_M, BLOCK_N, NUM_SPLITS,
@@ -149,12 +160,12 @@ def int4_attention_kernel(
         m, l, acc_lo, acc_hi, corr = _int4_tile(
             q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi, pos, bt_row,
             h_kv, sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
-            NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, G, K_INT8, V_INT8, False)
+            NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, G, K_INT8, V_INT8, PACKED, False)
     for start in range(full_hi, hi, BLOCK_N):
         m, l, acc_lo, acc_hi, corr = _int4_tile(
             q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi, pos, bt_row,
             h_kv, sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
-            NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, G, K_INT8, V_INT8, True)
+            NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, G, K_INT8, V_INT8, PACKED, True)
     NUM_Q_HEADS: tl.constexpr = NUM_KV_HEADS * GQ
     out_rows = (tok * stride_ot + head * stride_oh)[:, None]
     part_rows = (((b * NUM_Q_HEADS + head) * NUM_SPLITS + split) * HEAD_DIM)[:, None]
@@ -173,4 +184,5 @@ def int4_cache_args(cache, k_int8: bool, v_int8: bool) -> tuple[list, dict]:
     g = cache.fmt.group_size
     one_group = g == cache.head_dim
     return ([p["k"], p["k_meta"], p["v"], p["v_meta"]],
-            {"G": g, "K_INT8": k_int8 and one_group, "V_INT8": v_int8 and one_group})
+            {"G": g, "K_INT8": k_int8 and one_group, "V_INT8": v_int8 and one_group,
+             "PACKED": packed_unpack(p["k"])})

@@ -17,9 +17,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from partita.kernels.paged_attention_common import (NEG_BIG, TAU, causal_mask, codes_operand,
-                                                    program_rows, quantize_rows, store_output,
-                                                    store_split_stats)
+from partita.kernels.paged_attention_common import (NEG_BIG, TAU, causal_mask, crumb_planes,
+                                                    packed_unpack, program_rows, quantize_rows,
+                                                    store_output, store_split_stats)
 
 
 @triton.jit
@@ -40,14 +40,7 @@ def _rescale(s, m, l, a0, a1, a2, a3, corr):
 
 
 @triton.jit
-def _key_dot(qp, kb, P: tl.constexpr, K_INT8: tl.constexpr):
-    return tl.dot(qp, tl.trans(codes_operand((kb >> (2 * P)) & 3, K_INT8)))
-
-
-@triton.jit
-def _value_dot(pq, vb, p_scale, vs, vz, acc, P: tl.constexpr, ONE_GROUP: tl.constexpr,
-               V_INT8: tl.constexpr):
-    c = codes_operand((vb >> (2 * P)) & 3, V_INT8)
+def _value_dot(pq, c, p_scale, vs, vz, acc, ONE_GROUP: tl.constexpr, V_INT8: tl.constexpr):
     if not ONE_GROUP:
         return tl.dot(pq, c * vs + vz, acc)
     elif V_INT8:
@@ -61,7 +54,7 @@ def _kivi_tile(q0, q1, q2, q3, m, l, a0, a1, a2, a3, corr, start, hi, pos, bt_ro
                sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
                NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                G: tl.constexpr, GV: tl.constexpr, K_INT8: tl.constexpr, V_INT8: tl.constexpr,
-               MASKED: tl.constexpr):
+               PACKED: tl.constexpr, MASKED: tl.constexpr):
     Q: tl.constexpr = HEAD_DIM // 4
     NGV: tl.constexpr = HEAD_DIM // GV
     t = tl.arange(0, G)
@@ -87,12 +80,18 @@ def _kivi_tile(q0, q1, q2, q3, m, l, a0, a1, a2, a3, corr, start, hi, pos, bt_ro
     amax = tl.maximum(tl.maximum(tl.max(tl.abs(s0), 1), tl.max(tl.abs(s1), 1)),
                       tl.maximum(tl.max(tl.abs(s2), 1), tl.max(tl.abs(s3), 1)))
     q_scale = tl.maximum(amax, 1e-30) / 127.0
-    s = _key_dot(quantize_rows(s0, q_scale[:, None], K_INT8), kb, 0, K_INT8)
-    s += _key_dot(quantize_rows(s1, q_scale[:, None], K_INT8), kb, 1, K_INT8)
-    s += _key_dot(quantize_rows(s2, q_scale[:, None], K_INT8), kb, 2, K_INT8)
-    s += _key_dot(quantize_rows(s3, q_scale[:, None], K_INT8), kb, 3, K_INT8)
     if K_INT8:
+        s = tl.dot(quantize_rows(s0, q_scale[:, None], True), tl.trans((kb & 3).to(tl.int8)))
+        s += tl.dot(quantize_rows(s1, q_scale[:, None], True), tl.trans(((kb >> 2) & 3).to(tl.int8)))
+        s += tl.dot(quantize_rows(s2, q_scale[:, None], True), tl.trans(((kb >> 4) & 3).to(tl.int8)))
+        s += tl.dot(quantize_rows(s3, q_scale[:, None], True), tl.trans((kb >> 6).to(tl.int8)))
         s = s.to(tl.float32) * q_scale[:, None]
+    else:
+        k0, k1, k2, k3 = crumb_planes(kb, PACKED)
+        s = tl.dot(s0.to(tl.float16), tl.trans(k0))
+        s = tl.dot(s1.to(tl.float16), tl.trans(k1), s)
+        s = tl.dot(s2.to(tl.float16), tl.trans(k2), s)
+        s = tl.dot(s3.to(tl.float16), tl.trans(k3), s)
     s = (s + zterm[:, None]) * sm_scale_log2
     n = start + t
     if MASKED:
@@ -114,10 +113,17 @@ def _kivi_tile(q0, q1, q2, q3, m, l, a0, a1, a2, a3, corr, start, hi, pos, bt_ro
         vz = tl.load(vm + 1)
         p_scale = l  # unused without V_INT8
         pq = p.to(tl.float16)
-    a0 = _value_dot(pq, vb, p_scale, vs, vz, a0, 0, NGV == 1, V_INT8)
-    a1 = _value_dot(pq, vb, p_scale, vs, vz, a1, 1, NGV == 1, V_INT8)
-    a2 = _value_dot(pq, vb, p_scale, vs, vz, a2, 2, NGV == 1, V_INT8)
-    a3 = _value_dot(pq, vb, p_scale, vs, vz, a3, 3, NGV == 1, V_INT8)
+    if V_INT8:
+        c0 = (vb & 3).to(tl.int8)
+        c1 = ((vb >> 2) & 3).to(tl.int8)
+        c2 = ((vb >> 4) & 3).to(tl.int8)
+        c3 = (vb >> 6).to(tl.int8)
+    else:
+        c0, c1, c2, c3 = crumb_planes(vb, PACKED)
+    a0 = _value_dot(pq, c0, p_scale, vs, vz, a0, NGV == 1, V_INT8)
+    a1 = _value_dot(pq, c1, p_scale, vs, vz, a1, NGV == 1, V_INT8)
+    a2 = _value_dot(pq, c2, p_scale, vs, vz, a2, NGV == 1, V_INT8)
+    a3 = _value_dot(pq, c3, p_scale, vs, vz, a3, NGV == 1, V_INT8)
     return m, l, a0, a1, a2, a3, corr
 
 
@@ -164,6 +170,7 @@ def kivi_attention_kernel(
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_DECODE: tl.constexpr,
     # format
     R: tl.constexpr, GV: tl.constexpr, K_INT8: tl.constexpr, V_INT8: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     b, split, is_done, row_valid, tok, head, pos, lo, full_hi, hi = program_rows(
         context_lens_ptr, cu_seqlens_q_ptr, GQ, GQ_PAD, BLOCK_Q, BLOCK_M, BLOCK_N, NUM_SPLITS,
@@ -194,12 +201,12 @@ def kivi_attention_kernel(
         m, l, a0, a1, a2, a3, corr = _kivi_tile(
             q0, q1, q2, q3, m, l, a0, a1, a2, a3, corr, start, q_end, pos, bt_row, h_kv,
             sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
-            NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GV, K_INT8, V_INT8, False)
+            NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GV, K_INT8, V_INT8, PACKED, False)
     for start in range(tl.minimum(full_hi, q_end), q_end, BLOCK_N):
         m, l, a0, a1, a2, a3, corr = _kivi_tile(
             q0, q1, q2, q3, m, l, a0, a1, a2, a3, corr, start, q_end, pos, bt_row, h_kv,
             sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
-            NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GV, K_INT8, V_INT8, True)
+            NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, GV, K_INT8, V_INT8, PACKED, True)
     if hi > tl.maximum(lo, quantized):  # this slice reaches into the residual
         seq = tl.load(seq_slots_ptr + b).to(tl.int64)
         res = (seq * R * NUM_KV_HEADS + h_kv) * HEAD_DIM
@@ -230,4 +237,5 @@ def kivi_cache_args(cache, k_int8: bool, v_int8: bool) -> tuple[list, dict]:
     return ([p["k"], p["k_meta"], p["v"], p["v_meta"], s["res_k"], s["res_v"]],
             {"R": fmt.r, "GV": fmt.value_group_size,
              "K_INT8": k_int8 and cache.head_dim >= 128,
-             "V_INT8": v_int8 and fmt.value_group_size == cache.head_dim})
+             "V_INT8": v_int8 and fmt.value_group_size == cache.head_dim,
+             "PACKED": packed_unpack(p["k"])})
