@@ -51,7 +51,6 @@ class AttentionConfig:
     num_stages: int = 2
     k_int8: bool = False  # int4/kivi2: int8 tensor-core dots for the scores where shapes allow
     v_int8: bool = False  # int4/kivi2: int8 dots for P V (P quantized per row and group)
-    max_registers: int | None = None  # per thread (CUDA): caps a kernel that would spill to fewer warps per SM
 
 
 def attention_config(fmt_name: str, head_dim: int, is_decode: bool,
@@ -147,8 +146,7 @@ def _launch(q, cache, block_tables, context_lens, cu_seqlens_q, seq_slots, scale
         NUM_KV_HEADS=hkv, HEAD_DIM=d, BLOCK_SIZE=cache.block_size, GQ=gq, GQ_PAD=gq_pad,
         BLOCK_Q=1 if is_decode else block_m // gq_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, IS_DECODE=is_decode, **meta,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **({} if cfg.max_registers is None else {"maxnreg": cfg.max_registers}))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if num_splits > 1:
         combine_splits(out, part_acc, part_ml)
 

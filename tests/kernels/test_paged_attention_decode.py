@@ -82,6 +82,7 @@ def test_split_heuristic():
     assert choose_num_splits(1, 8, 32768, 132) == 33  # 8 programs -> 264, two per SM
     assert choose_num_splits(1, 8, 300, 132) == 1  # too short to split
     assert choose_num_splits(2, 8, 2048, 132) == 8  # capped by 256 tokens per split
+    assert choose_num_splits(64, 8, 8192, 132, waves=4) == 2  # int4's one-warp programs: 4 per SM
 
 
 @pytest.mark.gpu
