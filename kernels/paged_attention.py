@@ -56,16 +56,16 @@ class AttentionConfig:
 def attention_config(fmt_name: str, head_dim: int, is_decode: bool,
                      num_splits: int = 1) -> AttentionConfig:
     """Default tiling per format, from the H200 sweeps (`benchmarks/attention.py --sweep-only`,
-    benchmarks/results/2026-11-24-attention-h200.md): the fastest config at batch 64 x context 8k
-    (and, for bf16, also at 32 x 4k, 32 x 8k and 128 x 4k). Split launches (small batches) take
+    benchmarks/results/2026-11-24-attention-h200.md and, for int4/kivi2 since their codes are
+    unpacked in PTX, 2026-11-24-attention-packed-h200.md): the fastest config at batch 64 x context
+    8k (and, for bf16, also at 32 x 4k, 32 x 8k and 128 x 4k). Split launches (small batches) take
     128-token tiles with 3 stages when they split the context >= 8 ways, the fastest at batch 1 x
     32k (at batch 32 x 4k, 2 splits, the unsplit config stays faster). Float operands throughout:
-    `k_int8` was up to 9% faster for int4 but adds the query's 8-bit rounding to every score."""
+    int8 tensor-core dots (`k_int8`, `v_int8`) were slower for int4 and kivi2 once unpacking was
+    cheap, and add the 8-bit rounding of the query or P to every product."""
     if not is_decode:
-        if fmt_name == "none":
-            return AttentionConfig(block_n=64, block_m=64, num_warps=4, num_stages=3)
         return AttentionConfig(block_n=64, block_m=64, num_warps=4,
-                               num_stages=3 if fmt_name == "kivi2" else 2)
+                               num_stages=3 if fmt_name in ("none", "int4", "kivi2") else 2)
     if fmt_name == "kivi2":  # one key group per tile: two warps keep the small tiles busiest
         return AttentionConfig(num_warps=2, num_stages=3)
     if fmt_name == "none":
