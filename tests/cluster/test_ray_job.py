@@ -95,9 +95,18 @@ def _endpoints(client, job_id: str) -> dict:
 def test_submitted_job_serves_and_stops_cleanly(ray_head, tmp_path):
     client = ray_head["client"]
     (tmp_path / "spec.yaml").write_text(JOB_SPEC)
-    job_id = client.submit_job(entrypoint="partita serve --config spec.yaml",
-                               runtime_env={"working_dir": str(tmp_path),
-                                            "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "30"}})
+
+    def submit():
+        try:
+            return client.submit_job(entrypoint="partita serve --config spec.yaml",
+                                     runtime_env={"working_dir": str(tmp_path),
+                                                  "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "30"}})
+        except RuntimeError as e:  # the dashboard answers before its job agent is up: Ray says to retry
+            if "No available agent" in str(e):
+                return None
+            raise
+
+    job_id = wait_until(submit, 120, "the Ray job agent to accept the job", interval_s=2.0)
     try:
         endpoints = _endpoints(client, job_id)
         request = urllib.request.Request(
