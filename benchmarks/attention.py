@@ -29,7 +29,7 @@ from partita.kernels.kv_formats import get_kv_format
 from partita.kernels.kv_testing import make_paged_batch, outlier_kv, output_errors
 from partita.kernels.linear import graph_time_us
 from partita.kernels.paged_attention import (AttentionConfig, attention_config,
-                                             choose_num_splits, decode_waves, paged_decode_attention,
+                                             decode_num_splits, paged_decode_attention,
                                              paged_prefill_attention)
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
@@ -108,9 +108,7 @@ def bench_decode(spec: str, batch_size: int, ctx: int, *, num_splits=None, confi
                                max_context_len=ctx, seq_slots=batch.seq_slots,
                                num_splits=num_splits, config=config)
     t = time_graph(call, iters=max(20, len(copies)))
-    splits = num_splits or choose_num_splits(batch_size, HKV, ctx,
-                                             torch.cuda.get_device_properties(0).multi_processor_count,
-                                             waves=decode_waves(cache.fmt.name))
+    splits = num_splits or decode_num_splits(cache, batch_size, ctx)
     return {"kind": "decode", "format": spec, "batch": batch_size, "ctx": ctx, "time_s": t,
             "bytes": nbytes, "splits": splits,
             "config": cfg_str(config or attention_config(cache.fmt.name, D, True, splits))}

@@ -22,7 +22,7 @@ for variable lengths; `benchmarks/attention.py` measures both.
 
 Decode is CUDA-graph capturable: the grid and the split count depend only on shapes, the SM
 count and the caller's `max_context_len` bound (pass it; without it the launcher reads
-context_lens.max() on the host). Split count: `choose_num_splits`.
+context_lens.max() on the host). Split count: `decode_num_splits`.
 """
 from __future__ import annotations
 
@@ -74,16 +74,11 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool,
         return AttentionConfig(block_n=64, num_warps=4, num_stages=2)
     if fmt_name == "int4" and num_splits < 8:
         # one warp per program: no cross-warp softmax reductions or operand exchanges, and
-        # 32-token tiles keep the unpacked codes in registers (see `decode_waves`)
+        # 32-token tiles keep the unpacked codes in registers (see `decode_num_splits`)
         return AttentionConfig(block_n=32, num_warps=1, num_stages=3)
     return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
 
 
-def decode_waves(fmt_name: str) -> int:
-    """Programs per SM that `choose_num_splits` aims for: int4's one-warp programs need more of
-    them resident to keep an SM busy (they take 255 registers: 8 per SM, 4 when 512 programs
-    cover 132 SMs unsplit, which is batch 64 x 8 kv heads)."""
-    return 4 if fmt_name == "int4" else 2
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int,
@@ -94,6 +89,17 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
         return 1
     by_len = max(1, max_context_len // min_tokens_per_split)
     return max(1, min(triton.cdiv(waves * num_sms, programs), by_len, 64))
+
+
+def decode_num_splits(cache: PagedKVCache, num_seqs: int, max_context_len: int) -> int:
+    """The split count `paged_decode_attention` takes by default. int4 aims at 4 programs per SM
+    rather than 2: its one-warp programs take 255 registers (8 resident per SM), and batch 64 x 8
+    kv heads unsplit would leave 4 per SM."""
+    device = cache.device
+    num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+               if device.type == "cuda" else 4)
+    return choose_num_splits(num_seqs, cache.num_kv_heads, max_context_len, num_sms,
+                             waves=4 if cache.fmt.name == "int4" else 2)
 
 
 def _check(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
@@ -168,10 +174,7 @@ def paged_decode_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: t
     if num_splits is None:
         if max_context_len is None:
             max_context_len = int(context_lens.max())  # host sync: pass it under CUDA graphs
-        num_sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
-                   if q.is_cuda else 4)
-        num_splits = choose_num_splits(num_seqs, cache.num_kv_heads, max_context_len, num_sms,
-                                       waves=decode_waves(cache.fmt.name))
+        num_splits = decode_num_splits(cache, num_seqs, max_context_len)
     cfg = config or attention_config(cache.fmt.name, cache.head_dim, True, num_splits)
     _launch(q, cache, block_tables, context_lens, None, seq_slots, scale, out, is_decode=True,
             num_splits=num_splits, grid_q=1, cfg=cfg)

@@ -19,6 +19,8 @@ by `_combine_kernel` with the usual log-sum-exp weights.
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -94,15 +96,19 @@ _FIELD = """
     {{
     .reg .b32 f, m;
     mov.b32 f, {scale};
-    mov.b32 m, {shift};
+    mov.b32 m, {offset};
     lop3.b32 ${a}, t0, {mask}, 0x64006400, 0xEA;
     lop3.b32 ${b}, t1, {mask}, 0x64006400, 0xEA;
     fma.rn.f16x2 ${a}, ${a}, f, m;
     fma.rn.f16x2 ${b}, ${b}, f, m;
     }}
 """
-_FIELD_CONSTS = {0: ("0x3C003C00", "0xE400E400"), 2: ("0x34003400", "0xDC00DC00"),
-                 4: ("0x2C002C00", "0xD400D400"), 6: ("0x24002400", "0xCC00CC00")}
+
+
+def _f16x2(x: float) -> str:
+    """A float16 value in both halves of a .b32 immediate."""
+    (bits,) = struct.unpack("<H", struct.pack("<e", x))
+    return f"0x{bits:04X}{bits:04X}"
 
 
 def _unpack_asm(bits: int) -> str:
@@ -112,26 +118,29 @@ def _unpack_asm(bits: int) -> str:
     for i in range(fields):
         shift = i * bits
         mask = ((1 << bits) - 1) << shift
-        scale, offset = _FIELD_CONSTS[shift]
-        body.append(_FIELD.format(a=2 * i, b=2 * i + 1, scale=scale, shift=offset,
+        body.append(_FIELD.format(a=2 * i, b=2 * i + 1, scale=_f16x2(2.0 ** -shift),
+                                  offset=_f16x2(-1024.0 * 2.0 ** -shift),
                                   mask=f"0x{mask:04X}{mask:04X}"))
     return "{" + "".join(body) + "}"
 
 
 _NIBBLES_ASM = tl.constexpr(_unpack_asm(4))
+_CRUMBS_ASM = tl.constexpr(_unpack_asm(2))
 
 
 def packed_unpack(codes: torch.Tensor) -> bool:
     """Whether kernels reading `codes` take the PTX unpacking (NVIDIA GPUs; not the interpreter)."""
     return codes.is_cuda and torch.version.hip is None
-_CRUMBS_ASM = tl.constexpr(_unpack_asm(2))
 
 
 @triton.jit
-def nibble_planes(x, PACKED: tl.constexpr):
-    """uint8 bytes -> (low nibbles, high nibbles), each an exact float16 code 0..15.
-    PACKED (CUDA): two codes per instruction (the PTX above); otherwise `codes_operand`."""
-    if PACKED:
+def nibble_planes(x, PACKED: tl.constexpr, INT8: tl.constexpr):
+    """uint8 bytes -> (low nibbles, high nibbles) as dot operands: int8 codes with INT8, else exact
+    float16 codes 0..15, two per instruction when PACKED (the PTX above)."""
+    if INT8:
+        lo = codes_operand(x & 15, True)
+        hi = codes_operand(x >> 4, True)
+    elif PACKED:
         lo, hi = tl.inline_asm_elementwise(_NIBBLES_ASM, "=r,=r,=r,=r,r", [x],
                                            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
@@ -141,18 +150,18 @@ def nibble_planes(x, PACKED: tl.constexpr):
 
 
 @triton.jit
-def crumb_planes(x, PACKED: tl.constexpr):
-    """uint8 bytes -> their four 2-bit fields (bits 0-1 first), each an exact float16 code 0..3.
-    PACKED (CUDA): two codes per instruction (the PTX above); otherwise `codes_operand`."""
-    if PACKED:
+def crumb_planes(x, PACKED: tl.constexpr, INT8: tl.constexpr):
+    """uint8 bytes -> their four 2-bit fields (bits 0-1 first) as dot operands: int8 codes with
+    INT8, else exact float16 codes 0..3, two per instruction when PACKED (the PTX above)."""
+    if PACKED and not INT8:
         c0, c1, c2, c3 = tl.inline_asm_elementwise(
             _CRUMBS_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
     else:
-        c0 = codes_operand(x & 3, False)
-        c1 = codes_operand((x >> 2) & 3, False)
-        c2 = codes_operand((x >> 4) & 3, False)
-        c3 = codes_operand(x >> 6, False)
+        c0 = codes_operand(x & 3, INT8)
+        c1 = codes_operand((x >> 2) & 3, INT8)
+        c2 = codes_operand((x >> 4) & 3, INT8)
+        c3 = codes_operand(x >> 6, INT8)
     return c0, c1, c2, c3
 
 

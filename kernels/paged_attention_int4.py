@@ -20,9 +20,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from partita.kernels.paged_attention_common import (NEG_BIG, TAU, causal_mask, codes_operand,
-                                                    nibble_planes, packed_unpack, program_rows,
-                                                    quantize_rows, store_output, store_split_stats)
+from partita.kernels.paged_attention_common import (NEG_BIG, TAU, causal_mask, nibble_planes,
+                                                    packed_unpack, program_rows, quantize_rows,
+                                                    store_output, store_split_stats)
 
 
 @triton.jit
@@ -60,19 +60,17 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi,
     kb = tl.load(k_ptr + codes, mask=ok, other=0)
     if NG == 1:
         ks, kz = _scale_zero(kmeta_ptr, row, n_ok)
-        if K_INT8:
-            dots = (tl.dot(q_lo, tl.trans(codes_operand(kb & 15, True)))
-                    + tl.dot(q_hi, tl.trans(codes_operand(kb >> 4, True))))
+        k_lo, k_hi = nibble_planes(kb, PACKED, K_INT8)
+        if K_INT8:  # int32 products; Triton takes no int32 accumulator operand here
+            dots = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
             dots = dots.to(tl.float32) * q_scale[:, None]
         else:
-            k_lo, k_hi = nibble_planes(kb, PACKED)
-            dots = tl.dot(q_lo, tl.trans(k_lo))
-            dots = tl.dot(q_hi, tl.trans(k_hi), dots)
+            dots = tl.dot(q_hi, tl.trans(k_hi), tl.dot(q_lo, tl.trans(k_lo)))
         s = dots * ks[None, :] + qsum[:, None] * kz[None, :]
     else:
         ks = _per_column(tl.load(kmeta_ptr + meta, mask=ok, other=0.0), BLOCK_N, NG, W)
         kz = _per_column(tl.load(kmeta_ptr + meta + 1, mask=ok, other=0.0), BLOCK_N, NG, W)
-        k_lo, k_hi = nibble_planes(kb, PACKED)
+        k_lo, k_hi = nibble_planes(kb, PACKED, False)
         s = tl.dot(q_lo, tl.trans(k_lo * ks + kz))
         s = tl.dot(q_hi, tl.trans(k_hi * ks + kz), s)
     s = s * sm_scale_log2
@@ -94,14 +92,14 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi,
     if NG == 1:
         vs, vz = _scale_zero(vmeta_ptr, row, n_ok)
         pw = p * vs[None, :]
+        v_lo, v_hi = nibble_planes(vb, PACKED, V_INT8)
         if V_INT8:
             p_scale = tl.maximum(tl.max(pw, 1), 1e-30) / 127.0  # [M]
             pq = quantize_rows(pw, p_scale[:, None], True)
-            acc_lo += tl.dot(pq, codes_operand(vb & 15, True)).to(tl.float32) * p_scale[:, None]
-            acc_hi += tl.dot(pq, codes_operand(vb >> 4, True)).to(tl.float32) * p_scale[:, None]
+            acc_lo += tl.dot(pq, v_lo).to(tl.float32) * p_scale[:, None]
+            acc_hi += tl.dot(pq, v_hi).to(tl.float32) * p_scale[:, None]
         else:
             pq = pw.to(tl.float16)
-            v_lo, v_hi = nibble_planes(vb, PACKED)
             acc_lo = tl.dot(pq, v_lo, acc_lo)
             acc_hi = tl.dot(pq, v_hi, acc_hi)
         corr = corr + tl.sum(p * vz[None, :], 1)
@@ -109,7 +107,7 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi,
         vs = _per_column(tl.load(vmeta_ptr + meta, mask=ok, other=0.0), BLOCK_N, NG, W)
         vz = _per_column(tl.load(vmeta_ptr + meta + 1, mask=ok, other=0.0), BLOCK_N, NG, W)
         pq = p.to(tl.float16)
-        v_lo, v_hi = nibble_planes(vb, PACKED)
+        v_lo, v_hi = nibble_planes(vb, PACKED, False)
         acc_lo = tl.dot(pq, v_lo * vs + vz, acc_lo)
         acc_hi = tl.dot(pq, v_hi * vs + vz, acc_hi)
     return m, l, acc_lo, acc_hi, corr

@@ -80,14 +80,14 @@ def _kivi_tile(q0, q1, q2, q3, m, l, a0, a1, a2, a3, corr, start, hi, pos, bt_ro
     amax = tl.maximum(tl.maximum(tl.max(tl.abs(s0), 1), tl.max(tl.abs(s1), 1)),
                       tl.maximum(tl.max(tl.abs(s2), 1), tl.max(tl.abs(s3), 1)))
     q_scale = tl.maximum(amax, 1e-30) / 127.0
-    if K_INT8:
-        s = tl.dot(quantize_rows(s0, q_scale[:, None], True), tl.trans((kb & 3).to(tl.int8)))
-        s += tl.dot(quantize_rows(s1, q_scale[:, None], True), tl.trans(((kb >> 2) & 3).to(tl.int8)))
-        s += tl.dot(quantize_rows(s2, q_scale[:, None], True), tl.trans(((kb >> 4) & 3).to(tl.int8)))
-        s += tl.dot(quantize_rows(s3, q_scale[:, None], True), tl.trans((kb >> 6).to(tl.int8)))
+    k0, k1, k2, k3 = crumb_planes(kb, PACKED, K_INT8)
+    if K_INT8:  # int32 products; Triton takes no int32 accumulator operand here
+        s = tl.dot(quantize_rows(s0, q_scale[:, None], True), tl.trans(k0))
+        s += tl.dot(quantize_rows(s1, q_scale[:, None], True), tl.trans(k1))
+        s += tl.dot(quantize_rows(s2, q_scale[:, None], True), tl.trans(k2))
+        s += tl.dot(quantize_rows(s3, q_scale[:, None], True), tl.trans(k3))
         s = s.to(tl.float32) * q_scale[:, None]
     else:
-        k0, k1, k2, k3 = crumb_planes(kb, PACKED)
         s = tl.dot(s0.to(tl.float16), tl.trans(k0))
         s = tl.dot(s1.to(tl.float16), tl.trans(k1), s)
         s = tl.dot(s2.to(tl.float16), tl.trans(k2), s)
@@ -113,13 +113,7 @@ def _kivi_tile(q0, q1, q2, q3, m, l, a0, a1, a2, a3, corr, start, hi, pos, bt_ro
         vz = tl.load(vm + 1)
         p_scale = l  # unused without V_INT8
         pq = p.to(tl.float16)
-    if V_INT8:
-        c0 = (vb & 3).to(tl.int8)
-        c1 = ((vb >> 2) & 3).to(tl.int8)
-        c2 = ((vb >> 4) & 3).to(tl.int8)
-        c3 = (vb >> 6).to(tl.int8)
-    else:
-        c0, c1, c2, c3 = crumb_planes(vb, PACKED)
+    c0, c1, c2, c3 = crumb_planes(vb, PACKED, V_INT8)
     a0 = _value_dot(pq, c0, p_scale, vs, vz, a0, NGV == 1, V_INT8)
     a1 = _value_dot(pq, c1, p_scale, vs, vz, a1, NGV == 1, V_INT8)
     a2 = _value_dot(pq, c2, p_scale, vs, vz, a2, NGV == 1, V_INT8)
