@@ -1,28 +1,32 @@
 """KV migration cost per format: wire bytes per token, and gRPC KvTransfer throughput on loopback.
 
     python benchmarks/kv_transfer.py [--tokens 1024] [--repeats 5] [--chunk-kib 4096] [--window 4]
-        [--overlap-tokens 2048] [--out FILE]
+        [--overlap-tokens 2048] [--decode-in-process] [--out FILE]
 
 Bytes per token are those of the Llama-3-8B KV shape (32 layers, 8 kv heads, head_dim 128), from the formats'
 block layouts (bf16: the unquantized cache). kivi2 also sends its residual, (tokens % 32) full-precision rows
 per layer once per request, which is not per-token and is left out of the per-token column.
 
 Throughput: two engines of that KV shape (the rest of the model is tiny, random weights, since only the cache
-matters here) in this process, the decode one behind `start_kv_transfer_server` on 127.0.0.1; one prompt of
---tokens tokens is prefilled once, then its export is sent --repeats times under new request ids through
-`send_kv` (Reserve, SendStream with acks, Commit, writes into the decode engine's cache included). GB/s is
-wire payload bytes over the time from Reserve to Commit, the median over repeats, one stream; Commit answers
-after the decode engine's first step, so the bytes alone are also timed from Reserve to the last ack.
+matters here), the decode one behind `start_kv_transfer_server` on 127.0.0.1 in a child process (this file run
+with --decode-side: its own interpreter and GIL, as a decode worker is deployed; --decode-in-process puts it in
+this process instead); one prompt of --tokens tokens is prefilled once, then its export is sent --repeats times
+under new request ids through `send_kv` (Reserve, SendStream with acks, Commit, writes into the decode engine's
+cache included). GB/s is wire payload bytes over the time from Reserve to Commit, the median over repeats, one
+stream; Commit answers after the decode engine's first step, so the bytes alone are also timed from Reserve to
+the last ack.
 
 Overlap (--overlap-tokens N, 0 skips it): a wider random model (OVERLAP_SHAPE: Llama-3-8B's attention and
 KV shape, fewer and narrower layers so that a 2k-token prefill runs in seconds on CPU) prefills one prompt of
 N tokens per path, in the same run: `prefill_and_migrate` (layers streamed while later layers compute) and
-export after the prefill (`migrate_or_resume`). Hidden share = transfer time (first chunk sent to last ack)
-overlapped with the prefill (admission to the first token) / transfer time; "ready" is admission to Commit.
+export after the prefill (`migrate_or_resume`), the decode side placed as for the throughput rows. Hidden
+share = transfer time (first chunk sent to last ack) overlapped with the prefill (admission to the first
+token) / transfer time; "ready" is admission to Commit.
 
-Ceiling: the same chunks, built beforehand, streamed through SendStream to a servicer that acknowledges each
-without reading it (no checksum, no cache write), on the same loopback in the same process: what gRPC and
-protobuf alone move per second here; the table reports each format's throughput as a share of it.
+Ceiling: the same chunks, built beforehand in the same wire form, streamed through SendStream to a servicer
+that acknowledges each without checking it (no checksum, no cache write; `decode_chunk` only), on the same
+loopback, the servicer in a child process as above: what gRPC alone moves per second here; the table reports
+each format's throughput to the last ack as a share of it.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import json
+import os
 import platform
 import statistics
 import sys
@@ -41,8 +47,8 @@ import torch
 from partita.cluster.async_engine import AsyncEngine
 from partita.cluster.kv_stream_client import prefill_and_migrate
 from partita.cluster.kv_transfer_client import build_chunks, migrate_or_resume, send_kv, stream_chunks
-from partita.cluster.kv_transfer_server import KvTransferServicer, start_kv_transfer_server
-from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
+from partita.cluster.kv_transfer_server import KvTransferServicer, add_kv_transfer_servicer, start_kv_transfer_server
+from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb
 from partita.workers import Engine, EngineConfig, ModelConfig, SamplingParams
 from partita.workers.presets import get_preset
 from partita.workers.attention.selector import parse_kv_format
@@ -58,6 +64,7 @@ KV_SHAPE = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_s
 
 OVERLAP_SHAPE = dataclasses.replace(KV_SHAPE, hidden_size=1024, intermediate_size=2816, num_layers=8,
                                     num_heads=32, name="llama3-8b-attention-8-layers")
+DECODE_SIDE_FLAG = "--decode-side"  # the child's entry point: `python kv_transfer.py --decode-side SPEC_JSON`
 
 
 def bytes_per_token(name: str) -> float:
@@ -72,6 +79,30 @@ def engine_config(name: str, tokens: int, prompts: int) -> EngineConfig:
                         kv_cache_memory_bytes=prompts * (tokens + 64) * int(bytes_per_token(name) * 1.3 + 1) + 2**26)
 
 
+def shape_named(name: str) -> ModelConfig:
+    return {KV_SHAPE.name: KV_SHAPE, OVERLAP_SHAPE.name: OVERLAP_SHAPE}.get(name) or get_preset(name)
+
+
+def make_engine(spec: "DecodeSpec") -> Engine:
+    return Engine(shape_named(spec.shape), device=spec.device, dtype="bfloat16",
+                  kv_format="none" if spec.format == "bf16" else spec.format,
+                  config=engine_config(spec.format, spec.tokens, spec.prompts))
+
+
+@dataclasses.dataclass
+class DecodeSpec:
+    """What the decode side serves: an engine of `shape` with `format`'s cache behind the KvTransfer server, or
+    (ack_only) the ceiling's servicer and no engine."""
+
+    format: str
+    tokens: int
+    prompts: int
+    device: str
+    max_chunk_bytes: int
+    shape: str = KV_SHAPE.name
+    ack_only: bool = False
+
+
 class _AckOnly(KvTransferServicer):
     """Acknowledges every chunk unread: the gRPC ceiling (module docstring)."""
 
@@ -80,43 +111,120 @@ class _AckOnly(KvTransferServicer):
             yield pb.KvAck(transfer_id=chunk.transfer_id, seq=chunk.seq)
 
 
-async def ceiling(export, repeats: int, chunk_bytes: int, window: int) -> float:
+class DecodeSide:
+    """The decode side in this process: `start` serves it on `port`, `idle` waits until its engine has no
+    unfinished request (the previous transfer's decode steps must not overlap the next transfer)."""
+
+    def __init__(self, spec: DecodeSpec):
+        self.spec = spec
+        self.engine: AsyncEngine | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        if self.spec.ack_only:
+            limit = self.spec.max_chunk_bytes + 2**20
+            self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
+            self.servicer = _AckOnly(None)
+            add_kv_transfer_servicer(self.servicer, self.server)
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+            await self.server.start()
+            return
+        self.engine = AsyncEngine(make_engine(self.spec))
+        self.server, self.port, self.servicer = await start_kv_transfer_server(
+            self.engine, max_chunk_bytes=self.spec.max_chunk_bytes)
+
+    async def idle(self) -> None:
+        while self.engine is not None and await asyncio.wrap_future(self.engine.submit(lambda e: e.has_unfinished())):
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        await self.server.stop(None)
+        self.servicer.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
+class ChildDecodeSide:
+    """DecodeSide in a child process (this file with DECODE_SIDE_FLAG), driven by lines on its stdin: each line
+    asks it to answer once idle, end of input stops it. Only JSON crosses the pipe."""
+
+    def __init__(self, spec: DecodeSpec):
+        self.spec = spec
+        self.port = 0
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.abspath(__file__), DECODE_SIDE_FLAG, json.dumps(dataclasses.asdict(self.spec)),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        self.port = (await self._answer())["port"]
+
+    async def _answer(self) -> dict:
+        line = await self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the decode side exited ({await self.proc.wait()})")
+        return json.loads(line)
+
+    async def idle(self) -> None:
+        self.proc.stdin.write(b"idle\n")
+        await self.proc.stdin.drain()
+        await self._answer()
+
+    async def close(self) -> None:
+        self.proc.stdin.close()
+        await self.proc.wait()
+
+
+async def serve_decode_side(spec: DecodeSpec) -> None:
+    """The child's main: the port on stdout, then an answer per line of stdin once idle, until stdin closes."""
+    side = DecodeSide(spec)
+    await side.start()
+    print(json.dumps({"port": side.port}), flush=True)
+    loop = asyncio.get_running_loop()
+    while await loop.run_in_executor(None, sys.stdin.readline):
+        await side.idle()
+        print(json.dumps({"idle": True}), flush=True)
+    await side.close()
+
+
+async def decode_side(spec: DecodeSpec, in_process: bool) -> DecodeSide | ChildDecodeSide:
+    """A started decode side, here or in a child process."""
+    side = DecodeSide(spec) if in_process else ChildDecodeSide(spec)
+    await side.start()
+    return side
+
+
+async def ceiling(export, repeats: int, chunk_bytes: int, window: int, device: str, in_process: bool) -> float:
     """Median GB/s of prebuilt chunks through SendStream to `_AckOnly` on 127.0.0.1."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", chunk_bytes + 2**20)])
-    kv_transfer_pb2_grpc.add_KvTransferServicer_to_server(_AckOnly(None), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
-    chunks = list(build_chunks("ceiling", export, chunk_bytes))
+    side = await decode_side(DecodeSpec("bf16", 0, 0, device, chunk_bytes, ack_only=True), in_process)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{side.port}", options=[
+        ("grpc.max_send_message_length", chunk_bytes + 2**20)])
+    chunks = list(build_chunks("ceiling", export, chunk_bytes, True))
     rates = []
     try:
         for i in range(repeats + 1):
             start = time.perf_counter()
-            await stream_chunks(stub, "ceiling", iter(chunks), window, 60.0)
+            await stream_chunks(channel, "ceiling", iter(chunks), window, 60.0)
             if i:
                 rates.append(export.total_bytes / (time.perf_counter() - start) / 1e9)
     finally:
         await channel.close()
-        await server.stop(None)
+        await side.close()
     return statistics.median(rates)
 
 
-async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int,
-                     window: int, device: str) -> tuple[float, float, float, int]:
+async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int, window: int, device: str,
+                     in_process: bool) -> tuple[float, float, float, int]:
     """Median GB/s of payload bytes (Reserve to Commit; Reserve to the last ack), the ceiling's median GB/s,
     payload bytes per transfer."""
-    kv_format = "none" if name == "bf16" else name
-    config = engine_config(name, tokens, 2)
-    prefill = Engine(KV_SHAPE, device=device, dtype="bfloat16", kv_format=kv_format, config=config)
-    decode = AsyncEngine(Engine(KV_SHAPE, device=device, dtype="bfloat16", kv_format=kv_format, config=config))
+    spec = DecodeSpec(name, tokens, 2, device, chunk_bytes)
+    prefill = make_engine(spec)
     prefill.add_request("p", [(7 * j) % 500 + 2 for j in range(tokens)],
                         SamplingParams(max_tokens=2, ignore_eos=True), prefill_only=True)
     while prefill.has_unfinished():
         prefill.step()
     export = export_request(prefill, "p")
-    server, port, servicer = await start_kv_transfer_server(decode, max_chunk_bytes=chunk_bytes)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
+    side = await decode_side(spec, in_process)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{side.port}", options=[
         ("grpc.max_send_message_length", chunk_bytes + 2**20)])
     rates, stream_rates = [], []
     try:
@@ -127,27 +235,21 @@ async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int,
             if i:
                 rates.append(result.bytes_sent / result.seconds / 1e9)
                 stream_rates.append(result.bytes_sent / result.stream_seconds / 1e9)
-            while (await asyncio.wrap_future(decode.submit(lambda e: e.has_unfinished()))):
-                await asyncio.sleep(0.01)
+            await side.idle()
     finally:
         await channel.close()
-        await server.stop(None)
-        servicer.close()
-        decode.shutdown()
-    top = await ceiling(export, repeats, chunk_bytes, window)
+        await side.close()
+    top = await ceiling(export, repeats, chunk_bytes, window, device, in_process)
     return statistics.median(rates), statistics.median(stream_rates), top, export.total_bytes
 
 
-async def overlap(name: str, tokens: int, chunk_bytes: int, window: int, device: str,
-                  shape: ModelConfig) -> list[str]:
+async def overlap(name: str, tokens: int, chunk_bytes: int, window: int, device: str, shape: ModelConfig,
+                  in_process: bool) -> list[str]:
     """Table rows of the streamed and the export-after-prefill path for one prompt of `tokens` tokens."""
-    kv_format = "none" if name == "bf16" else name
-    config = engine_config(name, tokens, 4)
-    make = lambda: AsyncEngine(Engine(shape, device=device, dtype="bfloat16", kv_format=kv_format,  # noqa: E731
-                                      config=config))
-    prefill, decode = make(), make()
-    server, port, servicer = await start_kv_transfer_server(decode, max_chunk_bytes=chunk_bytes)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    spec = DecodeSpec(name, tokens, 4, device, chunk_bytes, shape=shape.name)
+    prefill = AsyncEngine(make_engine(spec))
+    side = await decode_side(spec, in_process)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{side.port}")
     prompt = [(7 * j) % 500 + 2 for j in range(tokens)]
     params = SamplingParams(max_tokens=2, ignore_eos=True)
     wire = inference_pb2.SamplingParams(max_tokens=2, ignore_eos=True)
@@ -176,14 +278,11 @@ async def overlap(name: str, tokens: int, chunk_bytes: int, window: int, device:
                 rows.append(f"| {name} | {path} | {tokens} | {first_token - admitted:.2f} | {transfer:.2f} "
                             f"| {hidden:.0%} | {ready - admitted:.2f} |")
                 print(rows[-1], flush=True)
-            while await asyncio.wrap_future(decode.submit(lambda e: e.has_unfinished())):
-                await asyncio.sleep(0.01)
+            await side.idle()
     finally:
         await channel.close()
-        await server.stop(None)
-        servicer.close()
+        await side.close()
         prefill.shutdown()
-        decode.shutdown()
     return rows
 
 
@@ -199,6 +298,8 @@ async def main() -> None:
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where both engines run (the wire is loopback gRPC either way)")
+    ap.add_argument("--decode-in-process", action="store_true",
+                    help="run the decode side in this process (one GIL for both ends) instead of a child process")
     ap.add_argument("--overlap-model", default="auto",
                     help="a preset for the overlap rows; auto: llama3-8b on CUDA, OVERLAP_SHAPE on CPU")
     args = ap.parse_args()
@@ -213,12 +314,13 @@ async def main() -> None:
     for name in args.formats.split(","):
         per_token = bytes_per_token(name)
         rate, streamed, top, moved = await throughput(name, args.tokens, args.repeats, args.chunk_kib * 1024,
-                                                      args.window, args.device)
+                                                      args.window, args.device, args.decode_in_process)
         rows.append(f"| {name} | {per_token:,.0f} | {bf16 / per_token:.2f}x fewer | {moved:,} | {rate:.2f} "
                     f"| {streamed:.2f} | {top:.2f} | {streamed / top:.0%} |")
         print(rows[-1], flush=True)
     device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
     device += f", engines on {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ", no GPU"
+    device += "; decode side in this process" if args.decode_in_process else "; decode side in a child process"
     report = "\n".join([
         f"# KV transfer: bytes per token and gRPC loopback throughput ({datetime.date.today().isoformat()})", "",
         f"- device: {device}", f"- command: `python {' '.join(sys.argv)}`",
@@ -229,7 +331,7 @@ async def main() -> None:
                  "| hidden under prefill | ready s (admission to commit) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for name in args.overlap_formats.split(","):
             lines += await overlap(name, args.overlap_tokens, args.chunk_kib * 1024, args.window, args.device,
-                                   shape)
+                                   shape, args.decode_in_process)
         report += "\n".join([f"\n## Transfer hidden under prefill ({shape.name}, {shape.num_layers} "
                              f"layers, hidden {shape.hidden_size}, random weights)", "", *lines, ""])
     print(report)
@@ -239,4 +341,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if sys.argv[1:2] == [DECODE_SIDE_FLAG]:
+        asyncio.run(serve_decode_side(DecodeSpec(**json.loads(sys.argv[2]))))
+    else:
+        asyncio.run(main())

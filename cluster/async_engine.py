@@ -297,14 +297,19 @@ class AsyncEngine:
                     self._post(self._deliver_error, request_id, exc)
             elif kind == _CALL:
                 _, fn, done = command
+                # a call its caller cancelled before it ran is skipped (concurrent.futures' contract); one that
+                # runs can no longer be cancelled, so setting its result cannot fail and kill this thread
+                if not done.set_running_or_notify_cancel():
+                    continue
                 try:
                     done.set_result(fn(engine))
                 except Exception as exc:  # noqa: BLE001 - the caller owns the failure
                     done.set_exception(exc)
             elif kind == _ABORT:
                 _, request_id, done = command
+                answer = done is not None and done.set_running_or_notify_cancel()  # the abort runs either way
                 existed = engine.abort(request_id)
-                if done is not None:
+                if answer:
                     done.set_result(existed)
             else:
                 return False

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator
 
@@ -33,16 +32,15 @@ import grpc
 
 from partita.cluster.kv_transfer_client import (DEFAULT_CHUNK_BYTES, NOT_RETRYABLE, AttemptFailed, TransferResult,
                                                 abort_transfer, migrate_or_resume, reserve_request, stream_chunks)
+from partita.cluster.kv_wire import ChunkPacker, Piece, encode_chunk
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
-from partita.workers.kv_migration import KvLayout, kv_layout, stream_layers
+from partita.workers.kv_migration import KvLayout, Payload, kv_layout, stream_layers
 
 if TYPE_CHECKING:
     from partita.cluster.async_engine import AsyncEngine
     from partita.workers import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
-
-LayerPayloads = list[tuple[int, int, bytes]]  # one layer's (layer, block_index, data), from the engine thread
 
 
 @dataclass
@@ -70,31 +68,29 @@ class StreamedMigration:
     times: StreamTimes
 
 
-async def pack_chunks(transfer_id: str, layers: asyncio.Queue, num_layers: int, chunk_bytes: int,
-                      times: StreamTimes) -> AsyncIterator[pb.KvChunk]:
-    """Chunks of at most chunk_bytes payload bytes from the layers as they arrive; a partly filled chunk goes
-    out as soon as nothing more is ready, so that sending never waits for a later layer it does not need."""
-    seq, blocks, size, seen = 0, [], 0, 0
+async def pack_chunks(transfer_id: str, layers: asyncio.Queue, num_layers: int, packer: ChunkPacker,
+                      times: StreamTimes) -> AsyncIterator[bytes]:
+    """Chunks in wire form of at most the packer's chunk_bytes payload bytes from the layers as they arrive
+    (each encoded on a worker thread); a partly filled chunk goes out as soon as nothing more is ready, so that
+    sending never waits for a later layer it does not need."""
+    loop = asyncio.get_running_loop()
+    seq, seen = 0, 0
+
+    async def encode(pieces: list[Piece], is_last: bool) -> bytes:
+        times.first_send = times.first_send or time.perf_counter()
+        return await loop.run_in_executor(None, encode_chunk, transfer_id, seq, pieces, is_last)
+
     while seen < num_layers:
-        payloads: LayerPayloads = await layers.get()
+        payloads: list[Payload] = await layers.get()
         seen += 1
         for layer, index, data in payloads:
-            if len(data) > chunk_bytes:
-                raise ValueError(f"a payload of {len(data)} bytes does not fit the chunk limit of {chunk_bytes} bytes")
-            if blocks and size + len(data) > chunk_bytes:
-                yield _chunk(transfer_id, seq, blocks, False, times)
-                seq, blocks, size = seq + 1, [], 0
-            blocks.append(pb.KvBlockPayload(layer=layer, block_index=index, data=data, crc32=zlib.crc32(data)))
-            size += len(data)
-        if blocks and layers.empty() and seen < num_layers:
-            yield _chunk(transfer_id, seq, blocks, False, times)
-            seq, blocks, size = seq + 1, [], 0
-    yield _chunk(transfer_id, seq, blocks, True, times)
-
-
-def _chunk(transfer_id: str, seq: int, blocks: list, is_last: bool, times: StreamTimes) -> pb.KvChunk:
-    times.first_send = times.first_send or time.perf_counter()
-    return pb.KvChunk(transfer_id=transfer_id, seq=seq, blocks=blocks, is_last=is_last)
+            for pieces in packer.add(layer, index, data):
+                yield await encode(pieces, False)
+                seq += 1
+        if packer.pieces and layers.empty() and seen < num_layers:
+            yield await encode(packer.take(), False)
+            seq += 1
+    yield await encode(packer.take(), True)
 
 
 async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str, prompt: list[int],
@@ -126,7 +122,8 @@ async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel,
         return StreamedMigration(first, result, outputs, False, times)
 
     tid = reserved.transfer_id
-    limit = min(chunk_bytes, reserved.max_chunk_bytes or chunk_bytes)
+    packer = ChunkPacker(min(chunk_bytes, reserved.max_chunk_bytes or chunk_bytes), layout.bytes_per_block,
+                         layout.num_blocks(len(prompt)), reserved.accepts_block_runs)
     layers: asyncio.Queue = asyncio.Queue()  # at most num_layers items: one request's KV
     loop = asyncio.get_running_loop()
 
@@ -136,7 +133,7 @@ async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel,
 
     times.admitted = time.perf_counter()
     outputs = prefill.adopt(request_id, start)
-    sending = asyncio.ensure_future(_send(stub, tid, pack_chunks(tid, layers, layout.num_layers, limit, times),
+    sending = asyncio.ensure_future(_send(channel, tid, pack_chunks(tid, layers, layout.num_layers, packer, times),
                                           window, timeout_s))
     try:
         first = await _first(outputs)
@@ -170,17 +167,18 @@ async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel,
     return StreamedMigration(first, result, outputs, True, times)
 
 
-async def _send(stub, transfer_id: str, chunks: AsyncIterator[pb.KvChunk], window: int, timeout_s: float) -> int:
+async def _send(channel: grpc.aio.Channel, transfer_id: str, chunks: AsyncIterator[bytes], window: int,
+                timeout_s: float) -> int:
     """Opens SendStream only once the first layer is out, so that its deadline does not run during the
     prefill's earlier chunks and its first layer."""
     first = await anext(chunks)
 
-    async def rest() -> AsyncIterator[pb.KvChunk]:
+    async def rest() -> AsyncIterator[bytes]:
         yield first
         async for chunk in chunks:
             yield chunk
 
-    return await stream_chunks(stub, transfer_id, rest(), window, timeout_s)
+    return await stream_chunks(channel, transfer_id, rest(), window, timeout_s)
 
 
 async def _first(outputs: AsyncIterator["RequestOutput"]) -> "RequestOutput":

@@ -7,10 +7,12 @@
 
 One attempt is Reserve (the receiver checks the layout and reserves blocks), SendStream of chunks of at most
 min(chunk_bytes, the receiver's max_chunk_bytes) payload bytes, at most `window` chunks unacknowledged (the
-receiver's acks are the backpressure: nothing is buffered beyond the window), then Commit. A failed attempt
-is aborted on the receiver (best effort: the receiver aborts on its own errors and its ttl frees the rest)
-and retried once; a second failure, or a refusal no retry can fix (INVALID_ARGUMENT: formats differ), raises
-KvTransferFailed so the caller can decode on the prefill engine instead.
+receiver's acks are the backpressure: nothing is buffered beyond the window and the one chunk built ahead),
+then Commit. Chunks go out in wire form (`kv_wire.py`: each payload a run of consecutive blocks when the
+receiver accepts runs, with its crc32), each built on a worker thread while the one before is sent. A failed
+attempt is aborted on the receiver (best effort: the receiver aborts on its own errors and its ttl frees the
+rest) and retried once; a second failure, or a refusal no retry can fix (INVALID_ARGUMENT: formats differ),
+raises KvTransferFailed so the caller can decode on the prefill engine instead.
 
 Same-GPU fast path: `open_peer_cache` maps a decode worker's cache when it shares this worker's GPU (OpenCache,
 `workers/kv_ipc.py`); `migrate_or_resume(..., peer=...)` then reserves, copies the blocks device to device into
@@ -20,14 +22,15 @@ and the chunked path runs as usual.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 import grpc
 
+from partita.cluster.kv_wire import ChunkPacker, encode_chunk, send_stream
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers.kv_ipc import PeerCache, copy_in_place, device_uuid, open_cache
 from partita.workers.kv_migration import KvExport, KvLayout, export_request, kv_layout
@@ -60,18 +63,17 @@ class TransferResult:
     in_place: bool = False  # written straight into the receiver's cache (same GPU), no chunks
 
 
-def build_chunks(transfer_id: str, export: KvExport, chunk_bytes: int) -> Iterator[pb.KvChunk]:
-    """The export's payloads, in order, packed into chunks of at most chunk_bytes payload bytes each."""
-    seq, blocks, size = 0, [], 0
+def build_chunks(transfer_id: str, export: KvExport, chunk_bytes: int, runs: bool) -> Iterator[bytes]:
+    """The export's payloads, in order, in chunks of at most chunk_bytes payload bytes each, in wire form;
+    runs: payloads may carry several blocks (the receiver's ReserveResponse.accepts_block_runs)."""
+    layout = export.layout
+    packer = ChunkPacker(chunk_bytes, layout.bytes_per_block, layout.num_blocks(export.num_tokens), runs)
+    seq = 0
     for layer, index, data in export.payloads:
-        if len(data) > chunk_bytes:
-            raise ValueError(f"a payload of {len(data)} bytes does not fit the chunk limit of {chunk_bytes} bytes")
-        if blocks and size + len(data) > chunk_bytes:
-            yield pb.KvChunk(transfer_id=transfer_id, seq=seq, blocks=blocks)
-            seq, blocks, size = seq + 1, [], 0
-        blocks.append(pb.KvBlockPayload(layer=layer, block_index=index, data=data, crc32=zlib.crc32(data)))
-        size += len(data)
-    yield pb.KvChunk(transfer_id=transfer_id, seq=seq, blocks=blocks, is_last=True)
+        for pieces in packer.add(layer, index, data):
+            yield encode_chunk(transfer_id, seq, pieces, False)
+            seq += 1
+    yield encode_chunk(transfer_id, seq, packer.take(), True)
 
 
 def reserve_request(request_id: str, prompt_token_ids: list[int], layout: KvLayout, *, model: str, sender_id: str,
@@ -91,8 +93,9 @@ class AttemptFailed(Exception):
         self.message = message
 
 
-async def _attempt(stub: kv_transfer_pb2_grpc.KvTransferStub, export: KvExport, sampling, *, model: str,
-                   sender_id: str, chunk_bytes: int, window: int, ttl_s: float, timeout_s: float) -> TransferResult:
+async def _attempt(channel: grpc.aio.Channel, export: KvExport, sampling, *, model: str, sender_id: str,
+                   chunk_bytes: int, window: int, ttl_s: float, timeout_s: float) -> TransferResult:
+    stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
     start = time.perf_counter()
     reserve = reserve_request(export.request_id, export.prompt_token_ids, export.layout, model=model,
                               sender_id=sender_id, ttl_s=ttl_s)
@@ -103,7 +106,8 @@ async def _attempt(stub: kv_transfer_pb2_grpc.KvTransferStub, export: KvExport, 
     tid = reserved.transfer_id
     try:
         limit = min(chunk_bytes, reserved.max_chunk_bytes or chunk_bytes)
-        num_chunks = await stream_chunks(stub, tid, build_chunks(tid, export, limit), window, timeout_s)
+        chunks = build_chunks(tid, export, limit, reserved.accepts_block_runs)
+        num_chunks = await stream_chunks(channel, tid, chunks, window, timeout_s)
         streamed = time.perf_counter() - start
         await stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=export.first_token_id,
                                            sampling=sampling), timeout=timeout_s)
@@ -116,11 +120,12 @@ async def _attempt(stub: kv_transfer_pb2_grpc.KvTransferStub, export: KvExport, 
     return TransferResult(tid, 1, export.total_bytes, num_chunks, time.perf_counter() - start, streamed)
 
 
-async def stream_chunks(stub, transfer_id: str, chunks: Iterator[pb.KvChunk] | AsyncIterator[pb.KvChunk],
+async def stream_chunks(channel: grpc.aio.Channel, transfer_id: str, chunks: Iterator[bytes] | AsyncIterator[bytes],
                         window: int, timeout_s: float) -> int:
-    """Sends the chunks (as they come, for an async iterator) over SendStream with at most `window`
-    unacknowledged; returns the chunk count."""
-    call = stub.SendStream(timeout=timeout_s)
+    """Sends chunks in wire form over SendStream with at most `window` unacknowledged; returns the chunk count.
+    The next chunk is made while one is sent: a sync iterator is advanced on a worker thread, an async one in a
+    task of its own."""
+    call = send_stream(channel)(timeout=timeout_s)
     sent = acked = 0
 
     async def read_ack() -> None:
@@ -132,24 +137,49 @@ async def stream_chunks(stub, transfer_id: str, chunks: Iterator[pb.KvChunk] | A
             raise AttemptFailed(None, f"ack for chunk {ack.seq}, expected {acked}")
         acked += 1
 
-    async for chunk in _aiter(chunks):
-        if sent - acked >= window:
-            await read_ack()
-        await call.write(chunk)
-        sent += 1
+    source = _one_ahead(chunks) if hasattr(chunks, "__anext__") else _built_ahead(chunks)
+    async with contextlib.aclosing(source):
+        async for chunk in source:
+            if sent - acked >= window:
+                await read_ack()
+            await call.write(chunk)
+            sent += 1
     await call.done_writing()
     while acked < sent:
         await read_ack()
     return sent
 
 
-async def _aiter(chunks: Iterator[pb.KvChunk] | AsyncIterator[pb.KvChunk]) -> AsyncIterator[pb.KvChunk]:
-    if hasattr(chunks, "__anext__"):
-        async for chunk in chunks:
+async def _built_ahead(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """chunks, each taken from the iterator on a worker thread while the one before is sent (building one is
+    crc32 and a bytes join, which release the GIL)."""
+    loop = asyncio.get_running_loop()
+    pending = loop.run_in_executor(None, next, chunks, None)
+    try:
+        while (chunk := await asyncio.shield(pending)) is not None:
+            pending = loop.run_in_executor(None, next, chunks, None)
             yield chunk
-    else:
-        for chunk in chunks:
+    finally:
+        await asyncio.wait([pending])  # the iterator is not closed while a thread still advances it
+        pending.exception()  # retrieved: the error being raised, if any, is the consumer's
+
+
+async def _one_ahead(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """chunks, each next one already being made in a task of its own while the one before is sent."""
+    pending = asyncio.ensure_future(_next(chunks))
+    try:
+        while (chunk := await pending) is not None:
+            pending = asyncio.ensure_future(_next(chunks))
             yield chunk
+    finally:
+        pending.cancel()
+        await asyncio.wait([pending])  # chunks is not closed while that task still advances it
+        if not pending.cancelled():
+            pending.exception()  # retrieved: the error being raised, if any, is the consumer's
+
+
+async def _next(chunks: AsyncIterator[bytes]) -> bytes | None:
+    return await anext(chunks, None)
 
 
 async def abort_transfer(stub, transfer_id: str, reason: str) -> None:
@@ -166,12 +196,11 @@ async def send_kv(channel: grpc.aio.Channel, export: KvExport, sampling: inferen
     attempt failed. The caller keeps the prefilled request until this returns (release or resume it then)."""
     if window < 1 or chunk_bytes < 1 or attempts < 1:
         raise ValueError(f"window={window}, chunk_bytes={chunk_bytes}, attempts={attempts}: each must be >= 1")
-    stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
     last: AttemptFailed | None = None
     for attempt in range(1, attempts + 1):
         try:
-            result = await _attempt(stub, export, sampling, model=model, sender_id=sender_id, chunk_bytes=chunk_bytes,
-                                    window=window, ttl_s=ttl_s, timeout_s=timeout_s)
+            result = await _attempt(channel, export, sampling, model=model, sender_id=sender_id,
+                                    chunk_bytes=chunk_bytes, window=window, ttl_s=ttl_s, timeout_s=timeout_s)
         except AttemptFailed as e:
             last = e
             log.warning("KV transfer of %s, attempt %d of %d failed: %s", export.request_id, attempt, attempts,

@@ -4,8 +4,9 @@ Per transfer (protos/partita/v1/kv_transfer.proto):
     Reserve   checks the sender's layout against this engine's (`workers/kv_migration.py`: same format,
               options, shapes and fp8 scales, else INVALID_ARGUMENT) and the announced sizes, then reserves
               blocks and a sequence slot on the engine thread (RESOURCE_EXHAUSTED when there is no room).
-    Send /    chunks numbered 0, 1, ...; each payload checked (layer, block index, not seen before, exact size,
-    SendStream crc32) and written into the reserved blocks on the engine thread. Any failure aborts the
+    Send /    chunks numbered 0, 1, ...; each payload (one block, a run of consecutive blocks of one layer, or a
+    SendStream layer's state) checked (layer, block indexes, none seen before, exact size, crc32 on a worker
+              thread) and written into the reserved blocks on the engine thread. Any failure aborts the
               transfer and frees its blocks at once: a partial or corrupt transfer is never used.
               SendStream acknowledges every chunk, so the sender bounds what is in flight; a SendStream
               that ends before a chunk marked is_last (the sender died or cancelled) frees the transfer.
@@ -28,14 +29,15 @@ import contextlib
 import logging
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable, NamedTuple
 
 import grpc
 
 from partita.cluster.auth import GrpcTokenAuthInterceptor
 from partita.cluster.grpc_server import sampling_from_proto
+from partita.cluster.kv_receive import Block, ChunkPipeline, add_kv_transfer_servicer, check_chunk, first_bad_crc
+from partita.cluster.kv_wire import WireChunk
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers.engine.sequence import Sequence, Status
 from partita.workers.errors import InvalidRequestError, KvCapacityError
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 KV_TRANSFER_SERVICE = "partita.v1.KvTransfer"
 DEFAULT_MAX_CHUNK_BYTES = 4 * 2**20
+PIPELINE_DEPTH = 2  # chunks of one stream being checksummed and written while the next one is read
 OnCommit = Callable[[str, AsyncIterator["RequestOutput"]], None]
 
 
@@ -68,16 +71,39 @@ class _Transfer:
     request_id: str
     seq: Sequence  # read and written on the engine thread only
     num_tokens: int
-    expected: dict[tuple[int, int], int]  # (layer, block_index) -> exact payload size
+    layout: KvLayout
     deadline: float
-    received: set[tuple[int, int]] = field(default_factory=set)
+    received: set[tuple[int, int]] = field(default_factory=set)  # (layer, block_index); the state: num_blocks
     next_seq: int = 0
     bytes_received: int = 0
     sending: bool = False  # a Send/SendStream is running: a second one is refused
+    error: TransferError | None = None  # why a stage of receiving dropped it, if that is how it ended
+
+    @property
+    def num_expected(self) -> int:
+        per_layer = self.layout.num_blocks(self.num_tokens) + (1 if self.layout.state_bytes(self.num_tokens) else 0)
+        return self.layout.num_layers * per_layer
 
     @property
     def complete(self) -> bool:
-        return len(self.received) == len(self.expected)
+        return len(self.received) == self.num_expected
+
+
+@dataclass
+class _Incoming:
+    """One Send/SendStream: its transfer (known from the first chunk) and whether the last chunk came."""
+
+    t: _Transfer | None = None
+    saw_last: bool = False
+
+
+class _Admitted(NamedTuple):
+    """A chunk past the first stage of receiving (`_admit`), for the second (`_store`) and its ack."""
+
+    t: _Transfer
+    seq: int
+    blocks: list[Block]
+    bytes_received: int  # the transfer's, this chunk included
 
 
 class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
@@ -138,59 +164,67 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
             raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         except InvalidRequestError as e:
             raise TransferError(bad, str(e)) from None
-        num_blocks = layout.num_blocks(n)
-        expected = {(l, i): layout.bytes_per_block for l in range(layout.num_layers) for i in range(num_blocks)}
-        if layout.state_bytes(n):
-            expected.update({(l, num_blocks): layout.state_bytes(n) for l in range(layout.num_layers)})
         ttl = min(request.ttl_s or self._default_ttl_s, self._max_ttl_s)
-        t = _Transfer(uuid.uuid4().hex, request.request_id, seq, n, expected, time.monotonic() + ttl)
+        t = _Transfer(uuid.uuid4().hex, request.request_id, seq, n, layout, time.monotonic() + ttl)
         self.transfers[t.transfer_id] = t
         return pb.ReserveResponse(transfer_id=t.transfer_id, max_chunk_bytes=self.max_chunk_bytes,
-                                  block_ids=seq.block_table[:num_blocks], seq_slot=seq.kv_slot)
+                                  block_ids=seq.block_table[:layout.num_blocks(n)], seq_slot=seq.kv_slot,
+                                  accepts_block_runs=True)
 
     # --- Send / SendStream ----------------------------------------------------------------------------
     async def Send(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.SendSummary:
-        t: _Transfer | None = None
+        incoming, pipeline = self._receiver(request_iterator)
         try:
-            async for chunk in request_iterator:
-                t = await self._receive(t, chunk)
-        except TransferError as e:
-            await context.abort(e.code, e.message)
+            async for _ in pipeline.stored():
+                pass
+        except (TransferError, ValueError) as e:
+            await context.abort(*_status(e))
         finally:
-            if t is not None:
-                t.sending = False
+            self._end_stream(incoming, pipeline.close(), free_unfinished=False)
+        t = incoming.t
         if t is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chunks: the stream was empty")
         return pb.SendSummary(transfer_id=t.transfer_id, num_chunks=t.next_seq, bytes_received=t.bytes_received,
                               num_blocks_written=len(t.received))
 
     async def SendStream(self, request_iterator, context: grpc.aio.ServicerContext):
-        t: _Transfer | None = None
-        saw_last = False
+        incoming, pipeline = self._receiver(request_iterator)
         try:
-            async for chunk in request_iterator:
-                t = await self._receive(t, chunk)
-                saw_last = chunk.is_last
-                yield pb.KvAck(transfer_id=t.transfer_id, seq=chunk.seq, bytes_received=t.bytes_received)
-        except TransferError as e:
-            await context.abort(e.code, e.message)
+            async for chunk in pipeline.stored():
+                yield pb.KvAck(transfer_id=chunk.t.transfer_id, seq=chunk.seq, bytes_received=chunk.bytes_received)
+        except (TransferError, ValueError) as e:
+            await context.abort(*_status(e))
         finally:
-            if t is not None:
-                t.sending = False
-                if not saw_last and t.transfer_id in self.transfers:
-                    # the stream broke before its last chunk (the sender crashed or cancelled; a cancel reads
-                    # here as a plain end of stream): free the pages now rather than at the ttl
-                    log.warning("transfer %s of %s: the stream ended before its last chunk; freeing it",
-                                t.transfer_id, t.request_id)
-                    self._spawn(self._fail(t))
+            # a stream that broke before its last chunk (the sender crashed or cancelled; a cancel reads here as
+            # a plain end of stream) frees its transfer now rather than at the ttl
+            self._end_stream(incoming, pipeline.close(), free_unfinished=True)
+
+    def _receiver(self, chunks: AsyncIterator[WireChunk]) -> tuple[_Incoming, ChunkPipeline]:
+        incoming = _Incoming()
+        return incoming, ChunkPipeline(chunks, lambda chunk: self._admit(incoming, chunk), self._store, PIPELINE_DEPTH)
+
+    def _end_stream(self, incoming: _Incoming, unstored: bool, free_unfinished: bool) -> None:
+        """A stream ended: its transfer takes Sends again, or is freed when a chunk it admitted was not stored,
+        or (free_unfinished) when the chunk marked is_last never came."""
+        t = incoming.t
+        if t is None:
+            return
+        t.sending = False
+        if t.transfer_id in self.transfers and (unstored or (free_unfinished and not incoming.saw_last)):
+            log.warning("transfer %s of %s: the stream ended before all its chunks were stored; freeing it",
+                        t.transfer_id, t.request_id)
+            self._spawn(self._fail(t))
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _receive(self, t: _Transfer | None, chunk: pb.KvChunk) -> _Transfer:
-        """Checks one chunk and writes its payloads; any failure aborts the transfer (TransferError)."""
+    async def _admit(self, incoming: _Incoming, chunk: WireChunk) -> _Admitted:
+        """The first stage of receiving a chunk (`kv_receive.py`): finds its transfer and checks everything but
+        the checksums (`check_chunk`); its blocks then count as received (the stream's end frees the transfer if
+        they are not stored after all). Any failure aborts the transfer (TransferError)."""
+        t = incoming.t
         if t is None:
             t = self.transfers.get(chunk.transfer_id)
             if t is None:
@@ -200,56 +234,43 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
                 raise TransferError(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"transfer {t.transfer_id}: another Send is in progress")
             t.sending = True
+            incoming.t = t
         elif chunk.transfer_id != t.transfer_id or t.transfer_id not in self.transfers:
-            await self._fail(t)
-            raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, f"transfer_id: {chunk.transfer_id!r} in a stream "
-                                                                  f"of {t.transfer_id!r}, or the transfer expired")
-        # Each read of a bytes field makes a new copy of it: read every payload once.
-        payloads = [(b.layer, b.block_index, b.data) for b in chunk.blocks]
-        problem = self._check(t, chunk.seq, payloads, [b.crc32 for b in chunk.blocks])
+            raise await self._fail(t, TransferError(grpc.StatusCode.INVALID_ARGUMENT, f"transfer_id: "
+                                                    f"{chunk.transfer_id!r} in a stream of {t.transfer_id!r}, or the "
+                                                    f"transfer expired"))
+        blocks = [(b.layer, b.block_index, max(b.num_blocks, 1), b.data, b.crc32) for b in chunk.blocks]
+        problem = check_chunk(chunk.seq, t.next_seq, blocks, self.max_chunk_bytes, t.layout, t.num_tokens, t.received)
         if problem is not None:
-            await self._fail(t)
-            raise TransferError(*problem)
+            raise await self._fail(t, TransferError(grpc.StatusCode.INVALID_ARGUMENT, f"transfer {t.transfer_id} chunk "
+                                                    f"{chunk.seq}: {problem}; the transfer is aborted"))
+        t.received.update((layer, i) for layer, index, count, _, _ in blocks for i in range(index, index + count))
+        t.bytes_received += sum(len(data) for _, _, _, data, _ in blocks)
+        t.next_seq += 1
+        incoming.saw_last = chunk.is_last
+        return _Admitted(t, chunk.seq, blocks, t.bytes_received)
+
+    async def _store(self, chunk: _Admitted) -> None:
+        """The second stage: the checksums on a worker thread, then the write into the reserved blocks on the
+        engine thread. Any failure aborts the transfer (TransferError)."""
+        t, seq = chunk.t, chunk.seq
+        bad = await asyncio.get_running_loop().run_in_executor(None, first_bad_crc, chunk.blocks)
+        if bad is not None:
+            raise await self._fail(t, TransferError(grpc.StatusCode.DATA_LOSS, f"transfer {t.transfer_id} chunk {seq}: "
+                                                    f"crc32 mismatch in payload (layer {bad[0]}, block {bad[1]}); the "
+                                                    f"transfer is aborted"))
+        payloads = [(layer, index, data) for layer, index, _, data, _ in chunk.blocks]
 
         def write(engine: "Engine") -> None:
             if t.seq.status is not Status.HELD or t.seq.kv_slot < 0:  # aborted meanwhile: its blocks are gone
-                raise RuntimeError(f"transfer {t.transfer_id} was aborted before its chunk {chunk.seq} was written")
+                raise RuntimeError(f"transfer {t.transfer_id} was aborted before its chunk {seq} was written")
             import_payloads(engine, t.seq, t.num_tokens, payloads, self._layout)
 
         try:
             await self._run(write)
         except Exception as e:  # noqa: BLE001 - the transfer is dropped whatever went wrong
-            await self._fail(t)
-            raise TransferError(grpc.StatusCode.INTERNAL, f"chunk {chunk.seq}: writing the KV failed: {e}") from None
-        t.received.update((layer, index) for layer, index, _ in payloads)
-        t.bytes_received += sum(len(d) for _, _, d in payloads)
-        t.next_seq += 1
-        return t
-
-    def _check(self, t: _Transfer, seq: int, payloads: list[tuple[int, int, bytes]],
-               crcs: list[int]) -> tuple[grpc.StatusCode, str] | None:
-        bad = grpc.StatusCode.INVALID_ARGUMENT
-        where = f"transfer {t.transfer_id} chunk {seq}"
-        if seq != t.next_seq:
-            return bad, f"{where}: seq out of order, expected {t.next_seq}; the transfer is aborted"
-        size = sum(len(data) for _, _, data in payloads)
-        if size > self.max_chunk_bytes:
-            return bad, f"{where}: {size} bytes exceed max_chunk_bytes={self.max_chunk_bytes}; the transfer is aborted"
-        seen: set[tuple[int, int]] = set()
-        for (layer, index, data), crc in zip(payloads, crcs):
-            key = (layer, index)
-            if key not in t.expected:
-                return bad, f"{where}: payload (layer {layer}, block {index}) is not part of the transfer"
-            if key in t.received or key in seen:
-                return bad, f"{where}: payload (layer {layer}, block {index}) was sent twice"
-            seen.add(key)
-            if len(data) != t.expected[key]:
-                return bad, (f"{where}: payload (layer {layer}, block {index}) has {len(data)} bytes, "
-                             f"expected {t.expected[key]}; the transfer is aborted")
-            if zlib.crc32(data) != crc:
-                return (grpc.StatusCode.DATA_LOSS, f"{where}: crc32 mismatch in payload (layer {layer}, block "
-                                                   f"{index}); the transfer is aborted")
-        return None
+            raise await self._fail(t, TransferError(grpc.StatusCode.INTERNAL,
+                                                    f"chunk {seq}: writing the KV failed: {e}")) from None
 
     # --- Commit / Abort / expiry ----------------------------------------------------------------------
     async def Commit(self, request: pb.CommitRequest, context: grpc.aio.ServicerContext) -> pb.CommitResponse:
@@ -264,8 +285,8 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         if not request.written_in_place and (t.sending or not t.complete):
             await self._fail(t)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"transfer {t.transfer_id}: {len(t.received)} of {len(t.expected)} payloads received"
-                                f"{' and a Send still running' if t.sending else ''}; the transfer is aborted")
+                                f"transfer {t.transfer_id}: {len(t.received)} of {t.num_expected} blocks and states "
+                                f"received{' and a Send still running' if t.sending else ''}; the transfer is aborted")
         try:
             params = sampling_from_proto(request.sampling) if request.HasField("sampling") else None
         except (InvalidRequestError, ValueError) as e:
@@ -307,10 +328,15 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         log.info("KV cache shared in place with %s (same GPU %s)", request.sender_id or "a sender", mine)
         return response
 
-    async def _fail(self, t: _Transfer) -> None:
-        """Drops the transfer and frees its reservation (idempotent)."""
+    async def _fail(self, t: _Transfer, error: TransferError | None = None) -> TransferError | None:
+        """Drops the transfer and frees its reservation (idempotent); returns the error of its first failure, or
+        `error` when there was none: with a stream's chunks in two stages at once, a later chunk's failure is often
+        only a consequence of an earlier one (its write found the blocks freed), and the first one is reported."""
         if self.transfers.pop(t.transfer_id, None) is not None:
-            await self._run(lambda e: e.abort_reserved(t.request_id))
+            t.error = error
+            # shielded: a cancelled caller (a stream's store cancelled at its end) must not cancel the free itself
+            await asyncio.shield(self._run(lambda e: e.abort_reserved(t.request_id)))
+        return t.error or error
 
     async def reap_expired(self) -> int:
         """Frees every reservation past its ttl; returns how many."""
@@ -345,6 +371,11 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         self._spawn(drain())
 
 
+def _status(e: TransferError | ValueError) -> tuple[grpc.StatusCode, str]:
+    """A failed Send's status: the TransferError's, or INVALID_ARGUMENT for a chunk `decode_chunk` could not read."""
+    return (e.code, e.message) if isinstance(e, TransferError) else (grpc.StatusCode.INVALID_ARGUMENT, f"chunk: {e}")
+
+
 async def _prepend(first: "RequestOutput", rest: AsyncIterator["RequestOutput"]) -> AsyncIterator["RequestOutput"]:
     """first, then rest; closing this closes rest (which aborts an unfinished request)."""
     async with contextlib.aclosing(rest):
@@ -366,7 +397,7 @@ async def start_kv_transfer_server(engine: "AsyncEngine", *, host: str = "127.0.
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit)],
                              interceptors=[GrpcTokenAuthInterceptor(api_key)] if api_key else None)
-    kv_transfer_pb2_grpc.add_KvTransferServicer_to_server(servicer, server)
+    add_kv_transfer_servicer(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     servicer.start_reaper(reaper_interval_s)

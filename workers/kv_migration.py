@@ -2,10 +2,12 @@
 
 Wire layout of a request whose prompt fills `num_blocks` blocks, over `num_layers` layers:
 
-    payload (layer l, block_index i), i < num_blocks:  block i of the request's block table in layer l, exactly
-        `bytes_per_block` bytes. Kernel backend: `kernels.kv_base.export_blocks` (every part of the format,
-        scales and zero points included, quantized formats stay quantized). Torch backend (kv_format none on
-        CPU): the block's keys then its values, [block_size, Hkv, D] each, in the model dtype.
+    payload (layer l, block_index i), i < num_blocks: blocks i, i + 1, ... of the request's block table in layer
+        l, exactly `bytes_per_block` bytes each (a run of one or more blocks). Kernel backend:
+        `kernels.kv_base.export_blocks` (every part of the format, scales and zero points included, quantized
+        formats stay quantized). Torch backend (kv_format none on CPU): the block's keys then its values,
+        [block_size, Hkv, D] each, in the model dtype. An export holds each layer's blocks as one run; the
+        sender cuts runs to its chunks (`cluster/kv_wire.py`).
     payload (layer l, block_index num_blocks): the per-sequence state of layer l, only for formats that keep
         the newest tokens outside the blocks: kivi2's full-precision residual rows [0, num_tokens % R) of the
         sequence's slot, keys then values (`state_bytes(num_tokens)` bytes). Without it the decode side would
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 STATE_PARTS = ("res_k", "res_v")  # per-sequence state of the formats that keep some, in wire order
 _BITS = {"none": 16, "fp8": 8, "int8": 8, "int4": 4, "kivi2": 2}
+Payload = tuple[int, int, bytes]  # (layer, first block index, data): a run of whole blocks, or the state
 
 
 class KvLayoutMismatch(ValueError):
@@ -141,15 +144,16 @@ def _gather_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) ->
     return out
 
 
-def _payloads(gathered: list[torch.Tensor]) -> list[bytes]:
-    """Host tensors of `_gather_layer` -> that layer's payloads (each block, then the state)."""
+def _payloads(layer: int, gathered: list[torch.Tensor]) -> list[Payload]:
+    """Host tensors of `_gather_layer` -> that layer's payloads: its blocks as one run, then the state."""
     rows, *state = gathered
-    return [r.numpy().tobytes() for r in rows] + [s.numpy().tobytes() for s in state]
+    return [(layer, 0, rows.numpy().tobytes())] + [(layer, rows.shape[0], s.numpy().tobytes()) for s in state]
 
 
-def export_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) -> list[bytes]:
-    """One layer's payloads for the first num_tokens tokens of seq: each block, then the state (if any)."""
-    return _payloads([t.cpu() for t in _gather_layer(engine, seq, num_tokens, layer)])
+def export_layer(engine: Engine, seq: Sequence, num_tokens: int, layer: int) -> list[Payload]:
+    """One layer's payloads for the first num_tokens tokens of seq: its blocks as one run, then the state (if
+    any)."""
+    return _payloads(layer, [t.cpu() for t in _gather_layer(engine, seq, num_tokens, layer)])
 
 
 class _DeviceToHost:
@@ -158,7 +162,7 @@ class _DeviceToHost:
     order and hands each layer's payloads to sink. The gathered device buffers are kept alive for the side
     stream (`record_stream`), so the prefill's blocks may be reused as soon as the gather has run."""
 
-    def __init__(self, device: torch.device, num_layers: int, sink: Callable[[int, list[bytes]], None]):
+    def __init__(self, device: torch.device, num_layers: int, sink: Callable[[list[Payload]], None]):
         self.stream = torch.cuda.Stream(device)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="kv-d2h")
         self.num_layers, self.sink = num_layers, sink
@@ -179,7 +183,7 @@ class _DeviceToHost:
     def _deliver(self, layer: int, done: torch.cuda.Event, hosts: list[torch.Tensor]) -> None:
         try:
             done.synchronize()
-            self.sink(layer, _payloads(hosts))
+            self.sink(_payloads(layer, hosts))
         except Exception:  # the receiver's deadline then fails the streamed attempt, which falls back
             log.exception("copying layer %d of a streamed KV export to the host failed", layer)
 
@@ -190,42 +194,50 @@ def import_payload(engine: Engine, seq: Sequence, num_tokens: int, layer: int, b
     import_payloads(engine, seq, num_tokens, [(layer, block_index, data)], layout)
 
 
-def import_payloads(engine: Engine, seq: Sequence, num_tokens: int, payloads: list[tuple[int, int, bytes]],
+def import_payloads(engine: Engine, seq: Sequence, num_tokens: int, payloads: list[Payload],
                     layout: KvLayout | None = None) -> None:
-    """Writes payloads (layer, block_index, data) of the wire layout into seq's blocks (or its slot's state):
-    the block payloads of one layer in one batched write per cache part, since one small copy per block is
-    what made the receiver slow. The caller has checked sizes against `kv_layout(engine)` (pass it as
-    `layout` to skip recomputing it per call); a wrong size or index raises ValueError here too."""
+    """Writes payloads (layer, first block index, data) of the wire layout into seq's blocks (or its slot's
+    state): the block payloads of one layer in one batched write per cache part, since one small copy per
+    block is what made the receiver slow. data may be any bytes-like object (a view of a received message).
+    The caller has checked sizes against `kv_layout(engine)` (pass it as `layout` to skip recomputing it per
+    call); a wrong size or index raises ValueError here too."""
     layout = layout or kv_layout(engine)
-    n = layout.num_blocks(num_tokens)
-    by_layer: dict[int, list[tuple[int, bytes]]] = {}
+    n, width = layout.num_blocks(num_tokens), layout.bytes_per_block
+    by_layer: dict[int, list[tuple[int, np.ndarray]]] = {}
     for layer, index, data in payloads:
         if not 0 <= layer < layout.num_layers:
             raise ValueError(f"payload (layer {layer}, block {index}): no such layer of {layout.num_layers}")
         if index == n:
             _import_state(engine, seq, num_tokens, layer, data, layout)
-        elif len(data) != layout.bytes_per_block or not 0 <= index < n:
-            raise ValueError(f"payload (layer {layer}, block {index}): {len(data)} bytes, expected "
-                             f"{layout.bytes_per_block} for a block index below {n}")
-        else:
-            by_layer.setdefault(layer, []).append((index, data))
-    for layer, items in by_layer.items():
-        rows = np.empty((len(items), layout.bytes_per_block), dtype=np.uint8)
-        for r, (_, data) in enumerate(items):
-            rows[r] = np.frombuffer(data, dtype=np.uint8)
-        _write_blocks(engine, layer, [seq.block_table[i] for i, _ in items], torch.from_numpy(rows))
+            continue
+        count, rest = divmod(len(data), width)
+        if rest or not count or not 0 <= index <= n - count:
+            raise ValueError(f"payload (layer {layer}, block {index}): {len(data)} bytes, expected whole blocks of "
+                             f"{width} bytes within the {n} blocks")
+        by_layer.setdefault(layer, []).append((index, np.frombuffer(data, dtype=np.uint8).reshape(count, width)))
+    for layer, runs in by_layer.items():
+        ids = [seq.block_table[i] for index, rows in runs for i in range(index, index + len(rows))]
+        _write_blocks(engine, layer, ids, runs[0][1] if len(runs) == 1 else np.concatenate([r for _, r in runs]))
 
 
-def _write_blocks(engine: Engine, layer: int, block_ids: list[int], rows: torch.Tensor) -> None:
-    """rows: [len(block_ids), bytes_per_block] uint8 on the host, written into those blocks of `layer` with one
-    index_copy_ per part (kv_base's import_blocks does an index_put per part, several times slower on CPU)."""
+def _write_blocks(engine: Engine, layer: int, block_ids: list[int], rows: np.ndarray) -> None:
+    """rows: [len(block_ids), bytes_per_block] uint8 on the host (maybe read-only), written into those blocks of
+    `layer`, one indexed copy per part. On the CPU through numpy, which copies whole rows straight from rows
+    (torch's index_copy_ on uint8 moves one byte at a time: the receiver's largest cost before)."""
     parts = layer_byte_rows(engine, layer)
-    ids = torch.tensor(block_ids, dtype=torch.long, device=parts[0].device)
-    rows = rows.to(parts[0].device)
     offset = 0
+    if parts[0].device.type == "cpu":
+        ids = np.asarray(block_ids)
+        for part in parts:
+            width = part.shape[1]
+            part.numpy()[ids] = rows[:, offset:offset + width]
+            offset += width
+        return
+    ids = torch.tensor(block_ids, dtype=torch.long, device=parts[0].device)
+    source = torch.from_numpy(rows if rows.flags.writeable else rows.copy()).to(parts[0].device)
     for part in parts:
         width = part.shape[1]
-        part.index_copy_(0, ids, rows[:, offset:offset + width])
+        part.index_copy_(0, ids, source[:, offset:offset + width])
         offset += width
 
 
@@ -272,7 +284,7 @@ class KvExport:
     prompt_token_ids: list[int]
     first_token_id: int
     layout: KvLayout
-    payloads: list[tuple[int, int, bytes]]  # (layer, block_index, data)
+    payloads: list[Payload]  # (layer, first block index, data): per layer its blocks as one run, then the state
 
     @property
     def num_tokens(self) -> int:
@@ -289,25 +301,22 @@ def export_request(engine: Engine, request_id: str) -> KvExport:
     n = seq.num_prompt_tokens
     payloads = []
     for layer in range(engine.model_config.num_layers):
-        payloads.extend((layer, i, data) for i, data in enumerate(export_layer(engine, seq, n, layer)))
+        payloads.extend(export_layer(engine, seq, n, layer))
     return KvExport(request_id, seq.token_ids[:n], seq.token_ids[n], kv_layout(engine), payloads)
 
 
-def stream_layers(engine: Engine, request_id: str, sink: Callable[[list[tuple[int, int, bytes]]], None]) -> None:
+def stream_layers(engine: Engine, request_id: str, sink: Callable[[list[Payload]], None]) -> None:
     """For a queued prefill-only request: during the step that completes its prefill, hands each layer's
-    payloads [(layer, block_index, data)] to sink, layer 0 first, as soon as that layer's attention wrote
-    them. On CUDA the copy to the host runs beside the forward pass and sink is called from a copy thread
-    (`_DeviceToHost`); elsewhere on the engine thread, inside the forward pass."""
-    def deliver(layer: int, payloads: list[bytes]) -> None:
-        sink([(layer, i, data) for i, data in enumerate(payloads)])
-
+    payloads (`export_layer`'s) to sink, layer 0 first, as soon as that layer's attention wrote them. On CUDA
+    the copy to the host runs beside the forward pass and sink is called from a copy thread (`_DeviceToHost`);
+    elsewhere on the engine thread, inside the forward pass."""
     if engine.device.type == "cuda":
-        copier = _DeviceToHost(engine.device, engine.model_config.num_layers, deliver)
+        copier = _DeviceToHost(engine.device, engine.model_config.num_layers, sink)
 
         def on_layer(seq: Sequence, layer: int) -> None:
             copier.submit(layer, _gather_layer(engine, seq, seq.num_prompt_tokens, layer))
     else:
         def on_layer(seq: Sequence, layer: int) -> None:
-            deliver(layer, export_layer(engine, seq, seq.num_prompt_tokens, layer))
+            sink(export_layer(engine, seq, seq.num_prompt_tokens, layer))
 
     engine.stream_kv(request_id, on_layer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 
 import pytest
@@ -117,6 +118,31 @@ def test_cancelling_the_consumer_task_aborts(engine):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        return await until(lambda: idle(engine))
+
+    assert asyncio.run(main())
+
+
+def test_cancelled_calls_are_skipped_and_the_engine_lives_on(engine):
+    """A submit() or abort() whose caller gave up (its future cancelled while queued) does not kill the engine
+    thread: a cancelled call never runs, a cancelled abort still aborts."""
+    async def main():
+        stream = engine.generate("ab", "Hi", LONG)
+        await stream.__anext__()
+        gate, ran = threading.Event(), []
+        blocker = engine.submit(lambda e: gate.wait(10))  # holds the engine thread while the others queue
+        skipped = asyncio.ensure_future(asyncio.wrap_future(engine.submit(lambda e: ran.append("skipped"))))
+        aborting = asyncio.ensure_future(engine.abort("ab"))
+        await asyncio.sleep(0.05)
+        skipped.cancel()
+        aborting.cancel()
+        await asyncio.wait([skipped, aborting])  # the cancellations reached the queued futures
+        gate.set()
+        assert await asyncio.wrap_future(blocker) is True
+        rest = [out async for out in stream]
+        assert rest[-1].finish_reason == "abort"
+        assert await asyncio.wrap_future(engine.submit(lambda e: "alive")) == "alive"
+        assert ran == [] and engine.is_healthy()
         return await until(lambda: idle(engine))
 
     assert asyncio.run(main())

@@ -14,6 +14,7 @@ import pytest
 
 from partita.cluster import kv_stream_client
 from partita.cluster.kv_stream_client import prefill_and_migrate
+from partita.protos.partita.v1 import kv_transfer_pb2 as pb
 from tests.cluster.test_kv_transfer import GREEDY, PROMPT, WIRE_GREEDY, Pair, colocated
 
 
@@ -68,13 +69,15 @@ def test_corrupt_streamed_chunk_is_detected_and_the_request_completes(monkeypatc
     corrupted = []
 
     async def corrupt_second_chunk(*args):
-        async for chunk in real(*args):
+        async for wire in real(*args):
+            chunk = pb.KvChunk.FromString(wire)
             if chunk.seq == 1 and not corrupted:
                 data = bytearray(chunk.blocks[0].data)
                 data[0] ^= 0xFF
                 chunk.blocks[0].data = bytes(data)  # the crc32 still describes the original bytes
                 corrupted.append(chunk.transfer_id)
-            yield chunk
+                wire = chunk.SerializeToString()
+            yield wire
 
     monkeypatch.setattr(kv_stream_client, "pack_chunks", corrupt_second_chunk)
 

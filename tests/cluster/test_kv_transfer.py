@@ -2,8 +2,10 @@
 AsyncEngine behind `start_kv_transfer_server`, the client in between (tiny random models, CPU).
 
 Greedy PD output equals colocated output token for token (every KV format against the colocated engine of the
-same format); a corrupted chunk is refused (DATA_LOSS), the attempt aborted and retried, and the request still
-completes; a truncated transfer (Commit early) is refused and never used; Reserve without room answers
+same format), with payloads of block runs or of single blocks as the receiver accepts; a corrupted chunk is
+refused (DATA_LOSS), the attempt aborted and retried, and the request still completes; a run that is corrupt,
+reaches past the last block, overlaps a received block or has the wrong size aborts the transfer and frees its
+blocks; a truncated transfer (Commit early) is refused and never used; Reserve without room answers
 RESOURCE_EXHAUSTED; a format mismatch answers INVALID_ARGUMENT and falls back to colocated decode; every block
 returns to the free pool on both sides.
 """
@@ -20,7 +22,8 @@ from partita.cluster import kv_transfer_client
 from partita.cluster.async_engine import AsyncEngine
 from partita.cluster.auth import bearer_token_interceptors
 from partita.cluster.kv_transfer_client import migrate_or_resume, reserve_request, send_kv
-from partita.cluster.kv_transfer_server import start_kv_transfer_server
+from partita.cluster.kv_transfer_server import KvTransferServicer, start_kv_transfer_server
+from partita.cluster.kv_wire import send_stream
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers import Engine, EngineConfig, SamplingParams
 from partita.workers.kv_migration import export_request, kv_layout
@@ -87,13 +90,14 @@ class Pair:
 
     async def held_and_reserved(self, ttl_s: float = 30.0):
         """Prefills "r" held for migration, reserves its transfer by hand: (prefill stream, export, transfer id,
-        the first chunk: the first payload alone). The caller closes the stream and releases "r"."""
+        the first chunk: the first block alone). The caller closes the stream and releases "r"."""
         stream = self.prefill.adopt("r", lambda e: e.add_request("r", PROMPT, GREEDY, prefill_only=True))
         await anext(stream)
         export = await asyncio.wrap_future(self.prefill.submit(lambda e: export_request(e, "r")))
         reserve = reserve_request("r", PROMPT, export.layout, model="", sender_id="", ttl_s=ttl_s)
         tid = (await self.stub.Reserve(reserve)).transfer_id
         layer, index, data = export.payloads[0]
+        data = data[:export.layout.bytes_per_block]
         first = pb.KvChunk(transfer_id=tid, seq=0, blocks=[pb.KvBlockPayload(
             layer=layer, block_index=index, data=data, crc32=zlib.crc32(data))])
         return stream, export, tid, first
@@ -137,18 +141,23 @@ def test_kv_port_refuses_senders_without_the_token():
     assert refused_tokens == tokens == colocated("int8")
 
 
+def corrupted(wire: bytes) -> bytes:
+    """The chunk with its first payload's first byte flipped; the crc32 still describes the original bytes."""
+    chunk = pb.KvChunk.FromString(wire)
+    data = bytearray(chunk.blocks[0].data)
+    data[0] ^= 0xFF
+    chunk.blocks[0].data = bytes(data)
+    return chunk.SerializeToString()
+
+
 def test_corrupt_chunk_is_detected_and_retried(monkeypatch):
     real = kv_transfer_client.build_chunks
     calls = []
 
-    def corrupt_first_attempt(transfer_id, export, chunk_bytes):
+    def corrupt_first_attempt(transfer_id, *args):
         calls.append(transfer_id)
-        for chunk in real(transfer_id, export, chunk_bytes):
-            if len(calls) == 1 and chunk.seq == 1:
-                data = bytearray(chunk.blocks[0].data)
-                data[0] ^= 0xFF
-                chunk.blocks[0].data = bytes(data)  # the crc32 still describes the original bytes
-            yield chunk
+        for chunk in real(transfer_id, *args):
+            yield corrupted(chunk) if len(calls) == 1 and pb.KvChunk.FromString(chunk).seq == 1 else chunk
 
     monkeypatch.setattr(kv_transfer_client, "build_chunks", corrupt_first_attempt)
 
@@ -168,9 +177,9 @@ def test_decode_worker_dying_mid_transfer_falls_back_to_colocated(monkeypatch):
     real = kv_transfer_client.build_chunks
     pairs = []
 
-    def die_after_two_chunks(transfer_id, export, chunk_bytes):
-        for chunk in real(transfer_id, export, chunk_bytes):
-            if chunk.seq == 2 and not pairs[0].stopped:
+    def die_after_two_chunks(*args):
+        for chunk in real(*args):
+            if pb.KvChunk.FromString(chunk).seq == 2 and not pairs[0].stopped:
                 pairs[0].stopped = True
                 asyncio.get_running_loop().create_task(pairs[0].server.stop(None))
             yield chunk
@@ -191,6 +200,92 @@ def test_decode_worker_dying_mid_transfer_falls_back_to_colocated(monkeypatch):
     assert tokens == colocated("int4")
 
 
+def test_runs_to_a_receiver_that_takes_them_single_blocks_to_one_that_does_not(monkeypatch):
+    """Payloads carry runs of consecutive blocks when the receiver's ReserveResponse accepts them, and single
+    blocks otherwise (an older receiver); either way the request migrates with the colocated tokens."""
+    counts = []
+    real_admit = KvTransferServicer._admit
+
+    async def admit(self, incoming, chunk):
+        counts.extend(max(b.num_blocks, 1) for b in chunk.blocks)
+        return await real_admit(self, incoming, chunk)
+
+    monkeypatch.setattr(KvTransferServicer, "_admit", admit)
+
+    async def main(runs: bool):
+        async with Pair("int4") as pair:
+            real_reserve = pair.servicer._reserve
+
+            async def reserve(request):
+                response = await real_reserve(request)
+                response.accepts_block_runs = runs
+                return response
+
+            pair.servicer._reserve = reserve
+            tokens, result = await pair.run(chunk_bytes=64 * 1024)
+            await pair.assert_all_free()
+            return tokens, result
+    for runs in (True, False):
+        counts.clear()
+        tokens, result = asyncio.run(main(runs))
+        assert result is not None and tokens == colocated("int4")
+        assert (max(counts) > 1) == runs
+
+
+def run_chunk(tid: str, seq: int, layer: int, index: int, data: bytes, count: int, crc_of: bytes | None = None):
+    return pb.KvChunk(transfer_id=tid, seq=seq, blocks=[pb.KvBlockPayload(
+        layer=layer, block_index=index, data=data, crc32=zlib.crc32(crc_of or data), num_blocks=count)])
+
+
+def test_corrupt_run_is_data_loss_and_frees_the_blocks():
+    """A run of blocks whose bytes do not match its crc32 is refused with DATA_LOSS (also when the next chunk is
+    already being read behind it) and the reservation is freed at once."""
+    async def main():
+        async with Pair("none") as pair:
+            stream, export, tid, _ = await pair.held_and_reserved()
+            async with contextlib.aclosing(stream):
+                (layer, index, data), (next_layer, _, next_data) = export.payloads[:2]
+                count = len(data) // export.layout.bytes_per_block
+                assert count > 1 and next_layer == layer + 1
+                bad = bytearray(data)
+                bad[-1] ^= 0xFF
+                call = pair.stub.SendStream()
+                await call.write(run_chunk(tid, 0, layer, index, bytes(bad), count, crc_of=data))
+                await call.write(run_chunk(tid, 1, next_layer, 0, next_data, count))
+                await call.done_writing()
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in call:
+                        pass
+                assert err.value.code() == grpc.StatusCode.DATA_LOSS and "crc32" in err.value.details()
+                assert tid not in pair.servicer.transfers
+                await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
+            await pair.assert_all_free()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("case", ["past the last block", "overlapping a received block", "short of its size"])
+def test_bad_runs_abort_the_transfer(case):
+    async def main():
+        async with Pair("none") as pair:
+            stream, export, tid, first = await pair.held_and_reserved()  # first: block 0 of layer 0 alone
+            async with contextlib.aclosing(stream):
+                layer, _, data = export.payloads[0]
+                width = export.layout.bytes_per_block
+                count = len(data) // width
+                second = {"past the last block": run_chunk(tid, 1, layer, 1, data[width:], count),
+                          "overlapping a received block": run_chunk(tid, 1, layer, 0, data[:2 * width], 2),
+                          "short of its size": run_chunk(tid, 1, layer, 1, data[width:-1], count - 1)}[case]
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await pair.stub.Send(iter([first, second]))
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert {"past the last block": "not part of the transfer", "overlapping a received block": "sent twice",
+                        "short of its size": "bytes, expected"}[case] in err.value.details()
+                assert tid not in pair.servicer.transfers
+                await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
+            await pair.assert_all_free()
+    asyncio.run(main())
+
+
 def test_truncated_transfer_is_refused_and_freed():
     async def main():
         async with Pair("none") as pair:
@@ -201,7 +296,7 @@ def test_truncated_transfer_is_refused_and_freed():
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await pair.stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=export.first_token_id))
                 assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-                assert "payloads received" in err.value.details()
+                assert "blocks and states received" in err.value.details()
                 assert "r" not in pair.outputs
                 with pytest.raises(grpc.aio.AioRpcError) as err:  # the aborted transfer takes no more chunks
                     await pair.stub.Send(iter([pb.KvChunk(transfer_id=tid, seq=1)]))
@@ -223,6 +318,28 @@ def test_sender_dying_mid_stream_frees_the_reservation_at_once():
                 assert (await call.read()).seq == 0
                 assert tid in pair.servicer.transfers
                 call.cancel()
+                for _ in range(100):
+                    if tid not in pair.servicer.transfers:
+                        break
+                    await asyncio.sleep(0.02)
+                assert tid not in pair.servicer.transfers
+                await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
+            await pair.assert_all_free()
+    asyncio.run(main())
+
+
+def test_unreadable_chunk_is_invalid_argument_and_frees_the_reservation():
+    async def main():
+        async with Pair("int4") as pair:
+            stream, _, tid, chunk = await pair.held_and_reserved(ttl_s=60.0)
+            async with contextlib.aclosing(stream):
+                call = send_stream(pair.channel)()
+                await call.write(chunk.SerializeToString())
+                assert (await call.read()).seq == 0
+                await call.write(b"\xff" * 20)  # a varint that never ends
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call.read()
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "varint" in err.value.details()
                 for _ in range(100):
                     if tid not in pair.servicer.transfers:
                         break
@@ -332,7 +449,8 @@ def test_same_gpu_path_is_refused_off_the_gpu():
 SAME_GPU_DECODE_WORKER = r"""
 import asyncio, json, sys
 from partita.cluster.async_engine import AsyncEngine
-from partita.cluster.kv_transfer_server import start_kv_transfer_server
+from partita.cluster.kv_transfer_server import KvTransferServicer, start_kv_transfer_server
+from partita.cluster.kv_wire import send_stream
 from partita.workers import EngineConfig
 
 async def main(kv_format, config):

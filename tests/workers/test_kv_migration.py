@@ -11,8 +11,8 @@ import pytest
 
 from partita.workers import Engine, EngineConfig, InvalidRequestError, SamplingParams
 from partita.workers.errors import KvCapacityError
-from partita.workers.kv_migration import (KvLayoutMismatch, export_request, import_payload, kv_layout,
-                                          stream_layers)
+from partita.workers.kv_migration import (KvLayoutMismatch, export_request, import_payload, import_payloads,
+                                          kv_layout, stream_layers)
 
 FORMATS = ["none", "fp8", "int8", "int4", "kivi2"]
 PROMPTS = [[(5 * i + 7 * j) % 500 + 2 for j in range(n)] for i, n in enumerate((3, 16, 45, 70))]
@@ -39,12 +39,28 @@ def prefill(engine: Engine, request_id: str, prompt: list[int], params: Sampling
     return first[0]
 
 
+def cut_runs(payloads, bytes_per_block: int, num_blocks: int) -> list:
+    """Each layer's run of blocks cut into runs of 1 and 2 blocks, last run first, as a sender's chunks may cut
+    them (the state payloads are left out)."""
+    runs = []
+    for layer, index, data in payloads:
+        start, count = 0, 1
+        while index < num_blocks and start < len(data):
+            end = min(start + count * bytes_per_block, len(data))
+            runs.insert(0, (layer, index + start // bytes_per_block, data[start:end]))
+            start, count = end, 3 - count
+    return runs
+
+
 def migrate(src: Engine, dst: Engine, request_id: str, params: SamplingParams = GREEDY) -> None:
     export = export_request(src, request_id)
     kv_layout(dst).check_compatible(export.layout.to_proto())
     seq = dst.reserve_migrated(request_id, export.prompt_token_ids, params)
+    num_blocks = export.layout.num_blocks(export.num_tokens)
+    import_payloads(dst, seq, export.num_tokens, cut_runs(export.payloads, export.layout.bytes_per_block, num_blocks))
     for layer, index, data in export.payloads:
-        import_payload(dst, seq, export.num_tokens, layer, index, data)
+        if index == num_blocks:
+            import_payload(dst, seq, export.num_tokens, layer, index, data)
     assert export.total_bytes == export.layout.total_bytes(export.num_tokens)
     src.release_prefilled(request_id)
     dst.commit_migrated(request_id, export.first_token_id)

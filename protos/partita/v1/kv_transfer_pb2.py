@@ -16,7 +16,7 @@ _sym_db = _symbol_database.Default()
 from partita.protos.partita.v1 import inference_pb2 as partita_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpartita/v1/kv_transfer.proto\x12\npartita.v1\x1a\x1apartita/v1/inference.proto\"\x9a\x01\n\x08KvFormat\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x12\n\ngroup_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x12\n\nhas_scales\x18\x07 \x01(\x08\x12\x0e\n\x06layout\x18\x08 \x01(\t\"\x88\x02\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x06\x66ormat\x18\x03 \x01(\x0b\x32\x14.partita.v1.KvFormat\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x62ytes_per_block\x18\x07 \x01(\x04\x12\x1c\n\x14\x65xpected_total_bytes\x18\x08 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12\r\n\x05ttl_s\x18\n \x01(\x01\x12\x11\n\tsender_id\x18\x0b \x01(\t\"d\n\x0fReserveResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x04\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x10\n\x08seq_slot\x18\x04 \x01(\x05\"Q\n\x0eKvBlockPayload\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0b\x62lock_index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"h\n\x07KvChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12*\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x1a.partita.v1.KvBlockPayload\x12\x0f\n\x07is_last\x18\x04 \x01(\x08\"A\n\x05KvAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"j\n\x0bSendSummary\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x1a\n\x12num_blocks_written\x18\x04 \x01(\x04\"\x84\x01\n\rCommitRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.partita.v1.SamplingParams\x12\x18\n\x10written_in_place\x18\x04 \x01(\x08\"9\n\x0e\x43ommitResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\";\n\x14\x41\x62ortTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"B\n\x15\x41\x62ortTransferResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x14\n\x0cwas_reserved\x18\x02 \x01(\x08\"`\n\x10OpenCacheRequest\x12$\n\x06\x66ormat\x18\x01 \x01(\x0b\x32\x14.partita.v1.KvFormat\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\x12\x11\n\tsender_id\x18\x03 \x01(\t\"\x92\x02\n\rCudaIpcTensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0e\n\x06stride\x18\x02 \x03(\x03\x12\x16\n\x0estorage_offset\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x16\n\x0estorage_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x06 \x01(\x04\x12\x1c\n\x14storage_offset_bytes\x18\x07 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x08 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\t \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\n \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x0b \x01(\x08\"o\n\x11OpenCacheResponse\x12\x13\n\x0b\x64\x65vice_uuid\x18\x01 \x01(\t\x12*\n\x07tensors\x18\x02 \x03(\x0b\x32\x19.partita.v1.CudaIpcTensor\x12\x19\n\x11tensors_per_layer\x18\x03 \x01(\r2\x9b\x03\n\nKvTransfer\x12\x42\n\x07Reserve\x12\x1a.partita.v1.ReserveRequest\x1a\x1b.partita.v1.ReserveResponse\x12\x36\n\x04Send\x12\x13.partita.v1.KvChunk\x1a\x17.partita.v1.SendSummary(\x01\x12\x38\n\nSendStream\x12\x13.partita.v1.KvChunk\x1a\x11.partita.v1.KvAck(\x01\x30\x01\x12?\n\x06\x43ommit\x12\x19.partita.v1.CommitRequest\x1a\x1a.partita.v1.CommitResponse\x12L\n\x05\x41\x62ort\x12 .partita.v1.AbortTransferRequest\x1a!.partita.v1.AbortTransferResponse\x12H\n\tOpenCache\x12\x1c.partita.v1.OpenCacheRequest\x1a\x1d.partita.v1.OpenCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpartita/v1/kv_transfer.proto\x12\npartita.v1\x1a\x1apartita/v1/inference.proto\"\x9a\x01\n\x08KvFormat\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x12\n\ngroup_size\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x12\n\nhas_scales\x18\x07 \x01(\x08\x12\x0e\n\x06layout\x18\x08 \x01(\t\"\x88\x02\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x06\x66ormat\x18\x03 \x01(\x0b\x32\x14.partita.v1.KvFormat\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x62ytes_per_block\x18\x07 \x01(\x04\x12\x1c\n\x14\x65xpected_total_bytes\x18\x08 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\t \x03(\r\x12\r\n\x05ttl_s\x18\n \x01(\x01\x12\x11\n\tsender_id\x18\x0b \x01(\t\"\x80\x01\n\x0fReserveResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x04\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x10\n\x08seq_slot\x18\x04 \x01(\x05\x12\x1a\n\x12\x61\x63\x63\x65pts_block_runs\x18\x05 \x01(\x08\"e\n\x0eKvBlockPayload\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0b\x62lock_index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\"h\n\x07KvChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12*\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x1a.partita.v1.KvBlockPayload\x12\x0f\n\x07is_last\x18\x04 \x01(\x08\"A\n\x05KvAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"j\n\x0bSendSummary\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x1a\n\x12num_blocks_written\x18\x04 \x01(\x04\"\x84\x01\n\rCommitRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.partita.v1.SamplingParams\x12\x18\n\x10written_in_place\x18\x04 \x01(\x08\"9\n\x0e\x43ommitResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\";\n\x14\x41\x62ortTransferRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"B\n\x15\x41\x62ortTransferResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x14\n\x0cwas_reserved\x18\x02 \x01(\x08\"`\n\x10OpenCacheRequest\x12$\n\x06\x66ormat\x18\x01 \x01(\x0b\x32\x14.partita.v1.KvFormat\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\x12\x11\n\tsender_id\x18\x03 \x01(\t\"\x92\x02\n\rCudaIpcTensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0e\n\x06stride\x18\x02 \x03(\x03\x12\x16\n\x0estorage_offset\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x16\n\x0estorage_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x06 \x01(\x04\x12\x1c\n\x14storage_offset_bytes\x18\x07 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x08 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\t \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\n \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x0b \x01(\x08\"o\n\x11OpenCacheResponse\x12\x13\n\x0b\x64\x65vice_uuid\x18\x01 \x01(\t\x12*\n\x07tensors\x18\x02 \x03(\x0b\x32\x19.partita.v1.CudaIpcTensor\x12\x19\n\x11tensors_per_layer\x18\x03 \x01(\r2\x9b\x03\n\nKvTransfer\x12\x42\n\x07Reserve\x12\x1a.partita.v1.ReserveRequest\x1a\x1b.partita.v1.ReserveResponse\x12\x36\n\x04Send\x12\x13.partita.v1.KvChunk\x1a\x17.partita.v1.SendSummary(\x01\x12\x38\n\nSendStream\x12\x13.partita.v1.KvChunk\x1a\x11.partita.v1.KvAck(\x01\x30\x01\x12?\n\x06\x43ommit\x12\x19.partita.v1.CommitRequest\x1a\x1a.partita.v1.CommitResponse\x12L\n\x05\x41\x62ort\x12 .partita.v1.AbortTransferRequest\x1a!.partita.v1.AbortTransferResponse\x12H\n\tOpenCache\x12\x1c.partita.v1.OpenCacheRequest\x1a\x1d.partita.v1.OpenCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -27,30 +27,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVFORMAT']._serialized_end=227
   _globals['_RESERVEREQUEST']._serialized_start=230
   _globals['_RESERVEREQUEST']._serialized_end=494
-  _globals['_RESERVERESPONSE']._serialized_start=496
-  _globals['_RESERVERESPONSE']._serialized_end=596
-  _globals['_KVBLOCKPAYLOAD']._serialized_start=598
-  _globals['_KVBLOCKPAYLOAD']._serialized_end=679
-  _globals['_KVCHUNK']._serialized_start=681
-  _globals['_KVCHUNK']._serialized_end=785
-  _globals['_KVACK']._serialized_start=787
-  _globals['_KVACK']._serialized_end=852
-  _globals['_SENDSUMMARY']._serialized_start=854
-  _globals['_SENDSUMMARY']._serialized_end=960
-  _globals['_COMMITREQUEST']._serialized_start=963
-  _globals['_COMMITREQUEST']._serialized_end=1095
-  _globals['_COMMITRESPONSE']._serialized_start=1097
-  _globals['_COMMITRESPONSE']._serialized_end=1154
-  _globals['_ABORTTRANSFERREQUEST']._serialized_start=1156
-  _globals['_ABORTTRANSFERREQUEST']._serialized_end=1215
-  _globals['_ABORTTRANSFERRESPONSE']._serialized_start=1217
-  _globals['_ABORTTRANSFERRESPONSE']._serialized_end=1283
-  _globals['_OPENCACHEREQUEST']._serialized_start=1285
-  _globals['_OPENCACHEREQUEST']._serialized_end=1381
-  _globals['_CUDAIPCTENSOR']._serialized_start=1384
-  _globals['_CUDAIPCTENSOR']._serialized_end=1658
-  _globals['_OPENCACHERESPONSE']._serialized_start=1660
-  _globals['_OPENCACHERESPONSE']._serialized_end=1771
-  _globals['_KVTRANSFER']._serialized_start=1774
-  _globals['_KVTRANSFER']._serialized_end=2185
+  _globals['_RESERVERESPONSE']._serialized_start=497
+  _globals['_RESERVERESPONSE']._serialized_end=625
+  _globals['_KVBLOCKPAYLOAD']._serialized_start=627
+  _globals['_KVBLOCKPAYLOAD']._serialized_end=728
+  _globals['_KVCHUNK']._serialized_start=730
+  _globals['_KVCHUNK']._serialized_end=834
+  _globals['_KVACK']._serialized_start=836
+  _globals['_KVACK']._serialized_end=901
+  _globals['_SENDSUMMARY']._serialized_start=903
+  _globals['_SENDSUMMARY']._serialized_end=1009
+  _globals['_COMMITREQUEST']._serialized_start=1012
+  _globals['_COMMITREQUEST']._serialized_end=1144
+  _globals['_COMMITRESPONSE']._serialized_start=1146
+  _globals['_COMMITRESPONSE']._serialized_end=1203
+  _globals['_ABORTTRANSFERREQUEST']._serialized_start=1205
+  _globals['_ABORTTRANSFERREQUEST']._serialized_end=1264
+  _globals['_ABORTTRANSFERRESPONSE']._serialized_start=1266
+  _globals['_ABORTTRANSFERRESPONSE']._serialized_end=1332
+  _globals['_OPENCACHEREQUEST']._serialized_start=1334
+  _globals['_OPENCACHEREQUEST']._serialized_end=1430
+  _globals['_CUDAIPCTENSOR']._serialized_start=1433
+  _globals['_CUDAIPCTENSOR']._serialized_end=1707
+  _globals['_OPENCACHERESPONSE']._serialized_start=1709
+  _globals['_OPENCACHERESPONSE']._serialized_end=1820
+  _globals['_KVTRANSFER']._serialized_start=1823
+  _globals['_KVTRANSFER']._serialized_end=2234
 # @@protoc_insertion_point(module_scope)

@@ -54,28 +54,32 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., format: _Optional[_Union[KvFormat, _Mapping]] = ..., num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., bytes_per_block: _Optional[int] = ..., expected_total_bytes: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., ttl_s: _Optional[float] = ..., sender_id: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("transfer_id", "max_chunk_bytes", "block_ids", "seq_slot")
+    __slots__ = ("transfer_id", "max_chunk_bytes", "block_ids", "seq_slot", "accepts_block_runs")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     SEQ_SLOT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_BLOCK_RUNS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     max_chunk_bytes: int
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     seq_slot: int
-    def __init__(self, transfer_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., seq_slot: _Optional[int] = ...) -> None: ...
+    accepts_block_runs: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., seq_slot: _Optional[int] = ..., accepts_block_runs: bool = ...) -> None: ...
 
 class KvBlockPayload(_message.Message):
-    __slots__ = ("layer", "block_index", "data", "crc32")
+    __slots__ = ("layer", "block_index", "data", "crc32", "num_blocks")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     block_index: int
     data: bytes
     crc32: int
-    def __init__(self, layer: _Optional[int] = ..., block_index: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    num_blocks: int
+    def __init__(self, layer: _Optional[int] = ..., block_index: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., num_blocks: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("transfer_id", "seq", "blocks", "is_last")
