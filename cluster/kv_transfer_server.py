@@ -158,18 +158,33 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
             raise TransferError(bad, f"bytes_per_block: {layout.bytes_per_block} exceeds the chunk limit "
                                      f"{self.max_chunk_bytes}")
         prompt = list(request.prompt_token_ids)
+        ttl = min(request.ttl_s or self._default_ttl_s, self._max_ttl_s)
+
+        def reserve(engine: "Engine") -> _Transfer:
+            seq = engine.reserve_migrated(request.request_id, prompt)
+            return _Transfer(uuid.uuid4().hex, request.request_id, seq, n, layout, time.monotonic() + ttl)
+
+        reserving = asyncio.wrap_future(self._engine.submit(reserve))
         try:
-            seq = await self._run(lambda e: e.reserve_migrated(request.request_id, prompt))
+            t = await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            # the caller went away (deadline, cancel) while the engine thread reserved: blocks it got are freed
+            # as soon as they exist, instead of leaking with no transfer to reap them
+            reserving.add_done_callback(self._free_orphan)
+            raise
         except KvCapacityError as e:
             raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         except InvalidRequestError as e:
             raise TransferError(bad, str(e)) from None
-        ttl = min(request.ttl_s or self._default_ttl_s, self._max_ttl_s)
-        t = _Transfer(uuid.uuid4().hex, request.request_id, seq, n, layout, time.monotonic() + ttl)
         self.transfers[t.transfer_id] = t
         return pb.ReserveResponse(transfer_id=t.transfer_id, max_chunk_bytes=self.max_chunk_bytes,
-                                  block_ids=seq.block_table[:layout.num_blocks(n)], seq_slot=seq.kv_slot,
+                                  block_ids=t.seq.block_table[:layout.num_blocks(n)], seq_slot=t.seq.kv_slot,
                                   accepts_block_runs=True)
+
+    def _free_orphan(self, reserving: asyncio.Future) -> None:
+        if not reserving.cancelled() and reserving.exception() is None:
+            t = reserving.result()
+            self._spawn(self._run(lambda e: e.abort_reserved(t.request_id)))
 
     # --- Send / SendStream ----------------------------------------------------------------------------
     async def Send(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.SendSummary:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import zlib
 
 import grpc
@@ -410,6 +411,38 @@ def test_reserve_without_room_status():
                 assert "needs 3 KV blocks" in str(err.value)
                 await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
             await asyncio.wrap_future(pair.decode.submit(lambda e: e.abort_reserved("hog")))
+            await pair.assert_all_free()
+    asyncio.run(main())
+
+
+def test_reserve_whose_caller_goes_away_frees_its_blocks():
+    """A Reserve cancelled (deadline, client gone) while the engine thread reserves leaves no blocks behind,
+    although no transfer was registered for the reaper to find."""
+    async def main():
+        async with Pair("none") as pair:
+            layout = await asyncio.wrap_future(pair.decode.submit(kv_layout))
+            engine = await asyncio.wrap_future(pair.decode.submit(lambda e: e))
+            reserving, go = threading.Event(), threading.Event()
+            plain = engine.reserve_migrated
+
+            def slow_reserve(request_id, prompt):  # the caller goes away while this runs on the engine thread
+                reserving.set()
+                go.wait(10)
+                return plain(request_id, prompt)
+
+            engine.reserve_migrated = slow_reserve
+            reserve = reserve_request("r", PROMPT, layout, model="", sender_id="", ttl_s=60.0)
+            task = asyncio.ensure_future(pair.servicer._reserve(reserve))
+            await asyncio.to_thread(reserving.wait, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            go.set()
+            for _ in range(100):
+                if await asyncio.wrap_future(pair.decode.submit(
+                        lambda e: e.blocks.num_free_blocks == e.blocks.num_blocks)):
+                    break
+                await asyncio.sleep(0.02)
             await pair.assert_all_free()
     asyncio.run(main())
 
