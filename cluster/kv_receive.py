@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import zlib
 from typing import AsyncIterator, Awaitable, Callable, Generic, Sequence, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pb2, message_factory
 
-from partita.cluster.kv_wire import decode_chunk
+from partita.cluster.kv_wire import crc32, decode_chunk
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers.kv_migration import KvLayout
 
@@ -131,8 +130,8 @@ async def _next(chunks: AsyncIterator[C]) -> C | None:
 
 def first_bad_crc(blocks: Sequence[Block]) -> tuple[int, int] | None:
     """(layer, block_index) of the first payload whose data does not match its crc32, or None. For a worker
-    thread: zlib.crc32 releases the GIL on large buffers."""
+    thread: crc32 releases the GIL on large buffers."""
     for layer, index, _, data, crc in blocks:
-        if zlib.crc32(data) != crc:
+        if crc32(data) != crc:
             return layer, index
     return None

@@ -4,8 +4,12 @@ The KV bytes are most of what a transfer costs: building a `KvBlockPayload` copi
 and `SerializeToString` copies it again; on the receiving side parsing copies the data into the message and
 each read of `data` copies it once more, all under the GIL, on the event loop. Here a chunk's wire form is the
 join of small field headers with views of the exported payloads (one copy, by `bytes.join`, which like
-zlib.crc32 releases the GIL on large inputs, so that encoding runs on a thread beside the event loop), and
+`crc32` releases the GIL on large inputs, so that encoding runs on a thread beside the event loop), and
 `decode_chunk` reads the received bytes in place: its payloads' data are views of them.
+
+`crc32` is ISA-L's (the `isal` package, a dependency): the same CRC-32 as zlib.crc32, computed with carry-less
+multiplies at 13 GB/s where zlib's table method reaches 2.4-3 GB/s; it was the sender's largest cost per chunk.
+zlib's is the fallback where isal is not installed.
 
 Both are protobuf's encoding of KvChunk: `encode_chunk` writes what SerializeToString writes, field for field,
 and `decode_chunk` reads any KvChunk encoding (unknown fields skipped, as fields are only ever added), refusing
@@ -17,10 +21,14 @@ cut at block boundaries, into runs of several blocks when the receiver accepts t
 """
 from __future__ import annotations
 
-import zlib
 from typing import Iterator, NamedTuple, Sequence
 
 import grpc
+
+try:
+    from isal.isal_zlib import crc32
+except ImportError:
+    from zlib import crc32
 
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb
 
@@ -56,7 +64,7 @@ def encode_chunk(transfer_id: str, seq: int, pieces: Sequence[Piece], is_last: b
     parts = [_tag(1, _LEN) + _varint(len(tid)) + tid if tid else b"", _uint(2, seq)]
     for layer, index, num_blocks, data in pieces:
         head = _uint(1, layer) + _uint(2, index) + _tag(3, _LEN) + _varint(len(data))
-        tail = _uint(4, zlib.crc32(data)) + _uint(5, num_blocks if num_blocks > 1 else 0)
+        tail = _uint(4, crc32(data)) + _uint(5, num_blocks if num_blocks > 1 else 0)
         parts += [_tag(3, _LEN) + _varint(len(head) + len(data) + len(tail)) + head, data, tail]
     parts.append(_uint(4, int(is_last)))
     return b"".join(parts)

@@ -98,7 +98,7 @@ class Pair:
         reserve = reserve_request("r", PROMPT, export.layout, model="", sender_id="", ttl_s=ttl_s)
         tid = (await self.stub.Reserve(reserve)).transfer_id
         layer, index, data = export.payloads[0]
-        data = data[:export.layout.bytes_per_block]
+        data = bytes(data[:export.layout.bytes_per_block])
         first = pb.KvChunk(transfer_id=tid, seq=0, blocks=[pb.KvBlockPayload(
             layer=layer, block_index=index, data=data, crc32=zlib.crc32(data))])
         return stream, export, tid, first
@@ -233,9 +233,9 @@ def test_runs_to_a_receiver_that_takes_them_single_blocks_to_one_that_does_not(m
         assert (max(counts) > 1) == runs
 
 
-def run_chunk(tid: str, seq: int, layer: int, index: int, data: bytes, count: int, crc_of: bytes | None = None):
+def run_chunk(tid: str, seq: int, layer: int, index: int, data, count: int, crc_of=None):
     return pb.KvChunk(transfer_id=tid, seq=seq, blocks=[pb.KvBlockPayload(
-        layer=layer, block_index=index, data=data, crc32=zlib.crc32(crc_of or data), num_blocks=count)])
+        layer=layer, block_index=index, data=bytes(data), crc32=zlib.crc32(crc_of or data), num_blocks=count)])
 
 
 def test_corrupt_run_is_data_loss_and_frees_the_blocks():

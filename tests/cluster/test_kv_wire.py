@@ -6,10 +6,11 @@ from __future__ import annotations
 import random
 import zlib
 
+import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 
-from partita.cluster.kv_wire import ChunkPacker, decode_chunk, encode_chunk
+from partita.cluster.kv_wire import ChunkPacker, crc32, decode_chunk, encode_chunk
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb
 
 
@@ -110,3 +111,13 @@ def test_packer_refuses_what_cannot_fit():
         pack([(0, 0, b"x" * 20)], 15, 20, 1, True)
     with pytest.raises(ValueError, match="whole number"):
         pack([(0, 0, b"x" * 25)], 100, 20, 2, True)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 4096, 5 * 1024 + 3, 3 * 2**20 + 1])
+def test_crc32_is_zlibs(size):
+    """The wire's crc32 (ISA-L's where installed) is zlib.crc32, the value the protocol names, on bytes and on
+    the byte views the exporter hands over."""
+    data = random.Random(size).randbytes(size)
+    view = memoryview(np.frombuffer(data, dtype=np.uint8))
+    assert crc32(data) == crc32(view) == zlib.crc32(data)
+    assert crc32(data[size // 2:], crc32(data[:size // 2])) == zlib.crc32(data)
