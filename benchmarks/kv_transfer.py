@@ -20,11 +20,13 @@ Overlap (--overlap-tokens N[,M...], 0 skips it): a random model (Llama-3-8B on C
 Llama-3-8B's attention and KV shape, fewer and narrower layers so that a 2k-token prefill runs in seconds)
 prefills one prompt of N tokens per run, alternating two paths, the decode side placed as for the throughput
 rows: export after the prefill (`migrate_or_resume`), which gives the prefill alone (admission to the first
-token) and the transfer alone (first token to Commit, the export included); and `prefill_and_migrate` (layers
-streamed while later layers compute). Streaming may slow the prefill it hides under (its copies and sends
-share the process), so the share of the transfer that ran before the first token flatters it; the table's
-"hidden" is measured against the prefill alone instead: exposed = streamed ready - prefill alone, hidden =
-1 - exposed / transfer alone (100%: ready when an unhindered prefill ends; 0%: no better than sending after).
+token) and the transfer alone (first token to the last chunk's ack, the export included); and
+`prefill_and_migrate` (layers streamed while later layers compute). Streaming may slow the prefill it hides
+under (its copies and sends share the process), so the share of the transfer that ran before the first token
+flatters it; the table's "hidden" is measured against the prefill alone instead: exposed = streamed last ack -
+prefill alone, hidden = 1 - exposed / transfer alone (100%: the decode worker holds the KV when an unhindered
+prefill ends; 0%: no better than sending after). Commit is shown too but left out of both: it waits for the
+decode worker's first step, which follows any transfer.
 
 Ceiling: the same chunks, built beforehand in the same wire form, streamed through SendStream to a servicer
 that acknowledges each without checking it (no checksum, no cache write; `decode_chunk` only), on the same
@@ -248,11 +250,13 @@ async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int, win
 
 @dataclasses.dataclass
 class PathTimes:
-    """One prefill-and-migrate, in seconds from admission: the first token, and Commit; `during` is the share of
-    the transfer (first chunk sent to last ack) that ran before the first token (streamed path only)."""
+    """One prefill-and-migrate, in seconds from admission: the first token, the last chunk's ack (the decode
+    worker holds the whole KV) and Commit (which also waits for the decode worker's first step); `during` is the
+    share of the transfer (first chunk sent to last ack) that ran before the first token (streamed path only)."""
 
     first_token: float
-    ready: float
+    acked: float
+    committed: float
     during: float = 0.0
 
 
@@ -274,9 +278,10 @@ async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window
         await anext(outputs)
         first_token = time.perf_counter()
         result = await migrate_or_resume(prefill, channel, rid, wire, chunk_bytes=chunk_bytes, window=window)
+        committed = time.perf_counter() - admitted
         assert result is not None, "the transfer after the prefill failed"
         await outputs.aclose()
-        return PathTimes(first_token - admitted, time.perf_counter() - admitted)
+        return PathTimes(first_token - admitted, committed - (result.seconds - result.stream_seconds), committed)
 
     async def streamed(rid: str) -> PathTimes:
         m = await prefill_and_migrate(prefill, channel, rid, prompt, params, wire, chunk_bytes=chunk_bytes,
@@ -284,7 +289,7 @@ async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window
         assert m.streamed, "the streamed transfer failed"
         await m.prefill_outputs.aclose()
         t = m.times
-        return PathTimes(t.first_token - t.admitted, m.result.seconds, t.hidden_share)
+        return PathTimes(t.first_token - t.admitted, t.last_ack - t.admitted, m.result.seconds, t.hidden_share)
 
     runs: dict[str, list[PathTimes]] = {"after": [], "streamed": []}
     try:
@@ -298,12 +303,13 @@ async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window
         await channel.close()
         await side.close()
         prefill.shutdown()
-    med = {path: PathTimes(*(statistics.median(getattr(t, f) for t in ts) for f in ("first_token", "ready", "during")))
+    med = {path: PathTimes(*(statistics.median(getattr(t, f.name) for t in ts) for f in dataclasses.fields(PathTimes)))
            for path, ts in runs.items()}
-    alone, transfer = med["after"].first_token, med["after"].ready - med["after"].first_token
-    exposed = med["streamed"].ready - alone
-    row = (f"| {name} | {tokens} | {alone:.3f} | {transfer:.3f} | {med['after'].ready:.3f} "
-           f"| {med['streamed'].first_token:.3f} | {med['streamed'].ready:.3f} | {med['streamed'].during:.0%} "
+    after, streamed_ = med["after"], med["streamed"]
+    alone, transfer = after.first_token, after.acked - after.first_token
+    exposed = streamed_.acked - alone
+    row = (f"| {name} | {tokens} | {alone:.3f} | {transfer:.3f} | {after.committed:.3f} "
+           f"| {streamed_.first_token:.3f} | {streamed_.acked:.3f} | {streamed_.committed:.3f} | {streamed_.during:.0%} "
            f"| {exposed:.3f} | {min(1.0, max(0.0, 1 - exposed / transfer)):.0%} |")
     print(row, flush=True)
     return row
@@ -355,9 +361,10 @@ async def main() -> None:
         f"- prompt: {args.tokens} tokens, chunks of {args.chunk_kib} KiB, window {args.window}, "
         f"median of {args.repeats} transfers after one warm-up", "", *rows, ""])
     if args.overlap_tokens != "0":
-        lines = ["| format | prompt tokens | prefill alone s | transfer after it s | ready, after s | streamed: "
-                 "first token s | streamed: ready s | transfer before the first token | exposed s | hidden |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines = ["| format | prompt tokens | prefill alone s | transfer after it s (to the last ack) | after: committed s "
+                 "| streamed: first token s | streamed: last ack s | streamed: committed s "
+                 "| transfer before the first token | exposed s | hidden |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name in args.overlap_formats.split(","):
             for tokens in (int(n) for n in args.overlap_tokens.split(",")):
                 lines.append(await overlap(name, tokens, args.overlap_repeats, args.chunk_kib * 1024, args.window,
