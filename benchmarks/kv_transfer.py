@@ -330,13 +330,9 @@ async def main() -> None:
                     help="where both engines run (the wire is loopback gRPC either way)")
     ap.add_argument("--decode-in-process", action="store_true",
                     help="run the decode side in this process (one GIL for both ends) instead of a child process")
-    ap.add_argument("--switch-interval", type=float, default=None,
-                    help="sys.setswitchinterval for the prefill side's process (seconds; Python's default 0.005)")
     ap.add_argument("--overlap-model", default="auto",
                     help="a preset for the overlap rows; auto: llama3-8b on CUDA, OVERLAP_SHAPE on CPU")
     args = ap.parse_args()
-    if args.switch_interval is not None:
-        sys.setswitchinterval(args.switch_interval)
     if args.overlap_model == "auto":
         shape = get_preset("llama3-8b") if args.device == "cuda" else OVERLAP_SHAPE
     else:

@@ -144,8 +144,8 @@ def _rows(engine: Engine, seq: Sequence, num_tokens: int, layout: KvLayout | Non
     ids = torch.tensor(seq.block_table[:n], dtype=torch.long)
     device = layer_byte_rows(engine, 0)[0].device
     if device.type == "cuda":  # from pinned memory the copy is queued on the stream; the host does not wait
-        ids = ids.pin_memory().to(device, non_blocking=True)
-    return _Rows(layout, ids.to(device), num_tokens, seq.kv_slot)
+        ids = ids.pin_memory()
+    return _Rows(layout, ids.to(device, non_blocking=True), num_tokens, seq.kv_slot)
 
 
 def _gather_layer(engine: Engine, rows: _Rows, layer: int) -> list[torch.Tensor]:
