@@ -272,7 +272,7 @@ async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window
     params = SamplingParams(max_tokens=2, ignore_eos=True)
     wire = inference_pb2.SamplingParams(max_tokens=2, ignore_eos=True)
 
-    async def after(rid: str) -> PathTimes:
+    async def run_after(rid: str) -> PathTimes:
         admitted = time.perf_counter()
         outputs = prefill.adopt(rid, lambda e: e.add_request(rid, prompt, params, prefill_only=True))
         await anext(outputs)
@@ -283,7 +283,7 @@ async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window
         await outputs.aclose()
         return PathTimes(first_token - admitted, committed - (result.seconds - result.stream_seconds), committed)
 
-    async def streamed(rid: str) -> PathTimes:
+    async def run_streamed(rid: str) -> PathTimes:
         m = await prefill_and_migrate(prefill, channel, rid, prompt, params, wire, chunk_bytes=chunk_bytes,
                                       window=window, ttl_s=600.0, timeout_s=600.0)
         assert m.streamed, "the streamed transfer failed"
@@ -294,7 +294,7 @@ async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window
     runs: dict[str, list[PathTimes]] = {"after": [], "streamed": []}
     try:
         for i in range(repeats + 1):
-            for path, run in (("after", after), ("streamed", streamed)):
+            for path, run in (("after", run_after), ("streamed", run_streamed)):
                 times = await run(f"o{i}{path}")
                 if i:
                     runs[path].append(times)
@@ -305,11 +305,11 @@ async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window
         prefill.shutdown()
     med = {path: PathTimes(*(statistics.median(getattr(t, f.name) for t in ts) for f in dataclasses.fields(PathTimes)))
            for path, ts in runs.items()}
-    after, streamed_ = med["after"], med["streamed"]
+    after, streamed = med["after"], med["streamed"]
     alone, transfer = after.first_token, after.acked - after.first_token
-    exposed = streamed_.acked - alone
+    exposed = streamed.acked - alone
     row = (f"| {name} | {tokens} | {alone:.3f} | {transfer:.3f} | {after.committed:.3f} "
-           f"| {streamed_.first_token:.3f} | {streamed_.acked:.3f} | {streamed_.committed:.3f} | {streamed_.during:.0%} "
+           f"| {streamed.first_token:.3f} | {streamed.acked:.3f} | {streamed.committed:.3f} | {streamed.during:.0%} "
            f"| {exposed:.3f} | {min(1.0, max(0.0, 1 - exposed / transfer)):.0%} |")
     print(row, flush=True)
     return row

@@ -160,13 +160,16 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         prompt = list(request.prompt_token_ids)
         ttl = min(request.ttl_s or self._default_ttl_s, self._max_ttl_s)
 
-        def reserve(engine: "Engine") -> _Transfer:
+        def reserve(engine: "Engine") -> tuple[_Transfer, pb.ReserveResponse]:
             seq = engine.reserve_migrated(request.request_id, prompt)
-            return _Transfer(uuid.uuid4().hex, request.request_id, seq, n, layout, time.monotonic() + ttl)
+            t = _Transfer(uuid.uuid4().hex, request.request_id, seq, n, layout, time.monotonic() + ttl)
+            return t, pb.ReserveResponse(transfer_id=t.transfer_id, max_chunk_bytes=self.max_chunk_bytes,
+                                         block_ids=seq.block_table[:layout.num_blocks(n)], seq_slot=seq.kv_slot,
+                                         accepts_block_runs=True)
 
         reserving = asyncio.wrap_future(self._engine.submit(reserve))
         try:
-            t = await asyncio.shield(reserving)
+            t, response = await asyncio.shield(reserving)
         except asyncio.CancelledError:
             # the caller went away (deadline, cancel) while the engine thread reserved: blocks it got are freed
             # as soon as they exist, instead of leaking with no transfer to reap them
@@ -177,13 +180,11 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         except InvalidRequestError as e:
             raise TransferError(bad, str(e)) from None
         self.transfers[t.transfer_id] = t
-        return pb.ReserveResponse(transfer_id=t.transfer_id, max_chunk_bytes=self.max_chunk_bytes,
-                                  block_ids=t.seq.block_table[:layout.num_blocks(n)], seq_slot=t.seq.kv_slot,
-                                  accepts_block_runs=True)
+        return response
 
     def _free_orphan(self, reserving: asyncio.Future) -> None:
         if not reserving.cancelled() and reserving.exception() is None:
-            t = reserving.result()
+            t, _ = reserving.result()
             self._spawn(self._run(lambda e: e.abort_reserved(t.request_id)))
 
     # --- Send / SendStream ----------------------------------------------------------------------------

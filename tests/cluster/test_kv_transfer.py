@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import threading
 import zlib
 
@@ -111,6 +112,18 @@ class Pair:
                 assert not e.scheduler.held
             await asyncio.wrap_future(engine.submit(check))
         assert not self.servicer.transfers
+
+
+async def eventually(condition, tries: int = 100, every_s: float = 0.02) -> bool:
+    """Whether condition() (a value, or an awaitable of one) holds within tries x every_s seconds."""
+    for _ in range(tries):
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return True
+        await asyncio.sleep(every_s)
+    return False
 
 
 @pytest.mark.parametrize("kv_format", ["none", "fp8", "int8", "int4", "kivi2"])
@@ -319,11 +332,7 @@ def test_sender_dying_mid_stream_frees_the_reservation_at_once():
                 assert (await call.read()).seq == 0
                 assert tid in pair.servicer.transfers
                 call.cancel()
-                for _ in range(100):
-                    if tid not in pair.servicer.transfers:
-                        break
-                    await asyncio.sleep(0.02)
-                assert tid not in pair.servicer.transfers
+                assert await eventually(lambda: tid not in pair.servicer.transfers)
                 await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
             await pair.assert_all_free()
     asyncio.run(main())
@@ -341,11 +350,7 @@ def test_unreadable_chunk_is_invalid_argument_and_frees_the_reservation():
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await call.read()
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "varint" in err.value.details()
-                for _ in range(100):
-                    if tid not in pair.servicer.transfers:
-                        break
-                    await asyncio.sleep(0.02)
-                assert tid not in pair.servicer.transfers
+                assert await eventually(lambda: tid not in pair.servicer.transfers)
                 await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
             await pair.assert_all_free()
     asyncio.run(main())
@@ -438,11 +443,8 @@ def test_reserve_whose_caller_goes_away_frees_its_blocks():
             with pytest.raises(asyncio.CancelledError):
                 await task
             go.set()
-            for _ in range(100):
-                if await asyncio.wrap_future(pair.decode.submit(
-                        lambda e: e.blocks.num_free_blocks == e.blocks.num_blocks)):
-                    break
-                await asyncio.sleep(0.02)
+            await eventually(lambda: asyncio.wrap_future(pair.decode.submit(
+                lambda e: e.blocks.num_free_blocks == e.blocks.num_blocks)))
             await pair.assert_all_free()
     asyncio.run(main())
 
