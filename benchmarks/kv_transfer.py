@@ -1,7 +1,8 @@
 """KV migration cost per format: wire bytes per token, and gRPC KvTransfer throughput on loopback.
 
     python benchmarks/kv_transfer.py [--tokens 1024] [--repeats 5] [--chunk-kib 4096] [--window 4]
-        [--overlap-tokens 2048[,8192]] [--overlap-repeats 3] [--decode-in-process] [--out FILE]
+        [--overlap-tokens 2048[,8192]] [--overlap-repeats 3] [--overlap-transports grpc[,same-gpu]]
+        [--decode-in-process] [--out FILE]
 
 Bytes per token are those of the Llama-3-8B KV shape (32 layers, 8 kv heads, head_dim 128), from the formats'
 block layouts (bf16: the unquantized cache). kivi2 also sends its residual, (tokens % 32) full-precision rows
@@ -26,7 +27,10 @@ under (its copies and sends share the process), so the share of the transfer tha
 flatters it; the table's "hidden" is measured against the prefill alone instead: exposed = streamed last ack -
 prefill alone, hidden = 1 - exposed / transfer alone (100%: the decode worker holds the KV when an unhindered
 prefill ends; 0%: no better than sending after). Commit is shown too but left out of both: it waits for the
-decode worker's first step, which follows any transfer.
+decode worker's first step, which follows any transfer. Transports (--overlap-transports): `grpc`, chunks over
+KvTransfer; `same-gpu`, both engines on one GPU (semi-PD), the KV copied device to device into the decode side's
+cache mapped over CUDA IPC (`workers/kv_ipc.py`: after the prefill, or layer by layer during it), where "last ack"
+is the moment those copies are done.
 
 Ceiling: the same chunks, built beforehand in the same wire form, streamed through SendStream to a servicer
 that acknowledges each without checking it (no checksum, no cache write; `decode_chunk` only), on the same
@@ -51,7 +55,8 @@ import torch
 
 from partita.cluster.async_engine import AsyncEngine
 from partita.cluster.kv_stream_client import prefill_and_migrate
-from partita.cluster.kv_transfer_client import build_chunks, migrate_or_resume, send_kv, stream_chunks
+from partita.cluster.kv_transfer_client import (build_chunks, migrate_or_resume, open_peer_cache, send_kv,
+                                                stream_chunks)
 from partita.cluster.kv_transfer_server import KvTransferServicer, add_kv_transfer_servicer, start_kv_transfer_server
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb
 from partita.workers import Engine, EngineConfig, ModelConfig, SamplingParams
@@ -261,13 +266,18 @@ class PathTimes:
 
 
 async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window: int, device: str,
-                  shape: ModelConfig, in_process: bool) -> str:
-    """The table row of one format and prompt length: both paths, alternated `repeats` times after a warm-up of
-    each, medians (module docstring)."""
+                  shape: ModelConfig, in_process: bool, transport: str) -> str:
+    """The table row of one format, prompt length and transport: both paths, alternated `repeats` times after a
+    warm-up of each, medians (module docstring)."""
     spec = DecodeSpec(name, tokens, 4, device, chunk_bytes, shape=shape.name)
     prefill = AsyncEngine(make_engine(spec))
     side = await decode_side(spec, in_process)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{side.port}")
+    peer = None
+    if transport == "same-gpu":
+        peer = await open_peer_cache(prefill, channel)
+        if peer is None:
+            raise RuntimeError("the same-GPU path was refused (both engines must be on one CUDA GPU)")
     prompt = [(7 * j) % 500 + 2 for j in range(tokens)]
     params = SamplingParams(max_tokens=2, ignore_eos=True)
     wire = inference_pb2.SamplingParams(max_tokens=2, ignore_eos=True)
@@ -277,16 +287,17 @@ async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window
         outputs = prefill.adopt(rid, lambda e: e.add_request(rid, prompt, params, prefill_only=True))
         await anext(outputs)
         first_token = time.perf_counter()
-        result = await migrate_or_resume(prefill, channel, rid, wire, chunk_bytes=chunk_bytes, window=window)
+        result = await migrate_or_resume(prefill, channel, rid, wire, chunk_bytes=chunk_bytes, window=window,
+                                         peer=peer)
         committed = time.perf_counter() - admitted
-        assert result is not None, "the transfer after the prefill failed"
+        assert result is not None and result.in_place == (peer is not None), "the transfer after the prefill failed"
         await outputs.aclose()
         return PathTimes(first_token - admitted, committed - (result.seconds - result.stream_seconds), committed)
 
     async def run_streamed(rid: str) -> PathTimes:
         m = await prefill_and_migrate(prefill, channel, rid, prompt, params, wire, chunk_bytes=chunk_bytes,
-                                      window=window, ttl_s=600.0, timeout_s=600.0)
-        assert m.streamed, "the streamed transfer failed"
+                                      window=window, ttl_s=600.0, timeout_s=600.0, peer=peer)
+        assert m.streamed and m.result.in_place == (peer is not None), "the streamed transfer failed"
         await m.prefill_outputs.aclose()
         t = m.times
         return PathTimes(t.first_token - t.admitted, t.last_ack - t.admitted, m.result.seconds, t.hidden_share)
@@ -308,7 +319,7 @@ async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window
     after, streamed = med["after"], med["streamed"]
     alone, transfer = after.first_token, after.acked - after.first_token
     exposed = streamed.acked - alone
-    row = (f"| {name} | {tokens} | {alone:.3f} | {transfer:.3f} | {after.committed:.3f} "
+    row = (f"| {transport} | {name} | {tokens} | {alone:.3f} | {transfer:.3f} | {after.committed:.3f} "
            f"| {streamed.first_token:.3f} | {streamed.acked:.3f} | {streamed.committed:.3f} | {streamed.during:.0%} "
            f"| {exposed:.3f} | {min(1.0, max(0.0, 1 - exposed / transfer)):.0%} |")
     print(row, flush=True)
@@ -325,6 +336,9 @@ async def main() -> None:
     ap.add_argument("--overlap-tokens", default="2048", help="prompt lengths, comma-separated; 0 skips the overlap")
     ap.add_argument("--overlap-repeats", type=int, default=3)
     ap.add_argument("--overlap-formats", default="bf16,int4")
+    ap.add_argument("--overlap-transports", default="grpc",
+                    help="grpc (chunks over KvTransfer) and/or same-gpu (copies into the decode side's cache mapped "
+                         "over CUDA IPC; CUDA only, decode side in a child process)")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where both engines run (the wire is loopback gRPC either way)")
@@ -333,6 +347,9 @@ async def main() -> None:
     ap.add_argument("--overlap-model", default="auto",
                     help="a preset for the overlap rows; auto: llama3-8b on CUDA, OVERLAP_SHAPE on CPU")
     args = ap.parse_args()
+    unknown = set(args.overlap_transports.split(",")) - {"grpc", "same-gpu"}
+    if unknown:
+        ap.error(f"--overlap-transports: {', '.join(sorted(unknown))} unknown; use grpc and/or same-gpu")
     if args.overlap_model == "auto":
         shape = get_preset("llama3-8b") if args.device == "cuda" else OVERLAP_SHAPE
     else:
@@ -341,7 +358,7 @@ async def main() -> None:
     rows = ["| format | bytes/token (Llama-3-8B KV) | vs bf16 | bytes moved for the prompt | loopback GB/s (1 stream) "
             "| GB/s to the last ack | gRPC ceiling GB/s | share of ceiling |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name in args.formats.split(","):
+    for name in filter(None, args.formats.split(",")):  # --formats '' skips the throughput rows
         per_token = bytes_per_token(name)
         rate, streamed, top, moved = await throughput(name, args.tokens, args.repeats, args.chunk_kib * 1024,
                                                       args.window, args.device, args.decode_in_process)
@@ -357,14 +374,15 @@ async def main() -> None:
         f"- prompt: {args.tokens} tokens, chunks of {args.chunk_kib} KiB, window {args.window}, "
         f"median of {args.repeats} transfers after one warm-up", "", *rows, ""])
     if args.overlap_tokens != "0":
-        lines = ["| format | prompt tokens | prefill alone s | transfer after it s (to the last ack) | after: committed s "
+        lines = ["| transport | format | prompt tokens | prefill alone s | transfer after it s (to the last ack) | after: committed s "
                  "| streamed: first token s | streamed: last ack s | streamed: committed s "
                  "| transfer before the first token | exposed s | hidden |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for name in args.overlap_formats.split(","):
-            for tokens in (int(n) for n in args.overlap_tokens.split(",")):
-                lines.append(await overlap(name, tokens, args.overlap_repeats, args.chunk_kib * 1024, args.window,
-                                           args.device, shape, args.decode_in_process))
+                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for transport in args.overlap_transports.split(","):
+            for name in args.overlap_formats.split(","):
+                for tokens in (int(n) for n in args.overlap_tokens.split(",")):
+                    lines.append(await overlap(name, tokens, args.overlap_repeats, args.chunk_kib * 1024,
+                                               args.window, args.device, shape, args.decode_in_process, transport))
         report += "\n".join([f"\n## Transfer hidden under prefill ({shape.name}, {shape.num_layers} "
                              f"layers, hidden {shape.hidden_size}, random weights; median of "
                              f"{args.overlap_repeats} of each path)", "", *lines, ""])

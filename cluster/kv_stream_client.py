@@ -9,12 +9,15 @@ Unlike `kv_transfer_client.migrate_or_resume` (export after the prefill, then se
 on the decode worker before the request enters the prefill engine (its size is known from the prompt), and
 during the step that completes the prefill each layer's KV is exported right after that layer's attention
 wrote it (`kv_migration.stream_layers`) and handed to SendStream, which sends it while later layers compute.
-Commit follows once the first token is sampled and every chunk is acknowledged.
+Commit follows once the first token is sampled and every chunk is acknowledged. With `peer` (the decode worker's
+cache mapped on this worker's GPU, `kv_transfer_client.open_peer_cache`) the layers are instead copied device to
+device into the reserved blocks as they are computed (`kv_ipc.stream_in_place`), and Commit (`written_in_place`)
+follows once those copies are done.
 
 Failures: when Reserve is refused the request runs the export-after-prefill path (`migrate_or_resume`); when
-the streamed attempt fails (a chunk refused, e.g. DATA_LOSS for a bad checksum) it is aborted on the receiver
-and the held request gets one more, non-streamed attempt through `migrate_or_resume` (which resumes it on the
-prefill engine if that fails too), unless the refusal is one no retry can fix (then it is resumed at once).
+the streamed attempt fails (a chunk refused, e.g. DATA_LOSS for a bad checksum, or a failed copy in place) it is
+aborted on the receiver and the held request gets one more, non-streamed attempt in chunks through
+`migrate_or_resume` (which resumes it on the prefill engine if that fails too), unless the refusal is one no retry can fix (then it is resumed at once).
 ttl_s must cover the prefill (the reservation is made before it), and timeout_s the prefill's remaining
 layers after the first one (SendStream opens when the first layer is out). Buffering is bounded by one request's KV (what `export_request` holds too); SendStream's window bounds what is
 in flight.
@@ -34,6 +37,7 @@ from partita.cluster.kv_transfer_client import (DEFAULT_CHUNK_BYTES, NOT_RETRYAB
                                                 abort_transfer, migrate_or_resume, reserve_request, stream_chunks)
 from partita.cluster.kv_wire import ChunkPacker, Piece, encode_chunk
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
+from partita.workers.kv_ipc import InPlaceStream, PeerCache, stream_in_place
 from partita.workers.kv_migration import KvLayout, Payload, kv_layout, stream_layers
 
 if TYPE_CHECKING:
@@ -96,7 +100,8 @@ async def pack_chunks(transfer_id: str, layers: asyncio.Queue, num_layers: int, 
 async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str, prompt: list[int],
                               params: "SamplingParams", sampling: inference_pb2.SamplingParams | None = None, *,
                               model: str = "", sender_id: str = "", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                              window: int = 4, ttl_s: float = 30.0, timeout_s: float = 30.0) -> StreamedMigration:
+                              window: int = 4, ttl_s: float = 30.0, timeout_s: float = 30.0,
+                              peer: PeerCache | None = None) -> StreamedMigration:
     """Prefills `prompt` on `prefill` as a prefill-only request and migrates its KV to the decode worker behind
     `channel`, streamed layer by layer under the prefill (module docstring). Exceptions of the prefill itself
     (a bad request) propagate, with the reservation aborted."""
@@ -122,36 +127,44 @@ async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel,
         return StreamedMigration(first, result, outputs, False, times)
 
     tid = reserved.transfer_id
-    packer = ChunkPacker(min(chunk_bytes, reserved.max_chunk_bytes or chunk_bytes), layout.bytes_per_block,
-                         layout.num_blocks(len(prompt)), reserved.accepts_block_runs)
-    layers: asyncio.Queue = asyncio.Queue()  # at most num_layers items: one request's KV
     loop = asyncio.get_running_loop()
+    if peer is None:
+        packer = ChunkPacker(min(chunk_bytes, reserved.max_chunk_bytes or chunk_bytes), layout.bytes_per_block,
+                             layout.num_blocks(len(prompt)), reserved.accepts_block_runs)
+        layers: asyncio.Queue = asyncio.Queue()  # at most num_layers items: one request's KV
 
-    def start(engine) -> None:
-        engine.add_request(request_id, prompt, params, prefill_only=True)
-        stream_layers(engine, request_id, lambda payloads: loop.call_soon_threadsafe(layers.put_nowait, payloads))
+        def start(engine) -> None:
+            engine.add_request(request_id, prompt, params, prefill_only=True)
+            stream_layers(engine, request_id, lambda payloads: loop.call_soon_threadsafe(layers.put_nowait, payloads))
+    else:
+        copies: list[InPlaceStream] = []
+
+        def start(engine) -> None:
+            engine.add_request(request_id, prompt, params, prefill_only=True)
+            copies.append(stream_in_place(engine, request_id, peer, list(reserved.block_ids), reserved.seq_slot))
 
     times.admitted = time.perf_counter()
     outputs = prefill.adopt(request_id, start)
-    sending = asyncio.ensure_future(_send(channel, tid, pack_chunks(tid, layers, layout.num_layers, packer, times),
-                                          window, timeout_s))
+    # in place, the engine thread queues the copies during the prefill; they are waited for after the first token
+    sending = None if peer else asyncio.ensure_future(
+        _send(channel, tid, pack_chunks(tid, layers, layout.num_layers, packer, times), window, timeout_s))
     try:
         first = await _first(outputs)
     except BaseException:
-        sending.cancel()
+        _cancel(sending)
         await abort_transfer(stub, tid, "the prefill failed")
         raise
     times.first_token = time.perf_counter()
     if first.finished:  # nothing to decode: the prefill engine finished the request
-        sending.cancel()
+        _cancel(sending)
         await abort_transfer(stub, tid, "the request finished with its first token")
         return StreamedMigration(first, None, outputs, False, times)
     try:
-        num_chunks = await sending
+        sent = await (sending or _copied(copies[0], times))
         times.last_ack = time.perf_counter()
-        await stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=first.new_token_ids[0], sampling=sampling),
-                          timeout=timeout_s)
-    except (grpc.aio.AioRpcError, AttemptFailed, ValueError) as e:
+        await stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=first.new_token_ids[0], sampling=sampling,
+                                           written_in_place=peer is not None), timeout=timeout_s)
+    except (grpc.aio.AioRpcError, AttemptFailed, ValueError, RuntimeError) as e:
         code = e.code() if isinstance(e, grpc.aio.AioRpcError) else getattr(e, "code", None)
         detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
         await abort_transfer(stub, tid, detail or str(code))
@@ -159,12 +172,29 @@ async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel,
         if code in NOT_RETRYABLE:
             await asyncio.wrap_future(prefill.submit(lambda eng: eng.resume_prefilled(request_id)))
             return StreamedMigration(first, None, outputs, False, times)
+        # chunks, not in place again: what failed in place would likely fail the same way
         result = await migrate_or_resume(prefill, channel, request_id, sampling, **fallback, attempts=1)
         return StreamedMigration(first, result, outputs, False, times)
     await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
-    result = TransferResult(tid, 1, layout.total_bytes(len(prompt)), num_chunks,
-                            time.perf_counter() - times.admitted, times.last_ack - times.admitted)
+    if peer is None:
+        result = TransferResult(tid, 1, layout.total_bytes(len(prompt)), sent,
+                                time.perf_counter() - times.admitted, times.last_ack - times.admitted)
+    else:
+        result = TransferResult(tid, 1, sent, 0, time.perf_counter() - times.admitted,
+                                times.last_ack - times.admitted, in_place=True)
     return StreamedMigration(first, result, outputs, True, times)
+
+
+def _cancel(task: asyncio.Future | None) -> None:
+    if task is not None:
+        task.cancel()
+
+
+async def _copied(copies: InPlaceStream, times: StreamTimes) -> int:
+    """Bytes written in place, once the copies the prefill step queued are done."""
+    written = await asyncio.get_running_loop().run_in_executor(None, copies.wait)
+    times.first_send = copies.first_layer_at
+    return written
 
 
 async def _send(channel: grpc.aio.Channel, transfer_id: str, chunks: AsyncIterator[bytes], window: int,

@@ -84,8 +84,8 @@ class PrefillSide:
         """First token, then Migrated, or the local decode's outputs when the migration failed.
         Raises InvalidRequestError (bad input) and EngineUnavailableError like AsyncEngine.generate."""
         peer = await self._peer(decode_address)
-        if self._stream_layers and peer is None:  # in place is faster than any overlap of a chunked send
-            async for item in self._run_streamed(request_id, prompt, params, decode_address):
+        if self._stream_layers:
+            async for item in self._run_streamed(request_id, prompt, params, decode_address, peer):
                 yield item
             return
         stream = self._engine.adopt(
@@ -110,19 +110,21 @@ class PrefillSide:
                 yield out
 
     async def _run_streamed(self, request_id: str, prompt: str | list[int], params: "SamplingParams",
-                            decode_address: str) -> AsyncIterator["RequestOutput | Migrated"]:
-        """run() with the KV sent layer by layer under the prefill; the first token comes after the commit."""
+                            decode_address: str, peer: "PeerCache | None") -> AsyncIterator["RequestOutput | Migrated"]:
+        """run() with the KV sent (or, with `peer`, copied in place) layer by layer under the prefill; the first token
+        comes after the commit."""
         if isinstance(prompt, str):
             prompt = await asyncio.wrap_future(self._engine.submit(lambda e: e.tokenizer.encode(prompt)))
         m = await prefill_and_migrate(self._engine, self._channel(decode_address), request_id, prompt, params,
-                                      sampling_to_proto(params), model=self._model_name, sender_id=self._worker_id)
+                                      sampling_to_proto(params), model=self._model_name, sender_id=self._worker_id,
+                                      peer=peer)
         async with contextlib.aclosing(m.prefill_outputs):
             yield m.first
             if m.first.finished:
                 return
             if m.result is not None:
                 yield Migrated(request_id, decode_address, self._kv_format, m.result.bytes_sent, m.result.seconds,
-                               m.streamed)
+                               m.streamed, m.result.in_place)
                 return
             async for out in m.prefill_outputs:
                 yield out

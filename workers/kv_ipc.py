@@ -5,18 +5,22 @@ moves every byte GPU -> host -> socket -> host -> GPU at a fraction of a GB/s, t
 device memory. Here instead the decode engine shares its cache tensors (`share_cache`, CUDA IPC handles in the
 `CudaIpcTensor` messages of kv_transfer.proto), the prefill engine maps them once (`open_cache`), and a migration
 is one device-to-device gather/scatter per layer and part into the blocks (and the sequence slot) that the decode
-side reserved (`copy_in_place`), followed by a stream synchronization, so the bytes are in place before the sender
-commits. The reservation, the commit and every refusal stay on the gRPC service (cluster/kv_transfer_server.py).
+side reserved, either after the prefill (`copy_in_place`) or layer by layer inside the forward pass of the step
+that completes it (`stream_in_place`, the in-place counterpart of `kv_migration.stream_layers`), followed by a wait
+for the copies, so the bytes are in place before the sender commits. The reservation, the commit and every refusal
+stay on the gRPC service (cluster/kv_transfer_server.py).
 
 Tensors, per layer, in the order `cache_tensors` lists them (both sides' layouts must be equal: `kv_layout`):
     block-indexed parts, each viewed [num_blocks, bytes per block] uint8 (the format's parts, in part order; the
     torch backend's keys then values), then the per-sequence state tensors [max_num_seqs, ...] if any (kivi2's
     residual keys then values).
 The handles are torch.multiprocessing's (the producer keeps each allocation alive while it is mapped); they are
-carried field by field in protobuf, never pickled. Every function here runs on its engine's thread.
+carried field by field in protobuf, never pickled. Every function here runs on its engine's thread (`InPlaceStream.wait`
+on any thread).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +28,8 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb
 from partita.workers.engine.engine import Engine
-from partita.workers.kv_migration import kv_layout, layer_byte_rows, layer_state
+from partita.workers.engine.sequence import Sequence
+from partita.workers.kv_migration import KvLayout, kv_layout, layer_byte_rows, layer_state
 
 
 def device_uuid(engine: Engine) -> str:
@@ -96,32 +101,115 @@ def open_cache(engine: Engine, response: pb.OpenCacheResponse) -> PeerCache:
     return PeerCache(layers, num_parts)
 
 
-def copy_in_place(engine: Engine, request_id: str, peer: PeerCache, block_ids: list[int], seq_slot: int) -> int:
-    """Copies the prompt's KV of a prefill-only request held on `engine` into the peer's reserved blocks (and
-    sequence slot), then waits for the copies: the bytes are in the peer's cache when this returns. Returns the
-    bytes written."""
-    seq = engine.prefilled_sequence(request_id)
-    layout = kv_layout(engine)
+@dataclass
+class _Plan:
+    """What copying one request's layers into a peer's reservation needs, made once per request."""
+
+    own: list[list[torch.Tensor]]
+    peer: PeerCache
+    src: torch.Tensor  # the request's blocks here, on the device
+    dst: torch.Tensor  # the reserved blocks there, on the device
+    state_rows: int  # rows of the per-sequence state to copy (kivi2's residual); 0: none
+    kv_slot: int
+    seq_slot: int
+
+
+def _device_ids(ids: list[int], device: torch.device) -> torch.Tensor:
+    """ids on the device, copied from pinned memory: queued on the stream, so the host does not wait for the GPU
+    (a streamed prefill calls this in the middle of its forward pass)."""
+    t = torch.tensor(ids, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _plan(engine: Engine, seq: Sequence, peer: PeerCache, block_ids: list[int], seq_slot: int,
+          layout: KvLayout) -> _Plan:
     n_tokens = seq.num_prompt_tokens
     n = layout.num_blocks(n_tokens)
     if len(block_ids) != n:
         raise ValueError(f"{len(block_ids)} reserved blocks for {n_tokens} tokens, {n} expected")
     if len(seq.block_table) < n:
-        raise ValueError(f"{request_id!r} holds {len(seq.block_table)} blocks, {n} expected")
-    own, num_parts = cache_tensors(engine)
-    src = torch.tensor(seq.block_table[:n], dtype=torch.long, device=engine.device)
-    dst = torch.tensor(block_ids, dtype=torch.long, device=engine.device)
+        raise ValueError(f"{seq.request_id!r} holds {len(seq.block_table)} blocks, {n} expected")
     state_rows = n_tokens % layout.state_period if layout.state_bytes(n_tokens) else 0
     if state_rows and seq_slot < 0:
         raise ValueError("the format keeps per-sequence state but the reservation has no sequence slot")
+    own, _ = cache_tensors(engine)
+    return _Plan(own, peer, _device_ids(seq.block_table[:n], engine.device), _device_ids(block_ids, engine.device),
+                 state_rows, seq.kv_slot, seq_slot)
+
+
+def _copy_layer(plan: _Plan, layer: int) -> int:
+    """Queues the copies of one layer into the peer's cache on the current stream; returns the bytes."""
+    mine, theirs = plan.own[layer], plan.peer.layers[layer]
     written = 0
-    for mine, theirs in zip(own, peer.layers):
-        for part in range(num_parts):
-            theirs[part].index_copy_(0, dst, mine[part].index_select(0, src))
-            written += n * mine[part].shape[1]
-        for j in range(num_parts, len(mine) if state_rows else num_parts):
-            rows = mine[j][seq.kv_slot, :state_rows]
-            theirs[j][seq_slot, :state_rows].copy_(rows)
+    for part in range(plan.peer.num_parts):
+        theirs[part].index_copy_(0, plan.dst, mine[part].index_select(0, plan.src))
+        written += plan.src.numel() * mine[part].shape[1]
+    if plan.state_rows:
+        for j in range(plan.peer.num_parts, len(mine)):
+            rows = mine[j][plan.kv_slot, :plan.state_rows]
+            theirs[j][plan.seq_slot, :plan.state_rows].copy_(rows)
             written += rows.numel() * rows.element_size()
-    torch.cuda.current_stream(engine.device).synchronize()
     return written
+
+
+def copy_in_place(engine: Engine, request_id: str, peer: PeerCache, block_ids: list[int], seq_slot: int) -> int:
+    """Copies the prompt's KV of a prefill-only request held on `engine` into the peer's reserved blocks (and
+    sequence slot), then waits for the copies: the bytes are in the peer's cache when this returns. Returns the
+    bytes written."""
+    plan = _plan(engine, engine.prefilled_sequence(request_id), peer, block_ids, seq_slot, kv_layout(engine))
+    written = sum(_copy_layer(plan, layer) for layer in range(len(plan.own)))
+    if engine.device.type == "cuda":
+        torch.cuda.current_stream(engine.device).synchronize()
+    return written
+
+
+class InPlaceStream:
+    """The copies `stream_in_place` queues during a prefill; `wait` (any thread, once the first token is out)
+    blocks until they are done and returns the bytes written, or raises what went wrong."""
+
+    def __init__(self) -> None:
+        self.first_layer_at = 0.0  # perf_counter() when the first layer's copies were queued
+        self.written = 0
+        self.queued = False  # the last layer's copies are queued
+        self.done: torch.cuda.Event | None = None  # recorded after them (CUDA; elsewhere they ran in the step)
+        self.error: Exception | None = None
+
+    def wait(self) -> int:
+        if self.error is not None:
+            raise RuntimeError(f"copying the KV in place failed: {self.error}") from self.error
+        if not self.queued:
+            raise RuntimeError("the prefill step that copies the KV in place has not run")
+        if self.done is not None:
+            self.done.synchronize()
+        return self.written
+
+
+def stream_in_place(engine: Engine, request_id: str, peer: PeerCache, block_ids: list[int],
+                    seq_slot: int) -> InPlaceStream:
+    """For a queued prefill-only request: during the step that completes its prefill, each layer's KV is copied
+    into the peer's reserved blocks (and sequence slot) right after that layer's attention wrote it, on the
+    forward pass's stream (a device-to-device copy per layer and part, a few microseconds against the layer's
+    compute), so the KV is in place when the first token is. A failure inside the forward pass is kept for
+    `wait` and stops the copies; the prefill itself goes on."""
+    layout = kv_layout(engine)  # before the step: for fp8 it reads the scales back from the device
+    stream = InPlaceStream()
+    plans: list[_Plan] = []
+    last = engine.model_config.num_layers - 1
+
+    def on_layer(seq: Sequence, layer: int) -> None:
+        if stream.error is not None:
+            return
+        try:
+            if not plans:
+                stream.first_layer_at = time.perf_counter()
+                plans.append(_plan(engine, seq, peer, block_ids, seq_slot, layout))
+            stream.written += _copy_layer(plans[0], layer)
+            if layer == last:
+                if engine.device.type == "cuda":
+                    stream.done = torch.cuda.current_stream(engine.device).record_event()
+                stream.queued = True
+        except Exception as e:  # noqa: BLE001 - reported by wait(); the caller falls back to chunks
+            stream.error = e
+
+    engine.stream_kv(request_id, on_layer)
+    return stream

@@ -3,7 +3,9 @@ KvTransfer server on 127.0.0.1, tiny random models on CPU, a chunked prefill (45
 
 Greedy output equals the colocated engine's token for token (none, int4, kivi2); a corrupted streamed chunk is
 refused (DATA_LOSS) and the request still completes through the non-streamed retry; a refused Reserve takes
-the export-after-prefill path; every block returns to the free pool on both sides.
+the export-after-prefill path; every block returns to the free pool on both sides. On a GPU (marked `gpu`), the
+same-GPU variant copies the layers into a decode worker's mapped cache (another process, CUDA IPC) and falls back
+to chunks when a copy fails.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import pytest
 from partita.cluster import kv_stream_client
 from partita.cluster.kv_stream_client import prefill_and_migrate
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb
-from tests.cluster.test_kv_transfer import GREEDY, PROMPT, WIRE_GREEDY, Pair, colocated
+from tests.cluster.test_kv_transfer import (GPU_CONFIG, GREEDY, PROMPT, WIRE_GREEDY, Pair, colocated,
+                                           same_gpu_decode_worker)
 
 
 async def run_streamed(pair: Pair, request_id: str = "r", **kwargs):
@@ -104,3 +107,63 @@ def test_refused_reserve_takes_the_export_after_prefill_path():
     tokens, m = asyncio.run(main())
     assert not m.streamed and m.result is None  # refused twice: decoded on the prefill engine
     assert tokens == colocated("none")
+
+
+def _streamed_in_place(kv_format: str) -> tuple[list[int], kv_stream_client.StreamedMigration, dict]:
+    """prefill_and_migrate to a decode worker in a child process on this GPU, its cache mapped here; returns the
+    tokens (prefill's first, then the decode worker's), the migration, and the decode worker's report."""
+    import grpc
+
+    from partita.cluster.async_engine import AsyncEngine
+    from partita.cluster.kv_transfer_client import open_peer_cache
+    from partita.workers import EngineConfig
+
+    with same_gpu_decode_worker(kv_format) as (port, decoded):
+        async def main():
+            prefill = AsyncEngine.from_model("tiny-llama", device="cuda", kv_format=kv_format,
+                                             config=EngineConfig(**GPU_CONFIG))
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            try:
+                peer = await open_peer_cache(prefill, channel, sender_id="prefill-0")
+                assert peer is not None, "the same-GPU path was refused"
+                m = await prefill_and_migrate(prefill, channel, "r", PROMPT, GREEDY, WIRE_GREEDY, peer=peer)
+                await m.prefill_outputs.aclose()
+                free = await asyncio.wrap_future(prefill.submit(
+                    lambda e: e.blocks.num_free_blocks == e.blocks.num_blocks and not e.scheduler.held))
+                assert free, "the prefill engine kept blocks"
+                return m
+            finally:
+                await channel.close()
+                prefill.shutdown()
+
+        m = asyncio.run(main())
+        decode = decoded()
+    return m.first.new_token_ids + decode["tokens"], m, decode
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
+def test_same_gpu_streamed_in_place_equals_colocated(kv_format):
+    """Layers copied into the decode worker's mapped cache during the prefill's last step: no chunks, greedy output
+    equal to the colocated engine's on the GPU, every block back on both sides."""
+    tokens, m, decode = _streamed_in_place(kv_format)
+    assert m.streamed and m.result.in_place and m.result.num_chunks == 0 and m.result.bytes_sent > 0
+    assert m.times.admitted < m.times.first_send <= m.times.last_ack
+    assert tokens == colocated(kv_format, "cuda", GPU_CONFIG)
+    assert decode["all_free"]
+
+
+@pytest.mark.gpu
+def test_failed_copy_in_place_falls_back_to_chunks(monkeypatch):
+    """A copy that fails inside the forward pass: the reservation is aborted and the held request is sent in chunks
+    instead; the output still equals the colocated engine's."""
+    from partita.workers import kv_ipc
+
+    def broken(plan, layer):
+        raise RuntimeError("simulated copy failure")
+
+    monkeypatch.setattr(kv_ipc, "_copy_layer", broken)
+    tokens, m, decode = _streamed_in_place("int4")
+    assert not m.streamed and m.result is not None and not m.result.in_place and m.result.num_chunks > 0
+    assert tokens == colocated("int4", "cuda", GPU_CONFIG)
+    assert decode["all_free"]

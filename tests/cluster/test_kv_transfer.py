@@ -514,12 +514,10 @@ asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
 GPU_CONFIG = {**CONFIG, "kv_cache_memory_bytes": 64 << 20}  # three engines share the GPU: none may take 90% of it
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
-def test_same_gpu_pd_in_place_equals_colocated(kv_format):
-    """A decode worker in another process on the same GPU: the prefill side maps its cache (OpenCache, CUDA IPC),
-    copies the blocks (and kivi2's residual) in place, commits without chunks; greedy output equals the colocated
-    engine's on the GPU, and every block returns on both sides."""
+@contextlib.contextmanager
+def same_gpu_decode_worker(kv_format: str):
+    """A decode worker (SAME_GPU_DECODE_WORKER) in a child process on this GPU: yields its KvTransfer port and a
+    function that reads the result of the next request it committed (its tokens, whether its blocks are free)."""
     import json
     import subprocess
     import sys
@@ -527,8 +525,19 @@ def test_same_gpu_pd_in_place_equals_colocated(kv_format):
     child = subprocess.Popen([sys.executable, "-c", SAME_GPU_DECODE_WORKER, kv_format, json.dumps(GPU_CONFIG)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        port = json.loads(child.stdout.readline())["port"]
+        yield json.loads(child.stdout.readline())["port"], lambda: json.loads(child.stdout.readline())
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
+def test_same_gpu_pd_in_place_equals_colocated(kv_format):
+    """A decode worker in another process on the same GPU: the prefill side maps its cache (OpenCache, CUDA IPC),
+    copies the blocks (and kivi2's residual) in place, commits without chunks; greedy output equals the colocated
+    engine's on the GPU, and every block returns on both sides."""
+    with same_gpu_decode_worker(kv_format) as (port, decoded):
         async def main():
             prefill = AsyncEngine.from_model("tiny-llama", device="cuda", kv_format=kv_format,
                                              config=EngineConfig(**GPU_CONFIG))
@@ -548,10 +557,7 @@ def test_same_gpu_pd_in_place_equals_colocated(kv_format):
                 prefill.shutdown()
 
         first, result, prefill_free = asyncio.run(main())
-        decoded = json.loads(child.stdout.readline())
-    finally:
-        child.stdin.close()
-        child.wait(timeout=60)
+        decode = decoded()
     assert result is not None and result.in_place and result.num_chunks == 0 and result.bytes_sent > 0
-    assert first + decoded["tokens"] == colocated(kv_format, "cuda", GPU_CONFIG)
-    assert prefill_free and decoded["all_free"]
+    assert first + decode["tokens"] == colocated(kv_format, "cuda", GPU_CONFIG)
+    assert prefill_free and decode["all_free"]
