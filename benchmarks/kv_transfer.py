@@ -370,12 +370,14 @@ async def main() -> None:
     device += "; decode side in this process" if args.decode_in_process else "; decode side in a child process"
     report = "\n".join([
         f"# KV transfer: bytes per token and gRPC loopback throughput ({datetime.date.today().isoformat()})", "",
-        f"- device: {device}", f"- command: `python {' '.join(sys.argv)}`",
-        f"- prompt: {args.tokens} tokens, chunks of {args.chunk_kib} KiB, window {args.window}, "
-        f"median of {args.repeats} transfers after one warm-up", "", *rows, ""])
+        f"- device: {device}", f"- command: `python {' '.join(sys.argv)}`"])
+    if len(rows) > 2:
+        report += "\n".join([
+            "", f"- prompt: {args.tokens} tokens, chunks of {args.chunk_kib} KiB, window {args.window}, "
+            f"median of {args.repeats} transfers after one warm-up", "", *rows, ""])
     if args.overlap_tokens != "0":
-        lines = ["| transport | format | prompt tokens | prefill alone s | transfer after it s (to the last ack) | after: committed s "
-                 "| streamed: first token s | streamed: last ack s | streamed: committed s "
+        lines = ["| transport | format | prompt tokens | prefill alone s | transfer after it s (to the last ack) "
+                 "| after: committed s | streamed: first token s | streamed: last ack s | streamed: committed s "
                  "| transfer before the first token | exposed s | hidden |",
                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for transport in args.overlap_transports.split(","):
@@ -383,7 +385,7 @@ async def main() -> None:
                 for tokens in (int(n) for n in args.overlap_tokens.split(",")):
                     lines.append(await overlap(name, tokens, args.overlap_repeats, args.chunk_kib * 1024,
                                                args.window, args.device, shape, args.decode_in_process, transport))
-        report += "\n".join([f"\n## Transfer hidden under prefill ({shape.name}, {shape.num_layers} "
+        report += "\n".join([f"\n\n## Transfer hidden under prefill ({shape.name}, {shape.num_layers} "
                              f"layers, hidden {shape.hidden_size}, random weights; median of "
                              f"{args.overlap_repeats} of each path)", "", *lines, ""])
     print(report)

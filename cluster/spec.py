@@ -266,8 +266,12 @@ class KvTransferSpec:
     auth_token: the token prefill workers present (`authorization: Bearer <token>`); unset, the controller
         draws a random one per deployment and hands it to its workers, so the port never runs open.
     stream_layers: send each layer's KV while the prefill computes the later ones (cluster/kv_stream_client.py)
-        rather than all of it after the prefill; the first token then reaches the client once the transfer is
-        committed. Off by default: it hid at most 68% of a transfer on the H200 and slowed the prefill.
+        rather than all of it after the prefill, or, to a decode worker on the same GPU (same_gpu), copy each
+        layer into its cache as it is computed. The first token then reaches the client once the transfer is
+        committed, and the decode worker's blocks are reserved from the request's admission on. Off by default.
+        On the H200 (benchmarks/results/2026-11-25-kv-*-h200.md) it hides 89-100% of a same-GPU transfer of
+        2k-8k-token prompts (which takes 7-9 ms after the prefill), and 17-86% over gRPC, where the sends share
+        the prefill worker's process and slow its prefill.
     same_gpu: a prefill worker whose decode peer sits on its own GPU (fractional `gpus_per_worker`) maps the
         peer's KV cache over CUDA IPC and copies the blocks device to device (workers/kv_ipc.py); gRPC then
         carries only the reservation and the commit. Peers on other GPUs always get chunks over gRPC.

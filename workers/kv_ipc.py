@@ -67,10 +67,30 @@ def share_cache(engine: Engine) -> pb.OpenCacheResponse:
 
 @dataclass
 class PeerCache:
-    """A decode engine's cache mapped into this process (`open_cache`)."""
+    """A decode engine's cache mapped into this process (`open_cache`), paired with this engine's own tensors once
+    (`peer_cache`), so that a streamed prefill's first layer does not spend milliseconds making views."""
 
-    layers: list[list[torch.Tensor]]
-    num_parts: int  # block-indexed tensors per layer; the rest are state
+    blocks: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer: (own, peer) block-indexed parts, as words
+    states: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer: (own, peer) per-sequence state (kivi2)
+
+
+def _words(rows: torch.Tensor) -> torch.Tensor:
+    """A [num_blocks, bytes] uint8 view as the widest integers its rows allow: the index kernels move an element
+    per thread, and 8-byte elements take 8x fewer of them."""
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        try:
+            return rows.view(dtype)
+        except RuntimeError:  # the row length or the storage offset does not fit this width
+            continue
+    return rows
+
+
+def peer_cache(engine: Engine, layers: list[list[torch.Tensor]]) -> PeerCache:
+    """The peer's tensors (`cache_tensors`' order) paired with `engine`'s own."""
+    own, num_parts = cache_tensors(engine)
+    return PeerCache([[(_words(m), _words(t)) for m, t in zip(mine[:num_parts], theirs[:num_parts])]
+                      for mine, theirs in zip(own, layers)],
+                     [list(zip(mine[num_parts:], theirs[num_parts:])) for mine, theirs in zip(own, layers)])
 
 
 def open_cache(engine: Engine, response: pb.OpenCacheResponse) -> PeerCache:
@@ -78,7 +98,7 @@ def open_cache(engine: Engine, response: pb.OpenCacheResponse) -> PeerCache:
     checked by OpenCache; here each mapped tensor must also match this engine's own tensor in shape and dtype."""
     if response.device_uuid != device_uuid(engine):
         raise ValueError(f"the peer's cache is on GPU {response.device_uuid}, this engine on {device_uuid(engine)!r}")
-    own, num_parts = cache_tensors(engine)
+    own, _ = cache_tensors(engine)
     per_layer = response.tensors_per_layer
     if per_layer != len(own[0]) or len(response.tensors) != per_layer * len(own):
         raise ValueError(f"the peer shares {len(response.tensors)} tensors ({per_layer} per layer); this engine has "
@@ -98,14 +118,13 @@ def open_cache(engine: Engine, response: pb.OpenCacheResponse) -> PeerCache:
                 index, m.storage_handle, m.storage_size_bytes, m.storage_offset_bytes, False, m.ref_counter_handle,
                 m.ref_counter_offset, m.event_handle or None, m.event_sync_required))
         layers.append(mapped)
-    return PeerCache(layers, num_parts)
+    return peer_cache(engine, layers)
 
 
 @dataclass
 class _Plan:
-    """What copying one request's layers into a peer's reservation needs, made once per request."""
+    """One request's copies into a peer's reservation."""
 
-    own: list[list[torch.Tensor]]
     peer: PeerCache
     src: torch.Tensor  # the request's blocks here, on the device
     dst: torch.Tensor  # the reserved blocks there, on the device
@@ -132,22 +151,20 @@ def _plan(engine: Engine, seq: Sequence, peer: PeerCache, block_ids: list[int], 
     state_rows = n_tokens % layout.state_period if layout.state_bytes(n_tokens) else 0
     if state_rows and seq_slot < 0:
         raise ValueError("the format keeps per-sequence state but the reservation has no sequence slot")
-    own, _ = cache_tensors(engine)
-    return _Plan(own, peer, _device_ids(seq.block_table[:n], engine.device), _device_ids(block_ids, engine.device),
+    return _Plan(peer, _device_ids(seq.block_table[:n], engine.device), _device_ids(block_ids, engine.device),
                  state_rows, seq.kv_slot, seq_slot)
 
 
 def _copy_layer(plan: _Plan, layer: int) -> int:
     """Queues the copies of one layer into the peer's cache on the current stream; returns the bytes."""
-    mine, theirs = plan.own[layer], plan.peer.layers[layer]
     written = 0
-    for part in range(plan.peer.num_parts):
-        theirs[part].index_copy_(0, plan.dst, mine[part].index_select(0, plan.src))
-        written += plan.src.numel() * mine[part].shape[1]
+    for mine, theirs in plan.peer.blocks[layer]:
+        theirs.index_copy_(0, plan.dst, mine.index_select(0, plan.src))
+        written += plan.src.numel() * mine.shape[1] * mine.element_size()
     if plan.state_rows:
-        for j in range(plan.peer.num_parts, len(mine)):
-            rows = mine[j][plan.kv_slot, :plan.state_rows]
-            theirs[j][plan.seq_slot, :plan.state_rows].copy_(rows)
+        for mine, theirs in plan.peer.states[layer]:
+            rows = mine[plan.kv_slot, :plan.state_rows]
+            theirs[plan.seq_slot, :plan.state_rows].copy_(rows)
             written += rows.numel() * rows.element_size()
     return written
 
@@ -157,7 +174,7 @@ def copy_in_place(engine: Engine, request_id: str, peer: PeerCache, block_ids: l
     sequence slot), then waits for the copies: the bytes are in the peer's cache when this returns. Returns the
     bytes written."""
     plan = _plan(engine, engine.prefilled_sequence(request_id), peer, block_ids, seq_slot, kv_layout(engine))
-    written = sum(_copy_layer(plan, layer) for layer in range(len(plan.own)))
+    written = sum(_copy_layer(plan, layer) for layer in range(len(peer.blocks)))
     if engine.device.type == "cuda":
         torch.cuda.current_stream(engine.device).synchronize()
     return written
@@ -187,14 +204,15 @@ class InPlaceStream:
 def stream_in_place(engine: Engine, request_id: str, peer: PeerCache, block_ids: list[int],
                     seq_slot: int) -> InPlaceStream:
     """For a queued prefill-only request: during the step that completes its prefill, each layer's KV is copied
-    into the peer's reserved blocks (and sequence slot) right after that layer's attention wrote it, on the
-    forward pass's stream (a device-to-device copy per layer and part, a few microseconds against the layer's
-    compute), so the KV is in place when the first token is. A failure inside the forward pass is kept for
-    `wait` and stops the copies; the prefill itself goes on."""
+    into the peer's reserved blocks (and sequence slot) right after that layer's attention wrote it, so the KV is
+    in place when the first token is. On CUDA the copies run on a side stream after the layer's attention, beside
+    the later layers' compute rather than in its way. A failure inside the forward pass is kept for `wait` and
+    stops the copies; the prefill itself goes on."""
     layout = kv_layout(engine)  # before the step: for fp8 it reads the scales back from the device
     stream = InPlaceStream()
     plans: list[_Plan] = []
     last = engine.model_config.num_layers - 1
+    side = torch.cuda.Stream(engine.device) if engine.device.type == "cuda" else None
 
     def on_layer(seq: Sequence, layer: int) -> None:
         if stream.error is not None:
@@ -203,11 +221,19 @@ def stream_in_place(engine: Engine, request_id: str, peer: PeerCache, block_ids:
             if not plans:
                 stream.first_layer_at = time.perf_counter()
                 plans.append(_plan(engine, seq, peer, block_ids, seq_slot, layout))
-            stream.written += _copy_layer(plans[0], layer)
-            if layer == last:
-                if engine.device.type == "cuda":
-                    stream.done = torch.cuda.current_stream(engine.device).record_event()
-                stream.queued = True
+                if side is not None:  # made on the compute stream, used on the side one until its last copy
+                    plans[0].src.record_stream(side)
+                    plans[0].dst.record_stream(side)
+            if side is None:
+                stream.written += _copy_layer(plans[0], layer)
+            else:
+                ready = torch.cuda.current_stream(engine.device).record_event()
+                with torch.cuda.stream(side):
+                    side.wait_event(ready)
+                    stream.written += _copy_layer(plans[0], layer)
+                if layer == last:
+                    stream.done = side.record_event()
+            stream.queued = layer == last
         except Exception as e:  # noqa: BLE001 - reported by wait(); the caller falls back to chunks
             stream.error = e
 

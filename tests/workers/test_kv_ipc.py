@@ -8,7 +8,7 @@ test_same_gpu_pd_in_place_equals_colocated and tests/cluster/test_kv_stream.py::
 import pytest
 
 from partita.workers import Engine, EngineConfig
-from partita.workers.kv_ipc import PeerCache, cache_tensors, copy_in_place, device_uuid, share_cache, stream_in_place
+from partita.workers.kv_ipc import cache_tensors, copy_in_place, device_uuid, peer_cache, share_cache, stream_in_place
 from partita.workers.kv_migration import kv_layout
 from tests.cluster.test_kv_transfer import CONFIG, GREEDY, PROMPT, colocated
 
@@ -61,7 +61,7 @@ def test_copies_into_a_reservation_decode_like_colocated(kv_format, streamed):
     decodes greedily to the colocated engine's tokens (kivi2: its residual rows included), and every block returns."""
     prefill, decode = (Engine("tiny-llama", device="cpu", kv_format=kv_format, config=EngineConfig(**CONFIG))
                        for _ in range(2))
-    peer = PeerCache(*cache_tensors(decode))
+    peer = peer_cache(prefill, cache_tensors(decode)[0])
     seq = decode.reserve_migrated("r", PROMPT)
     n = kv_layout(prefill).num_blocks(len(PROMPT))
     prefill.add_request("r", PROMPT, GREEDY, prefill_only=True)
@@ -88,7 +88,8 @@ def test_a_failed_streamed_copy_is_reported_and_the_prefill_goes_on():
                        for _ in range(2))
     seq = decode.reserve_migrated("r", PROMPT)
     prefill.add_request("r", PROMPT, GREEDY, prefill_only=True)
-    copies = stream_in_place(prefill, "r", PeerCache(*cache_tensors(decode)), seq.block_table[:1], seq.kv_slot)
+    peer = peer_cache(prefill, cache_tensors(decode)[0])
+    copies = stream_in_place(prefill, "r", peer, seq.block_table[:1], seq.kv_slot)
     assert _first_token(prefill) == colocated("int4")[0]
     with pytest.raises(RuntimeError, match="1 reserved blocks for 45 tokens"):
         copies.wait()
