@@ -29,7 +29,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -101,17 +101,21 @@ async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel,
                               params: "SamplingParams", sampling: inference_pb2.SamplingParams | None = None, *,
                               model: str = "", sender_id: str = "", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                               window: int = 4, ttl_s: float = 30.0, timeout_s: float = 30.0,
-                              peer: PeerCache | None = None) -> StreamedMigration:
+                              peer: PeerCache | None = None,
+                              fallback: Callable[[], Awaitable[TransferResult | None]] | None = None
+                              ) -> StreamedMigration:
     """Prefills `prompt` on `prefill` as a prefill-only request and migrates its KV to the decode worker behind
     `channel`, streamed layer by layer under the prefill (module docstring). Exceptions of the prefill itself
-    (a bad request) propagate, with the reservation aborted."""
+    (a bad request) propagate, with the reservation aborted. fallback: what moves the held request (or resumes it
+    on `prefill`, returning None) when the streamed transfer was refused or failed, e.g. other decode workers
+    first; by default `migrate_or_resume` to the same one (module docstring)."""
     if window < 1 or chunk_bytes < 1:
         raise ValueError(f"window={window}, chunk_bytes={chunk_bytes}: each must be >= 1")
     stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
     layout: KvLayout = await asyncio.wrap_future(prefill.submit(kv_layout))
     times = StreamTimes()
-    fallback = dict(model=model, sender_id=sender_id, chunk_bytes=chunk_bytes, window=window, ttl_s=ttl_s,
-                    timeout_s=timeout_s)
+    same_worker = dict(model=model, sender_id=sender_id, chunk_bytes=chunk_bytes, window=window, ttl_s=ttl_s,
+                       timeout_s=timeout_s)
     try:
         reserved = await stub.Reserve(reserve_request(request_id, prompt, layout, model=model, sender_id=sender_id,
                                                       ttl_s=ttl_s), timeout=timeout_s)
@@ -123,7 +127,8 @@ async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel,
         first = await _first(outputs)
         result = None
         if not first.finished:
-            result = await migrate_or_resume(prefill, channel, request_id, sampling, **fallback)
+            result = await (fallback() if fallback else migrate_or_resume(prefill, channel, request_id, sampling,
+                                                                          **same_worker))
         return StreamedMigration(first, result, outputs, False, times)
 
     tid = reserved.transfer_id
@@ -169,11 +174,13 @@ async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel,
         detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
         await abort_transfer(stub, tid, detail or str(code))
         log.warning("streamed KV transfer %s of %s failed (%s: %s)", tid, request_id, code, detail)
+        if fallback is not None:
+            return StreamedMigration(first, await fallback(), outputs, False, times)
         if code in NOT_RETRYABLE:
             await asyncio.wrap_future(prefill.submit(lambda eng: eng.resume_prefilled(request_id)))
             return StreamedMigration(first, None, outputs, False, times)
         # chunks, not in place again: what failed in place would likely fail the same way
-        result = await migrate_or_resume(prefill, channel, request_id, sampling, **fallback, attempts=1)
+        result = await migrate_or_resume(prefill, channel, request_id, sampling, **same_worker, attempts=1)
         return StreamedMigration(first, result, outputs, False, times)
     await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
     if peer is None:

@@ -1,9 +1,8 @@
 """The prefill worker's side of KV migration: send one prefilled request's KV to a decode worker over gRPC.
 
-    export = await asyncio.wrap_future(prefill.submit(lambda e: export_request(e, request_id)))
-    result = await send_kv(channel, export, sampling)     # Reserve, SendStream, Commit
-    then, on the prefill engine's thread: release_prefilled(request_id) on success, or
-    resume_prefilled(request_id) on KvTransferFailed (colocated decode as the fallback)
+    result = await migrate(prefill, channel, request_id, sampling)   # export, Reserve, SendStream, Commit, release
+    or migrate_or_resume(...), which on KvTransferFailed decodes the request on the prefill engine instead
+    (the caller may first try `migrate` to other decode workers: the request stays held until one succeeds)
 
 One attempt is Reserve (the receiver checks the layout and reserves blocks), SendStream of chunks of at most
 min(chunk_bytes, the receiver's max_chunk_bytes) payload bytes, at most `window` chunks unacknowledged (the
@@ -12,10 +11,10 @@ then Commit. Chunks go out in wire form (`kv_wire.py`: each payload a run of con
 receiver accepts runs, with its crc32), each built on a worker thread while the one before is sent. A failed
 attempt is aborted on the receiver (best effort: the receiver aborts on its own errors and its ttl frees the
 rest) and retried once; a second failure, or a refusal no retry can fix (INVALID_ARGUMENT: formats differ),
-raises KvTransferFailed so the caller can decode on the prefill engine instead.
+raises KvTransferFailed so the caller can try another decode worker or decode on the prefill engine.
 
 Same-GPU fast path: `open_peer_cache` maps a decode worker's cache when it shares this worker's GPU (OpenCache,
-`workers/kv_ipc.py`); `migrate_or_resume(..., peer=...)` then reserves, copies the blocks device to device into
+`workers/kv_ipc.py`); `migrate(..., peer=...)` then reserves, copies the blocks device to device into
 the reservation and commits with `written_in_place`, with no chunks at all. If that attempt fails it is aborted
 and the chunked path runs as usual.
 """
@@ -268,12 +267,13 @@ async def _attempt_in_place(prefill: "AsyncEngine", stub, request_id: str, peer:
     return TransferResult(tid, 1, written, 0, time.perf_counter() - start, copied, in_place=True)
 
 
-async def migrate_or_resume(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str,
-                            sampling: inference_pb2.SamplingParams | None = None, *, peer: PeerCache | None = None,
-                            **send_kwargs) -> TransferResult | None:
-    """For a prefill-only request held on `prefill` after its first token: moves its KV to the decode worker (in
-    place when `peer` maps its cache, else exported and sent in chunks) and releases it there; if the transfer
-    fails, resumes it on `prefill` (colocated decode) and returns None."""
+async def migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str,
+                  sampling: inference_pb2.SamplingParams | None = None, *, peer: PeerCache | None = None,
+                  **send_kwargs) -> TransferResult:
+    """For a prefill-only request held on `prefill` after its first token: moves its KV to the decode worker behind
+    `channel` (in place when `peer` maps its cache, else exported and sent in chunks) and releases it here. Raises
+    KvTransferFailed when that failed; the request is then still held, for another decode worker or for
+    `resume_prefilled`."""
     if peer is not None:
         stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
         try:
@@ -284,11 +284,18 @@ async def migrate_or_resume(prefill: "AsyncEngine", channel: grpc.aio.Channel, r
             await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
             return result
     export = await asyncio.wrap_future(prefill.submit(lambda e: export_request(e, request_id)))
+    result = await send_kv(channel, export, sampling, **send_kwargs)
+    await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
+    return result
+
+
+async def migrate_or_resume(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str,
+                            sampling: inference_pb2.SamplingParams | None = None, *, peer: PeerCache | None = None,
+                            **send_kwargs) -> TransferResult | None:
+    """`migrate`; if the transfer fails, resumes the request on `prefill` (colocated decode) and returns None."""
     try:
-        result = await send_kv(channel, export, sampling, **send_kwargs)
+        return await migrate(prefill, channel, request_id, sampling, peer=peer, **send_kwargs)
     except KvTransferFailed as e:
         log.warning("%s; decoding %s on the prefill worker instead", e, request_id)
         await asyncio.wrap_future(prefill.submit(lambda eng: eng.resume_prefilled(request_id)))
         return None
-    await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
-    return result

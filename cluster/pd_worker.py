@@ -3,12 +3,13 @@
 A PD request crosses two workers:
 
     prefill worker   PrefillSide.run: the request runs prefill_only; its first token is yielded at once; its
-                     KV then migrates over gRPC to the decode worker the router chose (`migrate_or_resume`,
+                     KV then migrates over gRPC to the decode worker the router chose (`migrate`,
                      cluster/kv_transfer_client.py), or, when that worker shares this worker's GPU and
                      `kv_transfer.same_gpu` allows, is copied device to device into its reserved blocks
-                     (CUDA IPC, workers/kv_ipc.py; gRPC then carries only Reserve and Commit). On success
-                     the stream ends with a `Migrated` marker naming the decode worker's KV address; when
-                     the transfer fails (decode worker dead, full, or of another format) the request decodes
+                     (CUDA IPC, workers/kv_ipc.py; gRPC then carries only Reserve and Commit). When the
+                     transfer fails (decode worker dead, full, or of another format) the next decode worker
+                     the router offered is tried. On success the stream ends with a `Migrated` marker naming
+                     the KV address of the decode worker that took it; when none did, the request decodes
                      here instead and the stream carries its outputs to the end, so the caller sees one
                      complete stream either way.
     decode worker    DecodeSide: serves KvTransfer (cluster/kv_transfer_server.py) on its node; a committed
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -32,7 +34,7 @@ import grpc
 from partita.cluster.auth import bearer_token_interceptors
 from partita.cluster.grpc_server import sampling_to_proto
 from partita.cluster.kv_stream_client import prefill_and_migrate
-from partita.cluster.kv_transfer_client import migrate_or_resume, open_peer_cache
+from partita.cluster.kv_transfer_client import KvTransferFailed, TransferResult, migrate, open_peer_cache
 from partita.cluster.kv_transfer_server import start_kv_transfer_server
 from partita.workers.errors import InvalidRequestError
 
@@ -80,12 +82,16 @@ class PrefillSide:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def run(self, request_id: str, prompt: str | list[int], params: "SamplingParams",
-                  decode_address: str) -> AsyncIterator["RequestOutput | Migrated"]:
-        """First token, then Migrated, or the local decode's outputs when the migration failed.
-        Raises InvalidRequestError (bad input) and EngineUnavailableError like AsyncEngine.generate."""
-        peer = await self._peer(decode_address)
+                  decode_addresses: list[str]) -> AsyncIterator["RequestOutput | Migrated"]:
+        """First token, then Migrated, or the local decode's outputs when the migration failed. decode_addresses:
+        the decode workers to try, in order (the router's choice first); the first that takes the KV is named in
+        Migrated. Raises InvalidRequestError (bad input) and EngineUnavailableError like AsyncEngine.generate."""
+        if not decode_addresses:
+            raise InvalidRequestError("decode_addresses", "a PD request needs at least one decode worker")
+        landed = list(decode_addresses[:1])  # where the KV went: set by _migrate when it tried others
+        fallback = functools.partial(self._migrate, request_id, params, decode_addresses, landed)
         if self._stream_layers:
-            async for item in self._run_streamed(request_id, prompt, params, decode_address, peer):
+            async for item in self._run_streamed(request_id, prompt, params, decode_addresses[0], fallback, landed):
                 yield item
             return
         stream = self._engine.adopt(
@@ -96,34 +102,52 @@ class PrefillSide:
             if first.finished:
                 return
             try:
-                result = await migrate_or_resume(self._engine, self._channel(decode_address), request_id,
-                                                 sampling_to_proto(params), peer=peer, model=self._model_name,
-                                                 sender_id=self._worker_id)
+                result = await fallback()
             except InvalidRequestError:
                 # aborted while held: the engine no longer has it; its stream ends with the abort output
                 result = None
             if result is not None:
-                yield Migrated(request_id, decode_address, self._kv_format, result.bytes_sent, result.seconds,
+                yield Migrated(request_id, landed[0], self._kv_format, result.bytes_sent, result.seconds,
                                in_place=result.in_place)
                 return
             async for out in stream:
                 yield out
 
+    async def _migrate(self, request_id: str, params: "SamplingParams", addresses: list[str],
+                       landed: list[str]) -> TransferResult | None:
+        """Moves the held request's KV to the first of `addresses` that takes it (its address into landed[0]); when
+        none does, resumes the request here and returns None."""
+        for address in addresses:
+            try:
+                result = await migrate(self._engine, self._channel(address), request_id, sampling_to_proto(params),
+                                       peer=await self._peer(address), model=self._model_name,
+                                       sender_id=self._worker_id)
+            except KvTransferFailed as e:
+                log.warning("%s: %s", self._worker_id, e)
+                continue
+            landed[0] = address
+            return result
+        log.warning("%s: no decode worker took the KV of %s (%d tried); decoding it here", self._worker_id,
+                    request_id, len(addresses))
+        await asyncio.wrap_future(self._engine.submit(lambda eng: eng.resume_prefilled(request_id)))
+        return None
+
     async def _run_streamed(self, request_id: str, prompt: str | list[int], params: "SamplingParams",
-                            decode_address: str, peer: "PeerCache | None") -> AsyncIterator["RequestOutput | Migrated"]:
-        """run() with the KV sent (or, with `peer`, copied in place) layer by layer under the prefill; the first token
-        comes after the commit."""
+                            decode_address: str, fallback, landed: list[str]
+                            ) -> AsyncIterator["RequestOutput | Migrated"]:
+        """run() with the KV sent (or, to a decode worker on this GPU, copied in place) layer by layer under the
+        prefill; the first token comes after the commit. fallback: what moves the held request when that failed."""
         if isinstance(prompt, str):
             prompt = await asyncio.wrap_future(self._engine.submit(lambda e: e.tokenizer.encode(prompt)))
         m = await prefill_and_migrate(self._engine, self._channel(decode_address), request_id, prompt, params,
                                       sampling_to_proto(params), model=self._model_name, sender_id=self._worker_id,
-                                      peer=peer)
+                                      peer=await self._peer(decode_address), fallback=fallback)
         async with contextlib.aclosing(m.prefill_outputs):
             yield m.first
             if m.first.finished:
                 return
             if m.result is not None:
-                yield Migrated(request_id, decode_address, self._kv_format, m.result.bytes_sent, m.result.seconds,
+                yield Migrated(request_id, landed[0], self._kv_format, m.result.bytes_sent, m.result.seconds,
                                m.streamed, m.result.in_place)
                 return
             async for out in m.prefill_outputs:

@@ -40,7 +40,7 @@ import ray
 
 from partita.cluster.gateway_engine import EngineUnavailableError, ModelInfo, WorkerLoad
 from partita.cluster.pd_worker import Migrated
-from partita.cluster.routing import pick_pair, pick_worker, worker_score
+from partita.cluster.routing import decode_alternates, pick_pair, pick_worker, worker_score
 from partita.cluster.spec import ClusterSpec, RouterSpec, SpecError
 from partita.cluster.worker_actor import WorkerError
 from partita.workers.errors import InvalidRequestError
@@ -48,14 +48,21 @@ from partita.workers.errors import InvalidRequestError
 log = logging.getLogger(__name__)
 
 CONTROLLER_LOST_S = 10.0  # the controller unreachable this long: the router reports itself unhealthy
+MAX_DECODE_ALTERNATES = 2  # decode workers a prefill worker tries after the chosen one before decoding itself
 
 
 @dataclass(frozen=True)
 class _Target:
-    """Where one attempt runs: one worker (colocated generate) or a prefill worker and a decode worker."""
+    """Where one attempt runs: one worker (colocated generate) or a prefill worker and a decode worker, with the
+    decode workers the prefill worker tries next if that one does not take the KV."""
 
     worker: Any
     decode: Any = None
+    alternates: tuple = ()
+
+    @property
+    def decodes(self) -> tuple:
+        return () if self.decode is None else (self.decode, *self.alternates)
 
 
 class _Retry(Exception):
@@ -217,29 +224,34 @@ class RayRouter:
                     request_id, prompt, params, priority)
             else:
                 req.generator = entry.actor.prefill.options(num_returns="streaming").remote(
-                    request_id, prompt, params, target.decode.kv_address)
+                    request_id, prompt, params, [d.kv_address for d in target.decodes])
             while True:
-                migrated = False
+                migrated = None  # the decode worker that took the KV
                 async with contextlib.aclosing(self._items(req)) as items:
                     async for item in items:
                         if isinstance(item, Migrated):
-                            migrated = True
+                            migrated = next((d for d in target.decodes if d.kv_address == item.decode_address),
+                                            None)
+                            if migrated is None:
+                                raise _Retry(f"migrated to {item.decode_address}, not a decode worker offered",
+                                             req.worker_id)
                             self._count_migration(item)
                             break
                         out = req.adjust(item)
                         if out.finished:
                             req.generator = None
-                            if req.abort_requested and target.decode is not None and req.worker is entry.actor:
+                            if req.abort_requested and req.worker is entry.actor:
                                 # aborted on the prefill worker while its KV was in flight: a transfer that
                                 # committed meanwhile must not decode unseen (its stream has ended: no race)
-                                target.decode.actor.abort.remote(request_id)
+                                for d in target.decodes:
+                                    d.actor.abort.remote(request_id)
                         yield out
                         if out.finished:
                             return
-                if not migrated:
+                if migrated is None:
                     return
                 # the KV lives on the decode worker now: the rest of the stream comes from there
-                decode = target.decode
+                decode = migrated
                 req.worker, req.worker_id = decode.actor, decode.worker_id
                 req.generator = decode.actor.follow.options(num_returns="streaming").remote(request_id)
                 if req.abort_requested:  # the abort went to the prefill worker while the KV was in flight
@@ -323,7 +335,9 @@ class RayRouter:
         if pair is not None:
             prefill, decode = self._entries[pair[0]], self._entries[pair[1]]
             if colocated is None or self._score(prefill) <= self._score(self._entries[colocated]):
-                return _Target(prefill, decode)
+                others = decode_alternates([e.load for e in by_role["decode"]], self._num_local, decode.worker_id,
+                                           excluded, blocks_needed, MAX_DECODE_ALTERNATES)
+                return _Target(prefill, decode, tuple(self._entries[w] for w in others))
         if colocated is not None:
             return _Target(self._entries[colocated])
         # half a pair is left (the other side died or is excluded): it decodes alone

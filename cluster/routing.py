@@ -6,7 +6,9 @@ Each worker's score, lower is better:
 
 (waiting requests count twice: they are queue time in front of the new one; a nearly full KV cache is
 worth about four requests, since it preempts). A prefill/decode pair is the best prefill worker and the
-best decode worker among those whose free KV blocks hold the request (any decode worker when none does).
+best decode worker among those whose free KV blocks hold the request (any decode worker when none does); the
+prefill worker falls back on the next decode workers in the same order (`decode_alternates`) when the chosen
+one does not take the KV.
 """
 from __future__ import annotations
 
@@ -45,3 +47,13 @@ def pick_pair(prefills: Sequence[WorkerLoad], decodes: Sequence[WorkerLoad], num
     roomy = [x for x in decodes if x.num_free_blocks >= blocks_needed]
     decode = pick_worker(roomy, num_local, excluded, tiebreak) or pick_worker(decodes, num_local, excluded, tiebreak)
     return None if prefill is None or decode is None else (prefill, decode)
+
+
+def decode_alternates(decodes: Sequence[WorkerLoad], num_local: dict[str, int], chosen: str,
+                      excluded: set[str] = frozenset(), blocks_needed: int = 0, limit: int = 2) -> list[str]:
+    """Up to `limit` decode workers other than `chosen` (and not excluded), in the order the pair's choice ranks
+    them: those with room for `blocks_needed` blocks first, then by score."""
+    candidates = [x for x in decodes if x.worker_id != chosen and x.worker_id not in excluded]
+    ranked = sorted(candidates, key=lambda x: (x.num_free_blocks < blocks_needed,
+                                               worker_score(x, num_local.get(x.worker_id, 0)), x.worker_id))
+    return [x.worker_id for x in ranked[:limit]]

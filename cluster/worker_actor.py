@@ -14,10 +14,10 @@ stopped under the request: re-run it elsewhere). Cancelling the Ray generator, o
 request in the engine and frees its KV blocks.
 
 Roles: `colocated` serves `generate`. `prefill` and `decode` (cluster/pd_worker.py) serve a request between
-them: the router calls `prefill(request_id, prompt, params, decode_address)` on a prefill worker, which
-yields the first token and then a `Migrated` marker (or, when the KV transfer failed, the rest of the
-outputs), and then `follow(request_id)` on the decode worker, whose `ready()` and routing-table entry carry
-its KvTransfer address. Every role also serves `generate` (colocated), the router's fallback when one side
+them: the router calls `prefill(request_id, prompt, params, decode_addresses)` on a prefill worker, which
+yields the first token and then a `Migrated` marker naming the decode worker that took the KV (the first of
+those addresses that did; when none did, the rest of the outputs instead), and then `follow(request_id)` on
+that decode worker, whose `ready()` and routing-table entry carry its KvTransfer address. Every role also serves `generate` (colocated), the router's fallback when one side
 of the pair is missing. `check_runnable` refuses the roles not implemented yet.
 """
 from __future__ import annotations
@@ -143,13 +143,14 @@ class WorkerActor:
         async for item in self._serve(request_id, lambda: self._engine.generate(request_id, prompt, params, priority)):
             yield item
 
-    async def prefill(self, request_id: str, prompt: str | list[int], params, decode_address: str):
-        """A prefill worker's stream of a PD request: first token, then `Migrated` or the local decode's outputs."""
+    async def prefill(self, request_id: str, prompt: str | list[int], params, decode_addresses: list[str]):
+        """A prefill worker's stream of a PD request: first token, then `Migrated` (naming which of the decode
+        workers, tried in order, took the KV) or the local decode's outputs."""
         if self._prefill is None:
             yield WorkerError("invalid", f"worker {self._worker_id} is not a prefill worker", "role")
             return
         async for item in self._serve(request_id,
-                                      lambda: self._prefill.run(request_id, prompt, params, decode_address)):
+                                      lambda: self._prefill.run(request_id, prompt, params, decode_addresses)):
             yield item
 
     async def follow(self, request_id: str, timeout_s: float | None = None):

@@ -68,7 +68,8 @@ class Pair:
             self.decode, on_commit=self.on_commit, max_chunk_bytes=64 * 1024, reaper_interval_s=0.05,
             api_key=self.api_key)
         interceptors = bearer_token_interceptors(self.client_token) if self.client_token else None
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=interceptors)
+        self.address = f"127.0.0.1:{port}"
+        self.channel = grpc.aio.insecure_channel(self.address, interceptors=interceptors)
         self.stub = kv_transfer_pb2_grpc.KvTransferStub(self.channel)
         return self
 

@@ -1,7 +1,7 @@
 """Prefill/decode disaggregation on local Ray (tiny-llama on CPU): a prefill pool and a decode pool behind the
 router and the gateway. Greedy PD output equals the colocated engine's token for token (kv_format none, and
-int8 against a colocated int8 engine); a decode worker dead at transfer time, or killed mid-stream after
-commit, loses no request (the client sees the complete, correct completion) and the controller restores
+int8 against a colocated int8 engine); a decode worker dead at transfer time (its KV then goes to another decode
+worker when there is one, else the prefill worker decodes), or killed mid-stream after commit, loses no request (the client sees the complete, correct completion) and the controller restores
 it; leaving a stream or aborting reaches the worker holding the request; KV blocks on both sides return to
 the free pool (read from heartbeats)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import contextlib
 
 import pytest
 
-from partita.cluster.routing import pick_pair
+from partita.cluster.routing import decode_alternates, pick_pair
 from partita.cluster.gateway_engine import WorkerLoad
 from partita.workers import SamplingParams
 from tests.cluster.ray_fixtures import ServedDeployment, collect, ray_local, wait_until  # noqa: F401
@@ -21,15 +21,18 @@ pytestmark = pytest.mark.timeout(240)
 PROMPT = [(7 * j) % 500 + 2 for j in range(30)]
 
 
-def pd_spec(name: str, kv_format: str, stream_layers: bool = False):
+def pd_spec(name: str, kv_format: str, stream_layers: bool = False, decode_replicas: int = 1,
+            cpus_per_worker: float = 1.0):
     from partita.cluster.spec import ClusterSpec
 
     return ClusterSpec.from_dict({
         "name": name,
         "kv_transfer": {"stream_layers": stream_layers},
         "model": {"preset": "tiny-llama", "kv_format": kv_format},
-        "pools": [{"name": "prefill", "role": "prefill", "replicas": 1, "gpus_per_worker": 0},
-                  {"name": "decode", "role": "decode", "replicas": 1, "gpus_per_worker": 0}],
+        "pools": [{"name": "prefill", "role": "prefill", "replicas": 1, "gpus_per_worker": 0,
+                   "cpus_per_worker": cpus_per_worker},
+                  {"name": "decode", "role": "decode", "replicas": decode_replicas, "gpus_per_worker": 0,
+                   "cpus_per_worker": cpus_per_worker}],
         "scheduler": {"max_model_len": 320, "max_num_seqs": 8, "max_num_batched_tokens": 256},
         "gateway": {"grpc_port": 0, "http_port": 0},
         "controller": {"reconcile_interval_s": 0.2, "heartbeat_timeout_s": 10.0, "restart_backoff_s": 0.5,
@@ -66,6 +69,17 @@ def test_pick_pair_prefers_decode_workers_with_room():
     assert pick_pair([], decodes, {}) is None
 
 
+def test_decode_alternates_follow_the_pairs_order():
+    decodes = [WorkerLoad("d0", num_free_blocks=50), WorkerLoad("d1", num_running=4, num_free_blocks=50),
+               WorkerLoad("d2", num_free_blocks=2), WorkerLoad("d3", num_running=1, num_free_blocks=50)]
+    # room first (d2 has none), then the least loaded; never the chosen one or an excluded one
+    assert decode_alternates(decodes, {}, "d0", blocks_needed=10) == ["d3", "d1"]
+    assert decode_alternates(decodes, {}, "d0", blocks_needed=10, limit=3) == ["d3", "d1", "d2"]
+    assert decode_alternates(decodes, {}, "d0", excluded={"d3"}, blocks_needed=10) == ["d1", "d2"]
+    assert decode_alternates(decodes, {"d3": 9}, "d0", blocks_needed=10) == ["d1", "d3"]
+    assert decode_alternates(decodes[:1], {}, "d0") == []
+
+
 def test_the_router_takes_a_pair_a_colocated_worker_or_half_a_pair():
     from types import SimpleNamespace
 
@@ -81,7 +95,13 @@ def test_the_router_takes_a_pair_a_colocated_worker_or_half_a_pair():
     router._entries = {e.worker_id: e for e in (entry("p0", "prefill", 1), entry("d0", "decode"),
                                                  entry("c0", "colocated", 3))}
     target = router._pick(set(), 4)
-    assert (target.worker.worker_id, target.decode.worker_id) == ("p0", "d0")
+    assert (target.worker.worker_id, target.decode.worker_id, target.alternates) == ("p0", "d0", ())
+    router._entries["d1"] = entry("d1", "decode", 2)
+    router._entries["d2"] = entry("d2", "decode", 1)
+    target = router._pick(set(), 4)  # the other decode workers, best first, for the prefill worker to fall back on
+    assert [d.worker_id for d in target.decodes] == ["d0", "d2", "d1"]
+    assert [d.worker_id for d in router._pick({"d2"}, 4).decodes] == ["d0", "d1"]
+    del router._entries["d1"], router._entries["d2"]
     router._entries["p0"].load = WorkerLoad("p0", "prefill", num_running=5)
     assert router._pick(set(), 4).worker.worker_id == "c0" and router._pick(set(), 4).decode is None
     del router._entries["c0"]
@@ -275,6 +295,34 @@ def entry_of_or_none(served, role: str, not_id: str):
     served.thread.call(served.router.refresh(), 10)
     return next((e for e in served.router._entries.values()
                  if e.role == role and e.state == "ready" and e.worker_id != not_id), None)
+
+
+def test_the_kv_of_a_dead_decode_worker_goes_to_another(ray_local):
+    """Two decode workers, the router's choice dead at transfer time: the prefill worker hands the KV to the other
+    one (one migration, no re-run, nothing decoded on the prefill worker), and the output equals colocated."""
+    from partita.cluster.router import RayRouter
+
+    # half a CPU each: the module's other deployment holds two of local Ray's four
+    deployment = ServedDeployment(pd_spec("pd-two", "none", decode_replicas=2, cpus_per_worker=0.5)).start()
+    try:
+        async def run():
+            stale = await RayRouter.connect(deployment.controller, deployment.spec)
+            stale._refresh_task.cancel()
+            victim, survivor = sorted((e for e in stale._entries.values() if e.role == "decode"),
+                                      key=lambda e: e.worker_id)
+            ray_local.kill(victim.actor, no_restart=True)
+            stale._num_local[survivor.worker_id] = 100  # so that the router's choice is the dead one
+            try:
+                assert stale._pick(set(), 4).decode is victim
+                ids, last = await collect(stale.generate("two", PROMPT, greedy(40)))
+                return ids, last, stale.num_migrations, stale.num_reruns
+            finally:
+                await stale.aclose()
+        ids, last, migrations, reruns = deployment.thread.call(run(), 90)
+        assert ids == colocated(deployment.spec, PROMPT, 40) and last.finish_reason == "length"
+        assert (migrations, reruns) == (1, 0)
+    finally:
+        deployment.stop()
 
 
 @pytest.mark.parametrize("stream_layers", [False, True])

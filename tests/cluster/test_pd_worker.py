@@ -1,0 +1,87 @@
+"""cluster/pd_worker.py's PrefillSide without Ray: a prefill engine and real KvTransfer servers on 127.0.0.1 (tiny
+random models on CPU). When the decode worker the router chose does not take the KV (nothing listens there, or it
+has no room), the next one offered does, and Migrated names it; when none does, the prefill worker decodes the
+request itself. Greedy output equals the colocated engine's either way, and every block returns."""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from partita.cluster.pd_worker import Migrated, PrefillSide
+from tests.cluster.test_kv_transfer import GREEDY, PROMPT, Pair, colocated
+
+
+def dead_address() -> str:
+    """127.0.0.1 and a port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+async def run(side: PrefillSide, addresses: list[str]) -> list:
+    return [item async for item in side.run("r", PROMPT, GREEDY, addresses)]
+
+
+async def fill(pair: Pair) -> None:
+    """Takes 7 of the decode worker's 8 blocks (num_kv_blocks=8): no room for PROMPT's 3."""
+    await asyncio.wrap_future(pair.decode.submit(lambda e: e.reserve_migrated("hog", [3] * 100)))
+
+
+async def unfill(pair: Pair) -> None:
+    await asyncio.wrap_future(pair.decode.submit(lambda e: e.abort_reserved("hog")))
+
+
+@pytest.mark.parametrize("stream_layers", [False, True], ids=["after", "streamed"])
+@pytest.mark.parametrize("first", ["dead", "full"])
+def test_the_next_decode_worker_takes_the_kv_when_the_first_does_not(first, stream_layers):
+    async def main():
+        async with Pair("int4") as pair, Pair("int4", num_kv_blocks=8) as full:
+            await fill(full)
+            side = PrefillSide(pair.prefill, "prefill-0", "tiny-llama", "int4", stream_layers=stream_layers)
+            try:
+                items = await run(side, [dead_address() if first == "dead" else full.address, pair.address])
+            finally:
+                await side.close()
+            await unfill(full)
+            *outputs, migrated = items
+            tokens = [t for o in outputs for t in o.new_token_ids] + await pair.outputs["r"]
+            await pair.assert_all_free()
+            await full.assert_all_free()
+            return tokens, migrated
+    tokens, migrated = asyncio.run(main())
+    assert isinstance(migrated, Migrated) and not migrated.streamed  # streaming reserves on the first only
+    assert tokens == colocated("int4")
+
+
+def test_migrated_names_the_decode_worker_that_took_the_kv():
+    async def main():
+        async with Pair("int4") as pair:
+            side = PrefillSide(pair.prefill, "prefill-0", "tiny-llama", "int4")
+            try:
+                *_, migrated = await run(side, [dead_address(), pair.address])
+            finally:
+                await side.close()
+            return migrated, pair.address
+    migrated, address = asyncio.run(main())
+    assert isinstance(migrated, Migrated) and migrated.decode_address == address
+
+
+@pytest.mark.parametrize("stream_layers", [False, True], ids=["after", "streamed"])
+def test_when_no_decode_worker_takes_the_kv_the_prefill_worker_decodes(stream_layers):
+    async def main():
+        async with Pair("int4", num_kv_blocks=8) as full:
+            await fill(full)
+            side = PrefillSide(full.prefill, "prefill-0", "tiny-llama", "int4", stream_layers=stream_layers)
+            try:
+                items = await run(side, [full.address, dead_address()])
+            finally:
+                await side.close()
+            await unfill(full)
+            await full.assert_all_free()
+            return items
+    items = asyncio.run(main())
+    assert not any(isinstance(x, Migrated) for x in items)
+    assert [t for o in items for t in o.new_token_ids] == colocated("int4")
+    assert items[-1].finished
