@@ -17,10 +17,12 @@ follows once those copies are done.
 Failures: when Reserve is refused the request runs the export-after-prefill path (`migrate_or_resume`); when
 the streamed attempt fails (a chunk refused, e.g. DATA_LOSS for a bad checksum, or a failed copy in place) it is
 aborted on the receiver and the held request gets one more, non-streamed attempt in chunks through
-`migrate_or_resume` (which resumes it on the prefill engine if that fails too), unless the refusal is one no retry can fix (then it is resumed at once).
-ttl_s must cover the prefill (the reservation is made before it), and timeout_s the prefill's remaining
-layers after the first one (SendStream opens when the first layer is out). Buffering is bounded by one request's KV (what `export_request` holds too); SendStream's window bounds what is
-in flight.
+`migrate_or_resume` (which resumes it on the prefill engine if that fails too), unless the refusal is one no
+retry can fix (then it is resumed at once). A caller with other decode workers to offer passes `fallback`, which
+replaces both of those (cluster/pd_worker.py tries them in order). ttl_s must cover the prefill (the reservation
+is made before it), and timeout_s the prefill's remaining layers after the first one (SendStream opens when the
+first layer is out). Buffering is bounded by one request's KV (what `export_request` holds too); SendStream's
+window bounds what is in flight.
 """
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ Roles: `colocated` serves `generate`. `prefill` and `decode` (cluster/pd_worker.
 them: the router calls `prefill(request_id, prompt, params, decode_addresses)` on a prefill worker, which
 yields the first token and then a `Migrated` marker naming the decode worker that took the KV (the first of
 those addresses that did; when none did, the rest of the outputs instead), and then `follow(request_id)` on
-that decode worker, whose `ready()` and routing-table entry carry its KvTransfer address. Every role also serves `generate` (colocated), the router's fallback when one side
-of the pair is missing. `check_runnable` refuses the roles not implemented yet.
+that decode worker, whose `ready()` and routing-table entry carry its KvTransfer address. Every role also
+serves `generate` (colocated), the router's fallback when one side of the pair is missing. `check_runnable`
+refuses the roles not implemented yet.
 """
 from __future__ import annotations
 
