@@ -29,7 +29,8 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb
 from partita.workers.engine.engine import Engine
 from partita.workers.engine.sequence import Sequence
-from partita.workers.kv_migration import KvLayout, kv_layout, layer_byte_rows, layer_state
+from partita.workers.kv_migration import (KvLayout, RequestRows, device_ids, kv_layout, layer_byte_rows, layer_state,
+                                          request_rows)
 
 
 def device_uuid(engine: Engine) -> str:
@@ -70,6 +71,7 @@ class PeerCache:
     """A decode engine's cache mapped into this process (`open_cache`), paired with this engine's own tensors once
     (`peer_cache`), so that a streamed prefill's first layer does not spend milliseconds making views."""
 
+    layout: KvLayout  # this engine's (and, as OpenCache checked, the peer's)
     blocks: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer: (own, peer) block-indexed parts, as words
     states: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer: (own, peer) per-sequence state (kivi2)
 
@@ -88,7 +90,7 @@ def _words(rows: torch.Tensor) -> torch.Tensor:
 def peer_cache(engine: Engine, layers: list[list[torch.Tensor]]) -> PeerCache:
     """The peer's tensors (`cache_tensors`' order) paired with `engine`'s own."""
     own, num_parts = cache_tensors(engine)
-    return PeerCache([[(_words(m), _words(t)) for m, t in zip(mine[:num_parts], theirs[:num_parts])]
+    return PeerCache(kv_layout(engine), [[(_words(m), _words(t)) for m, t in zip(mine[:num_parts], theirs[:num_parts])]
                       for mine, theirs in zip(own, layers)],
                      [list(zip(mine[num_parts:], theirs[num_parts:])) for mine, theirs in zip(own, layers)])
 
@@ -126,46 +128,32 @@ class _Plan:
     """One request's copies into a peer's reservation."""
 
     peer: PeerCache
-    src: torch.Tensor  # the request's blocks here, on the device
+    rows: RequestRows  # the request's blocks and state here
     dst: torch.Tensor  # the reserved blocks there, on the device
-    state_rows: int  # rows of the per-sequence state to copy (kivi2's residual); 0: none
-    kv_slot: int
-    seq_slot: int
+    seq_slot: int  # the reserved sequence slot there
 
 
-def _device_ids(ids: list[int], device: torch.device) -> torch.Tensor:
-    """ids on the device, copied from pinned memory: queued on the stream, so the host does not wait for the GPU
-    (a streamed prefill calls this in the middle of its forward pass)."""
-    t = torch.tensor(ids, dtype=torch.long)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
-def _plan(engine: Engine, seq: Sequence, peer: PeerCache, block_ids: list[int], seq_slot: int,
-          layout: KvLayout) -> _Plan:
-    n_tokens = seq.num_prompt_tokens
-    n = layout.num_blocks(n_tokens)
-    if len(block_ids) != n:
-        raise ValueError(f"{len(block_ids)} reserved blocks for {n_tokens} tokens, {n} expected")
-    if len(seq.block_table) < n:
-        raise ValueError(f"{seq.request_id!r} holds {len(seq.block_table)} blocks, {n} expected")
-    state_rows = n_tokens % layout.state_period if layout.state_bytes(n_tokens) else 0
-    if state_rows and seq_slot < 0:
+def _plan(engine: Engine, seq: Sequence, peer: PeerCache, block_ids: list[int], seq_slot: int) -> _Plan:
+    rows = request_rows(engine, seq, seq.num_prompt_tokens, peer.layout)
+    if len(block_ids) != rows.ids.numel():
+        raise ValueError(f"{len(block_ids)} reserved blocks for {rows.num_tokens} tokens, {rows.ids.numel()} "
+                         f"expected")
+    if rows.state_rows and seq_slot < 0:
         raise ValueError("the format keeps per-sequence state but the reservation has no sequence slot")
-    return _Plan(peer, _device_ids(seq.block_table[:n], engine.device), _device_ids(block_ids, engine.device),
-                 state_rows, seq.kv_slot, seq_slot)
+    return _Plan(peer, rows, device_ids(block_ids, engine.device), seq_slot)
 
 
 def _copy_layer(plan: _Plan, layer: int) -> int:
     """Queues the copies of one layer into the peer's cache on the current stream; returns the bytes."""
+    src, r = plan.rows.ids, plan.rows.state_rows
     written = 0
     for mine, theirs in plan.peer.blocks[layer]:
-        theirs.index_copy_(0, plan.dst, mine.index_select(0, plan.src))
-        written += plan.src.numel() * mine.shape[1] * mine.element_size()
-    if plan.state_rows:
-        for mine, theirs in plan.peer.states[layer]:
-            rows = mine[plan.kv_slot, :plan.state_rows]
-            theirs[plan.seq_slot, :plan.state_rows].copy_(rows)
-            written += rows.numel() * rows.element_size()
+        theirs.index_copy_(0, plan.dst, mine.index_select(0, src))
+        written += src.numel() * mine.shape[1] * mine.element_size()
+    for mine, theirs in plan.peer.states[layer] if r else ():
+        rows = mine[plan.rows.kv_slot, :r]
+        theirs[plan.seq_slot, :r].copy_(rows)
+        written += rows.numel() * rows.element_size()
     return written
 
 
@@ -173,7 +161,7 @@ def copy_in_place(engine: Engine, request_id: str, peer: PeerCache, block_ids: l
     """Copies the prompt's KV of a prefill-only request held on `engine` into the peer's reserved blocks (and
     sequence slot), then waits for the copies: the bytes are in the peer's cache when this returns. Returns the
     bytes written."""
-    plan = _plan(engine, engine.prefilled_sequence(request_id), peer, block_ids, seq_slot, kv_layout(engine))
+    plan = _plan(engine, engine.prefilled_sequence(request_id), peer, block_ids, seq_slot)
     written = sum(_copy_layer(plan, layer) for layer in range(len(peer.blocks)))
     if engine.device.type == "cuda":
         torch.cuda.current_stream(engine.device).synchronize()
@@ -208,7 +196,6 @@ def stream_in_place(engine: Engine, request_id: str, peer: PeerCache, block_ids:
     in place when the first token is. On CUDA the copies run on a side stream after the layer's attention, beside
     the later layers' compute rather than in its way. A failure inside the forward pass is kept for `wait` and
     stops the copies; the prefill itself goes on."""
-    layout = kv_layout(engine)  # before the step: for fp8 it reads the scales back from the device
     stream = InPlaceStream()
     plans: list[_Plan] = []
     last = engine.model_config.num_layers - 1
@@ -220,9 +207,9 @@ def stream_in_place(engine: Engine, request_id: str, peer: PeerCache, block_ids:
         try:
             if not plans:
                 stream.first_layer_at = time.perf_counter()
-                plans.append(_plan(engine, seq, peer, block_ids, seq_slot, layout))
+                plans.append(_plan(engine, seq, peer, block_ids, seq_slot))
                 if side is not None:  # made on the compute stream, used on the side one until its last copy
-                    plans[0].src.record_stream(side)
+                    plans[0].rows.ids.record_stream(side)
                     plans[0].dst.record_stream(side)
             if side is None:
                 stream.written += _copy_layer(plans[0], layer)

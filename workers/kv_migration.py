@@ -125,36 +125,45 @@ def kv_layout(engine: Engine) -> KvLayout:
 
 
 @dataclass
-class _Rows:
-    """What gathering one request's layers needs, made once per request rather than per layer: the layout (for
-    fp8 it reads every layer's scales back from the device) and the block ids on the cache's device (a blocking
-    copy of them there made the host wait for the forward pass at every layer of a streamed prefill)."""
+class RequestRows:
+    """What gathering (or copying) one request's layers needs, made once per request rather than per layer: the
+    layout (for fp8 it reads every layer's scales back from the device) and the block ids on the cache's device
+    (a blocking copy of them there made the host wait for the forward pass at every layer of a streamed
+    prefill)."""
 
     layout: KvLayout
     ids: torch.Tensor
     num_tokens: int
     kv_slot: int
 
+    @property
+    def state_rows(self) -> int:
+        """Rows of the sequence's per-layer state that hold its newest tokens (kivi2's residual); 0: none."""
+        return self.num_tokens % self.layout.state_period if self.layout.state_bytes(self.num_tokens) else 0
 
-def _rows(engine: Engine, seq: Sequence, num_tokens: int, layout: KvLayout | None = None) -> _Rows:
+
+def device_ids(ids: list[int], device: torch.device) -> torch.Tensor:
+    """ids as int64 on `device`; on CUDA copied from pinned memory, so the copy is queued on the stream and the
+    host does not wait for the GPU (a streamed prefill makes them in the middle of its forward pass)."""
+    t = torch.tensor(ids, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def request_rows(engine: Engine, seq: Sequence, num_tokens: int, layout: KvLayout | None = None) -> RequestRows:
     layout = layout or kv_layout(engine)
     n = layout.num_blocks(num_tokens)
     if len(seq.block_table) < n:
         raise ValueError(f"{seq.request_id!r} holds {len(seq.block_table)} blocks, {n} expected")
-    ids = torch.tensor(seq.block_table[:n], dtype=torch.long)
-    device = layer_byte_rows(engine, 0)[0].device
-    if device.type == "cuda":  # from pinned memory the copy is queued on the stream; the host does not wait
-        ids = ids.pin_memory()
-    return _Rows(layout, ids.to(device, non_blocking=True), num_tokens, seq.kv_slot)
+    ids = device_ids(seq.block_table[:n], layer_byte_rows(engine, 0)[0].device)
+    return RequestRows(layout, ids, num_tokens, seq.kv_slot)
 
 
-def _gather_layer(engine: Engine, rows: _Rows, layer: int) -> list[torch.Tensor]:
+def _gather_layer(engine: Engine, rows: RequestRows, layer: int) -> list[torch.Tensor]:
     """One layer's KV for the request of `rows`, on the cache's device: the block rows [num_blocks,
     bytes_per_block] uint8 (`layer_byte_rows` gathered into one buffer, copied to the host at once), then the
     state rows (if the layout has state)."""
     out = [torch.cat([part.index_select(0, rows.ids) for part in layer_byte_rows(engine, layer)], dim=1)]
-    if rows.layout.state_bytes(rows.num_tokens):
-        r = rows.num_tokens % rows.layout.state_period
+    if r := rows.state_rows:
         out.append(torch.cat([s[rows.kv_slot, :r].reshape(-1).view(torch.uint8) for s in layer_state(engine, layer)]))
     return out
 
@@ -171,7 +180,7 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy().reshape(-1))
 
 
-def export_layer(engine: Engine, rows: _Rows, layer: int) -> list[Payload]:
+def export_layer(engine: Engine, rows: RequestRows, layer: int) -> list[Payload]:
     """One layer's payloads for the request of `rows`: its blocks as one run, then the state (if any)."""
     return _payloads(layer, [t.cpu() for t in _gather_layer(engine, rows, layer)])
 
@@ -319,7 +328,7 @@ def export_request(engine: Engine, request_id: str) -> KvExport:
     """Every layer's payloads of a prefill-only request held after its first token (`Engine.prefilled_sequence`)."""
     seq = engine.prefilled_sequence(request_id)
     n = seq.num_prompt_tokens
-    rows = _rows(engine, seq, n)
+    rows = request_rows(engine, seq, n)
     payloads = []
     for layer in range(engine.model_config.num_layers):
         payloads.extend(export_layer(engine, rows, layer))
@@ -332,11 +341,11 @@ def stream_layers(engine: Engine, request_id: str, sink: Callable[[list[Payload]
     the copy to the host runs beside the forward pass and sink is called from a copy thread (`_DeviceToHost`);
     elsewhere on the engine thread, inside the forward pass."""
     layout = kv_layout(engine)
-    made: list[_Rows] = []  # the request's rows, made at its first layer (its blocks are allocated by then)
+    made: list[RequestRows] = []  # the request's rows, made at its first layer (its blocks are allocated by then)
 
-    def rows_of(seq: Sequence) -> _Rows:
+    def rows_of(seq: Sequence) -> RequestRows:
         if not made:
-            made.append(_rows(engine, seq, seq.num_prompt_tokens, layout))
+            made.append(request_rows(engine, seq, seq.num_prompt_tokens, layout))
         return made[0]
 
     if engine.device.type == "cuda":

@@ -17,8 +17,8 @@ import pytest
 from partita.cluster import kv_stream_client
 from partita.cluster.kv_stream_client import prefill_and_migrate
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb
-from tests.cluster.test_kv_transfer import (GPU_CONFIG, GREEDY, PROMPT, WIRE_GREEDY, Pair, colocated,
-                                           same_gpu_decode_worker)
+from tests.cluster.test_kv_transfer import (GPU_CONFIG, GREEDY, PROMPT, WIRE_GREEDY, Pair, all_free, colocated,
+                                           same_gpu_decode_worker, same_gpu_prefill)
 
 
 async def run_streamed(pair: Pair, request_id: str = "r", **kwargs):
@@ -112,29 +112,13 @@ def test_refused_reserve_takes_the_export_after_prefill_path():
 def _streamed_in_place(kv_format: str) -> tuple[list[int], kv_stream_client.StreamedMigration, dict]:
     """prefill_and_migrate to a decode worker in a child process on this GPU, its cache mapped here; returns the
     tokens (prefill's first, then the decode worker's), the migration, and the decode worker's report."""
-    import grpc
-
-    from partita.cluster.async_engine import AsyncEngine
-    from partita.cluster.kv_transfer_client import open_peer_cache
-    from partita.workers import EngineConfig
-
     with same_gpu_decode_worker(kv_format) as (port, decoded):
         async def main():
-            prefill = AsyncEngine.from_model("tiny-llama", device="cuda", kv_format=kv_format,
-                                             config=EngineConfig(**GPU_CONFIG))
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-            try:
-                peer = await open_peer_cache(prefill, channel, sender_id="prefill-0")
-                assert peer is not None, "the same-GPU path was refused"
+            async with same_gpu_prefill(kv_format, port) as (prefill, channel, peer):
                 m = await prefill_and_migrate(prefill, channel, "r", PROMPT, GREEDY, WIRE_GREEDY, peer=peer)
                 await m.prefill_outputs.aclose()
-                free = await asyncio.wrap_future(prefill.submit(
-                    lambda e: e.blocks.num_free_blocks == e.blocks.num_blocks and not e.scheduler.held))
-                assert free, "the prefill engine kept blocks"
+                assert await all_free(prefill), "the prefill engine kept blocks"
                 return m
-            finally:
-                await channel.close()
-                prefill.shutdown()
 
         m = asyncio.run(main())
         decode = decoded()

@@ -532,6 +532,28 @@ def same_gpu_decode_worker(kv_format: str):
         child.wait(timeout=60)
 
 
+@contextlib.asynccontextmanager
+async def same_gpu_prefill(kv_format: str, port: int):
+    """A prefill engine on this GPU, a channel to the decode worker at `port` and that worker's cache mapped here
+    (the same-GPU path must be granted)."""
+    prefill = AsyncEngine.from_model("tiny-llama", device="cuda", kv_format=kv_format,
+                                     config=EngineConfig(**GPU_CONFIG))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        peer = await kv_transfer_client.open_peer_cache(prefill, channel, sender_id="prefill-0")
+        assert peer is not None, "the same-GPU path was refused"
+        yield prefill, channel, peer
+    finally:
+        await channel.close()
+        prefill.shutdown()
+
+
+async def all_free(engine: AsyncEngine) -> bool:
+    """Every KV block of `engine` free and nothing held for migration."""
+    return await asyncio.wrap_future(engine.submit(
+        lambda e: e.blocks.num_free_blocks == e.blocks.num_blocks and not e.scheduler.held))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
 def test_same_gpu_pd_in_place_equals_colocated(kv_format):
@@ -540,22 +562,12 @@ def test_same_gpu_pd_in_place_equals_colocated(kv_format):
     engine's on the GPU, and every block returns on both sides."""
     with same_gpu_decode_worker(kv_format) as (port, decoded):
         async def main():
-            prefill = AsyncEngine.from_model("tiny-llama", device="cuda", kv_format=kv_format,
-                                             config=EngineConfig(**GPU_CONFIG))
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-            try:
-                peer = await kv_transfer_client.open_peer_cache(prefill, channel, sender_id="prefill-0")
-                assert peer is not None, "the same-GPU path was refused"
+            async with same_gpu_prefill(kv_format, port) as (prefill, channel, peer):
                 stream = prefill.adopt("r", lambda e: e.add_request("r", PROMPT, GREEDY, prefill_only=True))
                 async with contextlib.aclosing(stream):
                     first = await anext(stream)
                     result = await migrate_or_resume(prefill, channel, "r", WIRE_GREEDY, peer=peer)
-                free = await asyncio.wrap_future(prefill.submit(
-                    lambda e: e.blocks.num_free_blocks == e.blocks.num_blocks and not e.scheduler.held))
-                return first.new_token_ids, result, free
-            finally:
-                await channel.close()
-                prefill.shutdown()
+                return first.new_token_ids, result, await all_free(prefill)
 
         first, result, prefill_free = asyncio.run(main())
         decode = decoded()
