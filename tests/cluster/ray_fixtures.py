@@ -5,7 +5,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -15,15 +18,39 @@ RAY_NUM_CPUS = 4
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """A private local Ray for the module (no dashboard), shut down after it."""
+def ray_local(tmp_path_factory):
+    """A private Ray head for the module (no dashboard), connected to, and stopped after it.
+
+    The head runs in its own `ray start --block` process. `ray.init(address="local")` would fork the GCS and
+    raylet from this process through a preexec_fn, and a child forked while gRPC threads left by earlier tests
+    hold a lock can hang before exec: CI saw the GCS port file never written. Token auth is off for this private
+    head, since a driver given an explicit address does not pick up the token `ray start` would make."""
     ray = pytest.importorskip("ray")
     from partita.cluster.controller import NAMESPACE
 
-    ray.init(address="local", num_cpus=RAY_NUM_CPUS, include_dashboard=False, namespace=NAMESPACE,
-             log_to_driver=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
+    port = free_port()
+    log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
+    with open(log, "wb") as out:
+        head = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+             f"--num-cpus={RAY_NUM_CPUS}", "--include-dashboard=false", "--disable-usage-stats"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        wait_until(lambda: head.poll() is not None or b"Ray runtime started" in log.read_bytes(), 120,
+                   "`ray start --head`")
+        if head.poll() is not None:
+            pytest.fail(f"`ray start --head` exited with {head.returncode}:\n{log.read_text()[-4000:]}")
+        ray.init(address=f"127.0.0.1:{port}", namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+        yield ray
+    finally:
+        ray.shutdown()
+        head.terminate()
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
 
 
 def tiny_spec(name: str, replicas: int = 1, **sections: Any):
