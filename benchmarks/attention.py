@@ -34,7 +34,7 @@ from partita.kernels.paged_attention import (AttentionConfig, attention_config,
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
 SHAPES = [(1, 4096), (1, 32768), (32, 4096), (64, 8192)]  # (batch, context)
-FORMATS = ["none", "fp8", "int8", "int4", "int4:group_size=64", "kivi2"]
+FORMATS = ["none", "fp8", "int8", "int4", "int4:group_size=64", "kivi2", "kivi2:value_group_size=64"]
 L2_BYTES = 256 << 20
 
 
@@ -178,8 +178,8 @@ def sweep_cases() -> list[tuple[str, int, int, dict]]:
                 for stages in (2, 3):
                     cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=stages)
                     cases.append((spec, 64, 8192, {"config": cfg}))
-    for spec, modes in (("kivi2", ((False, False), (True, False))),
-                        ("kivi2:value_group_size=128", int8_modes)):
+    for spec, modes in (("kivi2:value_group_size=64", ((False, False), (True, False))),
+                        ("kivi2", int8_modes)):
         for warps in (1, 2, 4):
             for splits in (1, 2):
                 for ki, vi in modes:
@@ -226,7 +226,7 @@ def accuracy() -> str:
     q = torch.randn(1, HQ, D, generator=g, device="cuda").to(DTYPE)
     out = ["| format | decode kernel | keys only | values only |", "|---|---|---|---|"]
     for spec in ("none", "fp8", "int8", "int4:group_size=32", "int4:group_size=64", "int4",
-                 "kivi2", "kivi2:value_group_size=128"):
+                 "kivi2", "kivi2:value_group_size=64"):
         e = output_errors(spec, k, v, q)
         out.append(f"| {spec} | {e['kernel']:.4f} | {e['keys']:.4f} | {e['values']:.4f} |")
     return "\n".join(out)

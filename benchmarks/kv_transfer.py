@@ -64,7 +64,7 @@ from partita.workers.presets import get_preset
 from partita.workers.attention.selector import parse_kv_format
 from partita.workers.kv_migration import export_request
 
-FORMATS = ["bf16", "fp8", "int8", "int4", "kivi2", "kivi2:group_size=64"]
+FORMATS = ["bf16", "fp8", "int8", "int4", "kivi2", "kivi2:value_group_size=64"]
 LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128
 KV_SHAPE = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=256, intermediate_size=256,
                        num_layers=LAYERS, num_heads=KV_HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,

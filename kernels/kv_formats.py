@@ -6,7 +6,7 @@
 | fp8             | FP8Format    | kv_dense    | scale (initial per-head scale, default 1.0)    |
 | int8            | Int8Format   | kv_dense    | -                                              |
 | int4            | Int4Format   | kv_int4     | group_size 32/64/128 channels (default 128)    |
-| kivi2           | Kivi2Format  | kv_kivi     | group_size 32/64/128 tokens (32), residual (=group_size), value_group_size 64/128 (64) |
+| kivi2           | Kivi2Format  | kv_kivi     | group_size 32/64/128 tokens (32), residual (=group_size), value_group_size 64/128 (the head's, at most 128) |
 
 The packed layout of each format is in its module's docstring; `kv_base` has the cache container,
 the engine contract (slots, block tables) and block export/import. The string form is what a model

@@ -29,8 +29,12 @@ Writing (`fmt.write(cache, k, v, slot_mapping, seq_slots)`, two launches):
 A sequence's new tokens must be contiguous in k/v and in position order (the engine's layout);
 slot contiguity is what tells a new token from an older one.
 
-Bytes per token and kv head in blocks (K+V): D/2 + 4D/G + 4D/Gv (D = 128, G = 32, Gv = 64: 88,
-5.8x less than bf16), plus the residual: 4 * R * D bytes per sequence slot and kv head.
+Bytes per token and kv head in blocks (K+V): D/2 + 4D/G + 4D/Gv (D = 128, G = 32, Gv = 128: 84,
+6.1x less than bf16; Gv = 64: 88, 5.8x), plus the residual: 4 * R * D bytes per sequence slot and
+kv head. Gv defaults to the whole head (at most 128 channels): values have no outlier channels, so
+on `outlier_kv` data a 128-wide group raised the attention-output error by ~5% (median 0.689 vs
+0.655 over 12 seeds, D = 128, 512 tokens) for 4.5% fewer bytes and a decode kernel that skips the
+second value scale (H200, batch 64 x 8k: 482 vs 614 us, benchmarks/results/2026-11-24-attention-packed-h200.md).
 
 Limits: G in {32, 64, 128}; R a power-of-two multiple of G, <= 128, dividing block_size; Gv in {64, 128} dividing D;
 head_dim >= 64; values within the float16 range.
@@ -185,11 +189,15 @@ class Kivi2Format(KVFormat):
     needs_seq_slots = True
     group_size: int = 32  # tokens per key (scale, zero) per channel
     residual: int = 0  # R: tokens kept in full precision until quantized; 0 means group_size
-    value_group_size: int = 64  # channels per value (scale, zero)
+    value_group_size: int = 0  # channels per value (scale, zero); 0: the head's, at most 128
 
     @property
     def r(self) -> int:
         return self.residual or self.group_size
+
+    def value_group(self, head_dim: int) -> int:
+        """Gv: channels sharing a value (scale, zero)."""
+        return self.value_group_size or min(head_dim, 128)
 
     def block_multiple(self) -> int:
         return self.r
@@ -200,9 +208,10 @@ class Kivi2Format(KVFormat):
         if self.r % self.group_size or self.r > 128 or self.r & (self.r - 1):
             raise ValueError(f"kivi2 residual={self.residual}: must be a power-of-two multiple "
                              f"of group_size={self.group_size}, at most 128")
-        if self.value_group_size not in (64, 128) or head_dim % self.value_group_size:
-            raise ValueError(f"kivi2 value_group_size={self.value_group_size}: must be 64 or "
-                             f"128 and divide head_dim={head_dim}")
+        gv = self.value_group(head_dim)
+        if gv not in (64, 128) or head_dim % gv:
+            raise ValueError(f"kivi2 value_group_size={gv}: must be 64 or 128 and divide "
+                             f"head_dim={head_dim}")
         super().check(block_size, num_kv_heads, head_dim, dtype)
 
     def part_specs(self, block_size, num_kv_heads, head_dim, dtype):
@@ -210,7 +219,7 @@ class Kivi2Format(KVFormat):
         return {"k": ((block_size // g, h, g, d // 4), torch.uint8),
                 "k_meta": ((block_size // g, h, 2, d), torch.float16),
                 "v": ((block_size, h, d // 4), torch.uint8),
-                "v_meta": ((block_size, h, d // self.value_group_size, 2), torch.float16)}
+                "v_meta": ((block_size, h, d // self.value_group(d), 2), torch.float16)}
 
     def init_state(self, cache, max_num_seqs):
         shape = (max(max_num_seqs, 1), self.r, cache.num_kv_heads, cache.head_dim)
@@ -225,7 +234,7 @@ class Kivi2Format(KVFormat):
             k, v, slot_mapping, seq_slots, p["k"], p["k_meta"], p["v"], p["v_meta"],
             s["res_k"], s["res_v"], *strides,
             NUM_HEADS=h, HEAD_DIM=cache.head_dim, BLOCK_SIZE=cache.block_size,
-            G=self.group_size, R=self.r, GV=self.value_group_size, num_warps=4)
+            G=self.group_size, R=self.r, GV=self.value_group(cache.head_dim), num_warps=4)
         _kivi_stage_kernel[(t,)](
             k, v, slot_mapping, seq_slots, s["res_k"], s["res_v"], *strides, t,
             NUM_HEADS=h, HEADS_PAD=triton.next_power_of_2(h), HEAD_DIM=cache.head_dim,
@@ -261,7 +270,7 @@ class Kivi2Format(KVFormat):
     def _store_units(self, cache: PagedKVCache, uk: torch.Tensor, uv: torch.Tensor,
                      end_slots: torch.Tensor) -> None:
         # uk, uv: [U, R, H, D] the units ending at `end_slots` [U]
-        r, bs, g, gv = self.r, cache.block_size, self.group_size, self.value_group_size
+        r, bs, g, gv = self.r, cache.block_size, self.group_size, self.value_group(cache.head_dim)
         n_u, _, h, d = uk.shape
         blk = end_slots // bs
         unit = (end_slots % bs) // r
@@ -278,7 +287,7 @@ class Kivi2Format(KVFormat):
         cache.parts["v_meta"][blk[:, None], rows] = torch.cat([vs, vz], -1)
 
     def dequantize_blocks(self, cache, block_ids):
-        p, g, gv = cache.parts, self.group_size, self.value_group_size
+        p, g, gv = cache.parts, self.group_size, self.value_group(cache.head_dim)
         n, bs, h, d = len(block_ids), cache.block_size, cache.num_kv_heads, cache.head_dim
         kc = unpack2(p["k"][block_ids], d).float()  # [n, B/G, H, G, D]
         km = p["k_meta"][block_ids].float()  # [n, B/G, H, 2, D]

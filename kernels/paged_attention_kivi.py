@@ -228,8 +228,9 @@ def kivi_attention_kernel(
 def kivi_cache_args(cache, k_int8: bool, v_int8: bool) -> tuple[list, dict]:
     """Pointer arguments and constexprs of `kivi_attention_kernel` for a cache."""
     p, s, fmt = cache.parts, cache.state, cache.fmt
+    gv = fmt.value_group(cache.head_dim)
     return ([p["k"], p["k_meta"], p["v"], p["v_meta"], s["res_k"], s["res_v"]],
-            {"R": fmt.r, "GV": fmt.value_group_size,
+            {"R": fmt.r, "GV": gv,
              "K_INT8": k_int8 and cache.head_dim >= 128,
-             "V_INT8": v_int8 and fmt.value_group_size == cache.head_dim,
+             "V_INT8": v_int8 and gv == cache.head_dim,
              "PACKED": packed_unpack(p["k"])})

@@ -25,7 +25,7 @@ from partita.kernels.kv_testing import make_paged_batch, outlier_kv
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (spec, block_size, head_dim): every format, two block sizes, kivi2 with a residual of 2 groups
 FORMATS = [("none", 16, 32), ("fp8", 16, 32), ("int8", 32, 32), ("int4:group_size=32", 16, 64),
-           ("int4", 32, 128), ("kivi2", 32, 64), ("kivi2:residual=64,value_group_size=128", 64, 128)]
+           ("int4", 32, 128), ("kivi2", 32, 64), ("kivi2:residual=64,value_group_size=64", 64, 128)]
 LENS = [37, 1, 70]  # context lengths: odd, one token, several blocks
 
 
@@ -109,8 +109,8 @@ def test_round_trip_error_bound(spec, block_size, head_dim):
                     xg = x[:done].reshape(done // fmt.group_size, fmt.group_size, 2, head_dim)
                     bound[:done] = _bound(xg, 1, 3).reshape(done, 2, head_dim)
                 else:  # per token over groups of channels
-                    xg = x[:done].reshape(done, 2, head_dim // fmt.value_group_size,
-                                          fmt.value_group_size)
+                    gv = fmt.value_group(head_dim)
+                    xg = x[:done].reshape(done, 2, head_dim // gv, gv)
                     bound[:done] = _bound(xg, -1, 3).reshape(done, 2, head_dim)
             else:
                 g = head_dim if fmt.name == "int8" else fmt.group_size
@@ -140,10 +140,13 @@ def test_export_import_blocks(spec, block_size, head_dim):
 
 def test_registry_and_bytes_per_token():
     per_token = {"none": 4096, "fp8": 2048, "int8": 2112, "int4": 1088,
-                 "int4:group_size=32": 1280, "kivi2": 704}
+                 "int4:group_size=32": 1280, "kivi2": 672, "kivi2:value_group_size=64": 704}
     for spec, nbytes in per_token.items():
         assert get_kv_format(spec).bytes_per_token(8, 128) == nbytes, spec
     assert get_kv_format("kivi2:residual=64").r == 64
+    assert [get_kv_format("kivi2").value_group(d) for d in (64, 128, 256)] == [64, 128, 128]
+    with pytest.raises(ValueError, match="value_group_size=32"):
+        get_kv_format("kivi2:value_group_size=32").allocate(4, 32, 2, 128, torch.float16, "cpu")
     assert get_kv_format("int4", group_size=64).group_size == 64
     assert get_kv_format("BF16").name == "none"
     for bad in ("int3", "int4:group_size", "int4:bits=4"):
