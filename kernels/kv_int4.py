@@ -3,13 +3,17 @@
 Packed layout per block (B = block_size, H = num_kv_heads, D = head_dim, G = group_size,
 NG = D / G):
 
-    k, v            [B, H, D/2] uint8: within channel group g, byte g*G/2 + j holds
+    k               [B, H, D/2] uint8: within channel group g, byte g*G/2 + j holds
                     channel g*G + j in its low nibble and channel g*G + G/2 + j in its high nibble
+    v               [H, D/2, B] uint8: the same bytes, token-major within a (head, byte) row
     k_meta, v_meta  [B, H, NG, 2] float16 (scale, zero) per group; x ~= code * scale + zero
 
 The half-group split (rather than neighbouring channels in one byte) lets the attention kernel
 use the low and the high nibbles of a loaded tile as two contiguous channel slices, each a dot
-operand as it is, without interleaving registers. Bytes per token and kv head (K+V):
+operand as it is, without interleaving registers. Values are stored token-major because P V
+reduces over tokens: an MMA lane's B operand is consecutive tokens of one channel, which in
+this layout are neighbouring bytes (one shared-memory load for four), where the token-minor
+layout of `k` needs a byte load each. Bytes per token and kv head (K+V):
 D + 8 * D / G (D = 128: 160 at G = 32, 144 at G = 64, 136 at G = 128; bf16 takes 512).
 
 Limits: G in {32, 64, 128} and G <= D; values within the float16 range.
@@ -49,13 +53,14 @@ def _store_token_int4(src, dst, meta, mask, G: tl.constexpr):
 def _write_int4_kernel(
     # new tokens [T, H, D] and their slots [T]
     k_ptr, v_ptr, slot_ptr,
-    # cache parts (contiguous): codes [num_blocks, B, H, D/2], meta [num_blocks, B, H, NG, 2]
+    # cache parts (contiguous): k codes [num_blocks, B, H, D/2], v codes [num_blocks, H, D/2, B],
+    # meta [num_blocks, B, H, NG, 2]
     kc_ptr, vc_ptr, kmeta_ptr, vmeta_ptr,
     # strides of the new tokens, in elements
     stride_kt, stride_kh, stride_vt, stride_vh,
     # shapes
     NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    G: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, G: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -67,11 +72,14 @@ def _write_int4_kernel(
     j = tl.arange(0, G // 2)[None, None, :]
     mask = (h < NUM_HEADS) & (j < G // 2)
     dst = (slot * NUM_HEADS + h) * (HEAD_DIM // 2) + g * (G // 2) + j
+    blk = slot // BLOCK_SIZE
+    v_dst = ((blk * NUM_HEADS + h) * (HEAD_DIM // 2) + g * (G // 2) + j) * BLOCK_SIZE \
+        + slot % BLOCK_SIZE
     meta = ((slot * NUM_HEADS + tl.arange(0, HEADS_PAD)[:, None]) * NG
             + tl.arange(0, NG)[None, :]) * 2
     _store_token_int4(k_ptr + t * stride_kt + h * stride_kh + g * G + j, kc_ptr + dst,
                       kmeta_ptr + meta, mask, G)
-    _store_token_int4(v_ptr + t * stride_vt + h * stride_vh + g * G + j, vc_ptr + dst,
+    _store_token_int4(v_ptr + t * stride_vt + h * stride_vh + g * G + j, vc_ptr + v_dst,
                       vmeta_ptr + meta, mask, G)
 
 
@@ -109,10 +117,11 @@ class Int4Format(KVFormat):
                              f"{INT4_GROUP_SIZES} and divide head_dim={head_dim}")
 
     def part_specs(self, block_size, num_kv_heads, head_dim, dtype):
-        codes = (block_size, num_kv_heads, head_dim // 2)
         meta = (block_size, num_kv_heads, head_dim // self.group_size, 2)
-        return {"k": (codes, torch.uint8), "k_meta": (meta, torch.float16),
-                "v": (codes, torch.uint8), "v_meta": (meta, torch.float16)}
+        return {"k": ((block_size, num_kv_heads, head_dim // 2), torch.uint8),
+                "k_meta": (meta, torch.float16),
+                "v": ((num_kv_heads, head_dim // 2, block_size), torch.uint8),
+                "v_meta": (meta, torch.float16)}
 
     def bytes_per_token(self, num_kv_heads, head_dim) -> float:
         return num_kv_heads * (head_dim + 8 * head_dim / self.group_size)
@@ -124,18 +133,23 @@ class Int4Format(KVFormat):
             k, v, slot_mapping, p["k"], p["v"], p["k_meta"], p["v_meta"],
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             NUM_HEADS=h, HEADS_PAD=triton.next_power_of_2(h), HEAD_DIM=cache.head_dim,
-            G=self.group_size, num_warps=4)
+            BLOCK_SIZE=cache.block_size, G=self.group_size, num_warps=4)
 
     def write_reference(self, cache: PagedKVCache, k, v, slot_mapping, seq_slots) -> None:
         keep = slot_mapping >= 0
         slots = slot_mapping[keep].long()
         h, d, ng = cache.num_kv_heads, cache.head_dim, cache.head_dim // self.group_size
+        bs = cache.block_size
         for name, x in (("k", k[keep]), ("v", v[keep])):
             codes, meta = quantize_int4(x, self.group_size)
-            cache.parts[name].view(-1, h, d // 2)[slots] = codes
+            if name == "k":
+                cache.parts["k"].view(-1, h, d // 2)[slots] = codes
+            else:
+                cache.parts["v"][slots // bs, :, :, slots % bs] = codes
             cache.parts[name + "_meta"].view(-1, h, ng, 2)[slots] = meta
 
     def dequantize_blocks(self, cache, block_ids):
         p, g = cache.parts, self.group_size
+        v_codes = p["v"][block_ids].permute(0, 3, 1, 2)  # token-major -> [n, B, H, D/2]
         return (dequantize_int4(p["k"][block_ids], p["k_meta"][block_ids], g),
-                dequantize_int4(p["v"][block_ids], p["v_meta"][block_ids], g))
+                dequantize_int4(v_codes, p["v_meta"][block_ids], g))

@@ -111,20 +111,29 @@ def _f16x2(x: float) -> str:
     return f"0x{bits:04X}{bits:04X}"
 
 
-def _unpack_asm(bits: int) -> str:
-    """Asm of one invocation (4 bytes in, 8 // bits fields of 4 float16 codes out)."""
+_BIASED_FIELD = """
+    lop3.b32 ${a}, t0, {mask}, 0x64006400, 0xEA;
+    lop3.b32 ${b}, t1, {mask}, 0x64006400, 0xEA;
+"""
+
+
+def _unpack_asm(bits: int, biased: bool = False) -> str:
+    """Asm of one invocation (4 bytes in, 8 // bits fields of 4 float16 codes out). `biased`
+    stops before the fma: a field at bit s comes out as 1024 + 2**s * code."""
     fields = 8 // bits
     body = [_SPREAD.replace("$IN", f"${2 * fields}")]
     for i in range(fields):
         shift = i * bits
         mask = ((1 << bits) - 1) << shift
-        body.append(_FIELD.format(a=2 * i, b=2 * i + 1, scale=_f16x2(2.0 ** -shift),
-                                  offset=_f16x2(-1024.0 * 2.0 ** -shift),
-                                  mask=f"0x{mask:04X}{mask:04X}"))
+        field = _BIASED_FIELD if biased else _FIELD
+        body.append(field.format(a=2 * i, b=2 * i + 1, scale=_f16x2(2.0 ** -shift),
+                                 offset=_f16x2(-1024.0 * 2.0 ** -shift),
+                                 mask=f"0x{mask:04X}{mask:04X}"))
     return "{" + "".join(body) + "}"
 
 
 _NIBBLES_ASM = tl.constexpr(_unpack_asm(4))
+_BIASED_NIBBLES_ASM = tl.constexpr(_unpack_asm(4, biased=True))
 _CRUMBS_ASM = tl.constexpr(_unpack_asm(2))
 
 
@@ -146,6 +155,20 @@ def nibble_planes(x, PACKED: tl.constexpr, INT8: tl.constexpr):
     else:
         lo = codes_operand(x & 15, False)
         hi = codes_operand(x >> 4, False)
+    return lo, hi
+
+
+@triton.jit
+def biased_nibble_planes(x, PACKED: tl.constexpr):
+    """uint8 bytes -> float16 (1024 + low nibble, 1024 + 16 * high nibble), one lop3 per two
+    values on CUDA: the fma of `nibble_planes` is left to the caller, which can fold it into a dot
+    (a q . (1024 + 16 c) = 1024 sum(q) + 16 q . c, the first term a constant of the query)."""
+    if PACKED:
+        lo, hi = tl.inline_asm_elementwise(_BIASED_NIBBLES_ASM, "=r,=r,=r,=r,r", [x],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        lo = ((x & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        hi = ((x & 0xF0).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
     return lo, hi
 
 

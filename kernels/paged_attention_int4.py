@@ -20,9 +20,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from partita.kernels.paged_attention_common import (NEG_BIG, TAU, causal_mask, nibble_planes,
-                                                    packed_unpack, program_rows, quantize_rows,
-                                                    store_output, store_split_stats)
+from partita.kernels.paged_attention_common import (NEG_BIG, TAU, biased_nibble_planes,
+                                                    causal_mask, nibble_planes, packed_unpack,
+                                                    program_rows, quantize_rows, store_output,
+                                                    store_split_stats)
 
 
 @triton.jit
@@ -41,7 +42,31 @@ def _scale_zero(meta_ptr, row, mask):
 
 
 @triton.jit
-def _int4_tile(q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi, pos, bt_row,
+def _value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Value bytes [BLOCK_N, D/2] of tokens start.. from the token-major `v` part: runs of
+    TB = min(BLOCK_N, BLOCK_SIZE) tokens are contiguous per (head, byte) row, so each run loads as
+    one vector. `start` is a multiple of BLOCK_N (`program_rows`)."""
+    TB: tl.constexpr = BLOCK_N if BLOCK_N < BLOCK_SIZE else BLOCK_SIZE
+    NB: tl.constexpr = BLOCK_N // TB
+    run = tl.multiple_of(start, BLOCK_N) + tl.arange(0, NB) * TB  # first token of each run [NB]
+    if MASKED:
+        blk = tl.load(bt_row + run // BLOCK_SIZE, mask=run < hi, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_row + run // BLOCK_SIZE).to(tl.int64)
+    base = (blk * NUM_KV_HEADS + h_kv) * (HALF * BLOCK_SIZE) + run % BLOCK_SIZE
+    offs = base[None, :, None] + (tl.arange(0, HALF) * BLOCK_SIZE)[:, None, None] \
+        + tl.arange(0, TB)[None, None, :]  # [D/2, NB, TB]
+    if MASKED:
+        tok = run[None, :, None] + tl.arange(0, TB)[None, None, :]
+        vt = tl.load(v_ptr + offs, mask=tok < hi, other=0)
+    else:
+        vt = tl.load(v_ptr + offs)
+    return tl.trans(tl.reshape(vt, (HALF, BLOCK_N)))
+
+
+@triton.jit
+def _int4_tile(q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, start, hi, pos, bt_row,
                h_kv, sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
                NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                BLOCK_N: tl.constexpr, G: tl.constexpr, K_INT8: tl.constexpr,
@@ -60,12 +85,13 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi,
     kb = tl.load(k_ptr + codes, mask=ok, other=0)
     if NG == 1:
         ks, kz = _scale_zero(kmeta_ptr, row, n_ok)
-        k_lo, k_hi = nibble_planes(kb, PACKED, K_INT8)
         if K_INT8:  # int32 products; Triton takes no int32 accumulator operand here
+            k_lo, k_hi = nibble_planes(kb, PACKED, True)
             dots = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
             dots = dots.to(tl.float32) * q_scale[:, None]
-        else:
-            dots = tl.dot(q_hi, tl.trans(k_hi), tl.dot(q_lo, tl.trans(k_lo)))
+        else:  # biased codes; s_init takes the bias back out (see the kernel)
+            k_lo, k_hi = biased_nibble_planes(kb, PACKED)
+            dots = tl.dot(q_hi, tl.trans(k_hi), tl.dot(q_lo, tl.trans(k_lo), s_init))
         s = dots * ks[None, :] + qsum[:, None] * kz[None, :]
     else:
         ks = _per_column(tl.load(kmeta_ptr + meta, mask=ok, other=0.0), BLOCK_N, NG, W)
@@ -88,7 +114,7 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi,
     p = tl.exp2(s - m[:, None])
     l = l + tl.sum(p, 1)
     # values
-    vb = tl.load(v_ptr + codes, mask=ok, other=0)
+    vb = _value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS, HALF, BLOCK_SIZE, BLOCK_N, MASKED)
     if NG == 1:
         vs, vz = _scale_zero(vmeta_ptr, row, n_ok)
         pw = p * vs[None, :]
@@ -120,7 +146,8 @@ def int4_attention_kernel(
     part_acc_ptr, part_ml_ptr,
     sm_scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-    # cache (contiguous): codes [num_blocks, B, H, D/2], meta [num_blocks, B, H, D/G, 2]
+    # cache (contiguous): k codes [num_blocks, B, H, D/2], v codes [num_blocks, H, D/2, B],
+    # meta [num_blocks, B, H, D/G, 2]
     k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
     # shapes and tiling
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -146,8 +173,18 @@ def int4_attention_kernel(
     qsum = tl.sum(q_lo, 1) + tl.sum(q_hi, 1)  # [M]: zero-point term of the scores
     amax = tl.maximum(tl.max(tl.abs(q_lo), 1), tl.max(tl.abs(q_hi), 1))
     q_scale = tl.maximum(amax, 1e-30) / 127.0  # [M], used when K_INT8
-    q_lo = quantize_rows(q_lo, q_scale[:, None], K_INT8)
-    q_hi = quantize_rows(q_hi, q_scale[:, None], K_INT8)
+    if G == HEAD_DIM and not K_INT8:
+        # The key planes come biased (`biased_nibble_planes`): 1024 + c for the low nibbles and
+        # 1024 + 16 c for the high ones, so the high query half is taken / 16 (exact), and the dots
+        # start from s_init = -1024 * sum of the float16 query as used, which cancels the bias.
+        q_lo = q_lo.to(tl.float16)
+        q_hi = (q_hi * 0.0625).to(tl.float16)
+        bias = 1024.0 * (tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1))
+    else:
+        q_lo = quantize_rows(q_lo, q_scale[:, None], K_INT8)
+        q_hi = quantize_rows(q_hi, q_scale[:, None], K_INT8)
+        bias = tl.zeros([BLOCK_M], tl.float32)
+    s_init = tl.broadcast_to(-bias[:, None], (BLOCK_M, BLOCK_N))
     m = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     corr = tl.zeros([BLOCK_M], tl.float32)
@@ -156,12 +193,12 @@ def int4_attention_kernel(
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     for start in range(lo, full_hi, BLOCK_N):
         m, l, acc_lo, acc_hi, corr = _int4_tile(
-            q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi, pos, bt_row,
+            q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, start, hi, pos, bt_row,
             h_kv, sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
             NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, G, K_INT8, V_INT8, PACKED, False)
     for start in range(full_hi, hi, BLOCK_N):
         m, l, acc_lo, acc_hi, corr = _int4_tile(
-            q_lo, q_hi, q_scale, qsum, m, l, acc_lo, acc_hi, corr, start, hi, pos, bt_row,
+            q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, start, hi, pos, bt_row,
             h_kv, sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
             NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, G, K_INT8, V_INT8, PACKED, True)
     NUM_Q_HEADS: tl.constexpr = NUM_KV_HEADS * GQ

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from partita.kernels.paged_attention_common import _CRUMBS_ASM, _NIBBLES_ASM
+from partita.kernels.paged_attention_common import _BIASED_NIBBLES_ASM, _CRUMBS_ASM, _NIBBLES_ASM
 
 
 def _prmt(a: int, b: int, sel: int) -> int:
@@ -62,8 +62,9 @@ def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
     return regs
 
 
-@pytest.mark.parametrize("bits,asm", [(4, _NIBBLES_ASM), (2, _CRUMBS_ASM)])
-def test_unpack_asm_gives_every_code_exactly(bits, asm):
+@pytest.mark.parametrize("bits,asm,biased", [(4, _NIBBLES_ASM, False), (2, _CRUMBS_ASM, False),
+                                             (4, _BIASED_NIBBLES_ASM, True)])
+def test_unpack_asm_gives_every_code_exactly(bits, asm, biased):
     asm = asm.value if hasattr(asm, "value") else asm
     fields = 8 // bits
     in_reg = f"${2 * fields}"
@@ -75,4 +76,6 @@ def test_unpack_asm_gives_every_code_exactly(bits, asm):
             # output f is registers $2f (elements 0, 1) and $2f+1 (elements 2, 3), element 0 in the low half
             got = np.concatenate([_halves(regs[f"${2 * f}"]), _halves(regs[f"${2 * f + 1}"])])
             want = ((word >> (f * bits)) & ((1 << bits) - 1)).astype(np.float16)
+            if biased:  # 1024 + 2**s * code for the field at bit s
+                want = (1024.0 + 2.0 ** (f * bits) * want.astype(np.float64)).astype(np.float16)
             np.testing.assert_array_equal(got, want, err_msg=f"field {f} of bytes {list(word)}")

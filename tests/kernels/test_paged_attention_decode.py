@@ -24,6 +24,7 @@ LENS = [1, 37, 150, 97]
 FORMATS = [("none", 16, 64, torch.bfloat16), ("none", 32, 128, torch.float16),
            ("fp8", 16, 64, torch.bfloat16), ("int8", 16, 64, torch.float16),
            ("int4", 16, 128, torch.bfloat16), ("int4:group_size=32", 32, 64, torch.float16),
+           ("int4:group_size=64", 128, 64, torch.float16),  # blocks longer than a tile
            ("kivi2", 32, 64, torch.bfloat16), ("kivi2", 32, 128, torch.bfloat16),
            ("kivi2:residual=64,value_group_size=64", 64, 128, torch.float16)]
 
