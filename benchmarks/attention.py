@@ -111,7 +111,8 @@ def bench_decode(spec: str, batch_size: int, ctx: int, *, num_splits=None, confi
     splits = num_splits or decode_num_splits(cache, batch_size, ctx)
     return {"kind": "decode", "format": spec, "batch": batch_size, "ctx": ctx, "time_s": t,
             "bytes": nbytes, "splits": splits,
-            "config": cfg_str(config or attention_config(cache.fmt.name, D, True, splits))}
+            "config": cfg_str(config or attention_config(cache.fmt.name, D, True, splits,
+                                                         -(-ctx // splits)))}
 
 
 def bench_sdpa(batch_size: int, ctx: int) -> dict:

@@ -53,8 +53,8 @@ class AttentionConfig:
     v_int8: bool = False  # int4/kivi2: int8 dots for P V (P quantized per row and group)
 
 
-def attention_config(fmt_name: str, head_dim: int, is_decode: bool,
-                     num_splits: int = 1) -> AttentionConfig:
+def attention_config(fmt_name: str, head_dim: int, is_decode: bool, num_splits: int = 1,
+                     split_len: int | None = None) -> AttentionConfig:
     """Default tiling per format, from the H200 sweeps (`benchmarks/attention.py --sweep-only`,
     benchmarks/results/2026-11-24-attention-h200.md and, for int4/kivi2 since their codes are
     unpacked in PTX, 2026-11-24-attention-packed-h200.md): the fastest config at batch 64 x context
@@ -62,7 +62,10 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool,
     128-token tiles with 3 stages when they split the context >= 8 ways, the fastest at batch 1 x
     32k (at batch 32 x 4k, 2 splits, the unsplit config stays faster). Float operands throughout:
     int8 tensor-core dots (`k_int8`, `v_int8`) were slower for int4 and kivi2 once unpacking was
-    cheap, and add the 8-bit rounding of the query or P to every product."""
+    cheap, and add the 8-bit rounding of the query or P to every product. int4 decode takes
+    one-warp programs over 64-token tiles at every shape measured (batch 1 x 32k, 32 x 4k, 64 x 8k,
+    128 x 4k; benchmarks/results/2026-11-25-attention-int4-h200.md) except splits of <= 256 tokens
+    (`split_len`, batch 1 x 4k), where four warps over 128-token tiles were faster."""
     if not is_decode:
         return AttentionConfig(block_n=64, block_m=64, num_warps=4,
                                num_stages=3 if fmt_name in ("none", "int4", "kivi2") else 2)
@@ -72,34 +75,39 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool,
         if num_splits >= 8:
             return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
         return AttentionConfig(block_n=64, num_warps=4, num_stages=2)
-    if fmt_name == "int4" and num_splits < 8:
-        # one warp per program: no cross-warp softmax reductions or operand exchanges, and
-        # 32-token tiles keep the unpacked codes in registers (see `decode_num_splits`)
-        return AttentionConfig(block_n=32, num_warps=1, num_stages=3)
+    if fmt_name == "int4" and (split_len is None or split_len > 256):
+        # one warp per program: no cross-warp softmax reductions or operand exchanges
+        return AttentionConfig(block_n=64, num_warps=1, num_stages=3)
     return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
 
 
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int,
-                      min_tokens_per_split: int = 256, waves: int = 2) -> int:
-    """FlashDecoding split count: enough programs for `waves` per SM, splits >= min tokens."""
+                      min_tokens_per_split: int = 256, waves: int = 2, pow2: bool = False) -> int:
+    """FlashDecoding split count: enough programs for `waves` per SM, splits >= min tokens;
+    `pow2` rounds the count for the SMs up to a power of two (even tile counts per split)."""
     programs = num_seqs * num_kv_heads
     if programs >= waves * num_sms:
         return 1
     by_len = max(1, max_context_len // min_tokens_per_split)
-    return max(1, min(triton.cdiv(waves * num_sms, programs), by_len, 64))
+    wanted = triton.cdiv(waves * num_sms, programs)
+    if pow2:
+        wanted = triton.next_power_of_2(wanted)
+    return max(1, min(wanted, by_len, 64))
 
 
 def decode_num_splits(cache: PagedKVCache, num_seqs: int, max_context_len: int) -> int:
     """The split count `paged_decode_attention` takes by default. int4 aims at 4 programs per SM
     rather than 2: its one-warp programs take 255 registers (8 resident per SM), and batch 64 x 8
-    kv heads unsplit would leave 4 per SM."""
+    kv heads unsplit would leave 4 per SM. Its count is a power of two: at batch 32 x 4k, 4 splits
+    took 60 us against 77 for 3 (H200)."""
     device = cache.device
     num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if device.type == "cuda" else 4)
     return choose_num_splits(num_seqs, cache.num_kv_heads, max_context_len, num_sms,
-                             waves=4 if cache.fmt.name == "int4" else 2)
+                             waves=4 if cache.fmt.name == "int4" else 2,
+                             pow2=cache.fmt.name == "int4")
 
 
 def _check(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
@@ -175,7 +183,8 @@ def paged_decode_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: t
         if max_context_len is None:
             max_context_len = int(context_lens.max())  # host sync: pass it under CUDA graphs
         num_splits = decode_num_splits(cache, num_seqs, max_context_len)
-    cfg = config or attention_config(cache.fmt.name, cache.head_dim, True, num_splits)
+    split_len = None if max_context_len is None else triton.cdiv(max_context_len, num_splits)
+    cfg = config or attention_config(cache.fmt.name, cache.head_dim, True, num_splits, split_len)
     _launch(q, cache, block_tables, context_lens, None, seq_slots, scale, out, is_decode=True,
             num_splits=num_splits, grid_q=1, cfg=cfg)
     return out

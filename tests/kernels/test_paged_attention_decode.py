@@ -84,6 +84,9 @@ def test_split_heuristic():
     assert choose_num_splits(1, 8, 300, 132) == 1  # too short to split
     assert choose_num_splits(2, 8, 2048, 132) == 8  # capped by 256 tokens per split
     assert choose_num_splits(64, 8, 8192, 132, waves=4) == 2  # int4's one-warp programs: 4 per SM
+    assert choose_num_splits(32, 8, 4096, 132, waves=4) == 3
+    assert choose_num_splits(32, 8, 4096, 132, waves=4, pow2=True) == 4  # int4: a power of two
+    assert choose_num_splits(1, 8, 32768, 132, waves=4, pow2=True) == 64  # capped
 
 
 @pytest.mark.gpu
