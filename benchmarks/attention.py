@@ -34,7 +34,8 @@ from partita.kernels.paged_attention import (AttentionConfig, attention_config,
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
 SHAPES = [(1, 4096), (1, 32768), (32, 4096), (64, 8192)]  # (batch, context)
-FORMATS = ["none", "fp8", "int8", "int4", "int4:group_size=64", "kivi2", "kivi2:value_group_size=64"]
+FORMATS = ["none", "fp8", "int8", "int4", "int4:group_size=64", "kivi2",
+           "kivi2:value_group_size=64"]
 L2_BYTES = 256 << 20
 
 

@@ -33,8 +33,9 @@ Bytes per token and kv head in blocks (K+V): D/2 + 4D/G + 4D/Gv (D = 128, G = 32
 6.1x less than bf16; Gv = 64: 88, 5.8x), plus the residual: 4 * R * D bytes per sequence slot and
 kv head. Gv defaults to the whole head (at most 128 channels): values have no outlier channels, so
 on `outlier_kv` data a 128-wide group raised the attention-output error by ~5% (median 0.689 vs
-0.655 over 12 seeds, D = 128, 512 tokens) for 4.5% fewer bytes and a decode kernel that skips the
-second value scale (H200, batch 64 x 8k: 482 vs 614 us, benchmarks/results/2026-11-24-attention-packed-h200.md).
+0.655 over 12 seeds, D = 128, 512 tokens) for 4.5% fewer bytes and a faster decode kernel (one
+value scale per token: H200, batch 64 x 8k, 486 vs 615 us,
+benchmarks/results/2026-11-25-attention-int4-h200.md).
 
 Limits: G in {32, 64, 128}; R a power-of-two multiple of G, <= 128, dividing block_size; Gv in {64, 128} dividing D;
 head_dim >= 64; values within the float16 range.

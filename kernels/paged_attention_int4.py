@@ -10,7 +10,11 @@ Scales and zeros, per token and channel group:
         O      += (P * sv) [C_lo | C_hi]  +  (P . zv)
     several groups: the codes are dequantized in registers (code * scale + zero, float16, the
         group's scale broadcast along its W columns) before the dots.
-Codes become exact float16 values two per instruction on CUDA (`nibble_planes`).
+Codes become exact float16 values two per instruction on CUDA (`nibble_planes`). With one group
+and float operands the key codes stay biased (1024 + c, 1024 + 16 c: `biased_nibble_planes`), the
+high query half is taken / 16, and the score dots start from -1024 * sum(q as float16), which
+cancels the bias inside the float32 accumulation. Values come from the token-major `v` part
+(`_value_tile`), so the P V operand's consecutive tokens are neighbouring bytes.
 With `K_INT8` (one group per head) the query is quantized per row to int8 and the score dots run
 on int8 tensor cores; `V_INT8` does the same for the P-weights. Otherwise operands are float16.
 Every tensor is 2D: batched 3D dots and reductions over a group axis compiled to slow code.
@@ -66,8 +70,8 @@ def _value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS: tl.constexpr, HALF
 
 
 @triton.jit
-def _int4_tile(q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, start, hi, pos, bt_row,
-               h_kv, sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
+def _int4_tile(q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, start, hi, pos,
+               bt_row, h_kv, sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
                NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                BLOCK_N: tl.constexpr, G: tl.constexpr, K_INT8: tl.constexpr,
                V_INT8: tl.constexpr, PACKED: tl.constexpr, MASKED: tl.constexpr):
@@ -114,7 +118,8 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, st
     p = tl.exp2(s - m[:, None])
     l = l + tl.sum(p, 1)
     # values
-    vb = _value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS, HALF, BLOCK_SIZE, BLOCK_N, MASKED)
+    vb = _value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS, HALF, BLOCK_SIZE, BLOCK_N,
+                     MASKED)
     if NG == 1:
         vs, vz = _scale_zero(vmeta_ptr, row, n_ok)
         pw = p * vs[None, :]
@@ -193,13 +198,13 @@ def int4_attention_kernel(
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     for start in range(lo, full_hi, BLOCK_N):
         m, l, acc_lo, acc_hi, corr = _int4_tile(
-            q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, start, hi, pos, bt_row,
-            h_kv, sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
+            q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, start, hi, pos,
+            bt_row, h_kv, sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
             NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, G, K_INT8, V_INT8, PACKED, False)
     for start in range(full_hi, hi, BLOCK_N):
         m, l, acc_lo, acc_hi, corr = _int4_tile(
-            q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, start, hi, pos, bt_row,
-            h_kv, sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
+            q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, start, hi, pos,
+            bt_row, h_kv, sm_scale_log2, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
             NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, G, K_INT8, V_INT8, PACKED, True)
     NUM_Q_HEADS: tl.constexpr = NUM_KV_HEADS * GQ
     out_rows = (tok * stride_ot + head * stride_oh)[:, None]
