@@ -1,4 +1,6 @@
 """The CUDA path: graphs replay the same tokens as eager steps, and CUDA matches transformers."""
+import gc
+
 import pytest
 import torch
 
@@ -75,3 +77,32 @@ def test_cuda_every_kv_format_runs_under_graphs(kv_format):
     assert same >= 0.8 * sum(len(x) for x in a), (a, b)
     for llm in (graphs, eager):
         assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+def test_no_garbage_collection_runs_inside_a_graph_capture():
+    """Graphs are captured lazily while a worker serves; a collection inside the capture would run
+    finalizers that may free CUDA resources there (illegal under capture). With the collector set to run
+    on nearly every allocation, none may run while a stream is capturing, and the output still equals
+    eager decoding."""
+    inside = []
+
+    def record(phase, info):
+        if phase == "start":
+            inside.append(torch.cuda.is_current_stream_capturing())
+
+    prompts = [[5 + i] * (3 + 7 * i) for i in range(3)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    kw = dict(device="cuda", dtype="float32", max_model_len=256, gpu_memory_utilization=0.1)
+    eager = [o.token_ids for o in LLM("tiny-llama", enforce_eager=True, **kw).generate(prompts, params)]
+    llm = LLM("tiny-llama", **kw)
+    threshold = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    gc.callbacks.append(record)
+    try:
+        graphs = [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        gc.callbacks.remove(record)
+        gc.set_threshold(*threshold)
+    assert llm.engine.runner.graphs, "no graph was captured"
+    assert inside and not any(inside), f"{sum(inside)} of {len(inside)} collections ran inside a capture"
+    assert graphs == eager

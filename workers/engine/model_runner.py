@@ -5,6 +5,7 @@ CUDA replay CUDA graphs captured per (padded batch size, block-table width), cap
 """
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -249,8 +250,20 @@ class _DecodeGraph:
             model.compute_logits(model(self.batch))
         torch.cuda.synchronize(dev)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
-            self.logits = model.compute_logits(model(self.batch))
+        # Graphs are captured lazily, while the worker serves. A garbage collection inside the capture
+        # runs finalizers there: one that frees a CUDA resource (a peer cache mapped over CUDA IPC, for
+        # one) is illegal under capture and aborted a decode worker. So garbage goes first and none
+        # is collected during the capture; thread_local keeps other threads' CUDA calls (the KV copy
+        # thread, gRPC receivers) from invalidating it.
+        gc.collect()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph, pool=runner.graph_pool, capture_error_mode="thread_local"):
+                self.logits = model.compute_logits(model(self.batch))
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
     def replay(self, decodes: list[Sequence]) -> torch.Tensor:
         n, bs, width = len(decodes), self.runner.block_size, self.tables.shape[1]
