@@ -153,7 +153,6 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 sample_rows.append(len(tokens) - 1)
                 sampled.append(seq)
-        num_prefill_tokens = len(tokens)
         for seq in batch.decodes:
             pos = seq.num_computed_tokens
             tokens.append(seq.token_ids[pos])
