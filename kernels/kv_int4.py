@@ -139,14 +139,13 @@ class Int4Format(KVFormat):
         keep = slot_mapping >= 0
         slots = slot_mapping[keep].long()
         h, d, ng = cache.num_kv_heads, cache.head_dim, cache.head_dim // self.group_size
-        bs = cache.block_size
-        for name, x in (("k", k[keep]), ("v", v[keep])):
-            codes, meta = quantize_int4(x, self.group_size)
-            if name == "k":
-                cache.parts["k"].view(-1, h, d // 2)[slots] = codes
-            else:
-                cache.parts["v"][slots // bs, :, :, slots % bs] = codes
-            cache.parts[name + "_meta"].view(-1, h, ng, 2)[slots] = meta
+        p, bs = cache.parts, cache.block_size
+        k_codes, k_meta = quantize_int4(k[keep], self.group_size)
+        v_codes, v_meta = quantize_int4(v[keep], self.group_size)
+        p["k"].view(-1, h, d // 2)[slots] = k_codes
+        p["v"][slots // bs, :, :, slots % bs] = v_codes  # token-major
+        p["k_meta"].view(-1, h, ng, 2)[slots] = k_meta
+        p["v_meta"].view(-1, h, ng, 2)[slots] = v_meta
 
     def dequantize_blocks(self, cache, block_ids):
         p, g = cache.parts, self.group_size

@@ -73,14 +73,19 @@ def causal_mask(s, n, pos, hi):
 
 
 @triton.jit
+def biased_codes(x):
+    """Small unsigned codes (uint8, < 1024) as float16 1024 + code, exactly: 0x6400 is float16 1024.0
+    and OR-ing a code into its mantissa is cheaper than an int-to-float conversion."""
+    return (x.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def codes_operand(x, INT8: tl.constexpr):
     """Small unsigned codes (uint8, < 1024) as a dot operand: int8, or float16 exactly."""
     if INT8:
         return x.to(tl.int8)
     else:
-        # 0x6400 is float16 1024.0: OR-ing a code into its mantissa gives 1024 + code exactly,
-        # cheaper than an int-to-float conversion
-        return ((x.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
+        return (biased_codes(x) - 1024.0).to(tl.float16)
 
 
 # PTX for the packed unpacking below. A byte pair b0, b1 is spread into the two 16-bit halves of
@@ -167,8 +172,8 @@ def biased_nibble_planes(x, PACKED: tl.constexpr):
         lo, hi = tl.inline_asm_elementwise(_BIASED_NIBBLES_ASM, "=r,=r,=r,=r,r", [x],
                                            dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     else:
-        lo = ((x & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-        hi = ((x & 0xF0).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        lo = biased_codes(x & 15)
+        hi = biased_codes(x & 0xF0)
     return lo, hi
 
 
