@@ -305,6 +305,12 @@ def test_the_kv_of_a_dead_decode_worker_goes_to_another(ray_local):
     # half a CPU each: the module's other deployment holds two of local Ray's four
     deployment = ServedDeployment(pd_spec("pd-two", "none", decode_replicas=2, cpus_per_worker=0.5)).start()
     try:
+        def decode_capacity_known():  # a worker that has not reported yet looks full, and is never the choice
+            deployment.thread.call(deployment.router.refresh(), 10)
+            loads = [e.load for e in deployment.router._entries.values() if e.role == "decode"]
+            return len(loads) == 2 and all(load.num_total_blocks > 0 for load in loads)
+        wait_until(decode_capacity_known, 60, "both decode workers to report their KV capacity")
+
         async def run():
             stale = await RayRouter.connect(deployment.controller, deployment.spec)
             stale._refresh_task.cancel()
