@@ -12,11 +12,14 @@ Columns: time per call; bytes the call must read (KV pages per `fmt.bytes_per_to
 kivi2 residual, queries and outputs) over time, also as a share of the copy bandwidth measured in
 the same run (read + write bytes of a 2 GiB device copy, the DESIGN.md convention); speedup over
 torch SDPA on a contiguous bf16 cache [B, 8, ctx, 128] (enable_gqa) and over the bf16 paged kernel.
-`--sweep` adds the tiling sweeps used to choose `attention_config` and the split heuristic.
+int4 and kivi2 also run through the query-rows decode kernel (`AttentionConfig(token_rows=False)`),
+the one they took before the token-rows kernels. `--sweep` adds the tiling sweeps used to choose
+`attention_config` and the split heuristic.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -29,8 +32,8 @@ from partita.kernels.kv_formats import get_kv_format
 from partita.kernels.kv_testing import make_paged_batch, outlier_kv, output_errors
 from partita.kernels.linear import graph_time_us
 from partita.kernels.paged_attention import (AttentionConfig, attention_config,
-                                             decode_num_splits, paged_decode_attention,
-                                             paged_prefill_attention)
+                                             choose_num_splits, decode_num_splits,
+                                             paged_decode_attention, paged_prefill_attention)
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
 SHAPES = [(1, 4096), (1, 32768), (32, 4096), (64, 8192)]  # (batch, context)
@@ -92,7 +95,8 @@ def read_bytes(cache, batch_size: int, ctx: int) -> int:
 
 def cfg_str(c: AttentionConfig) -> str:
     return (f"n{c.block_n} m{c.block_m}/{c.decode_block_m} w{c.num_warps} s{c.num_stages}"
-            + (" k8" if c.k_int8 else "") + (" v8" if c.v_int8 else ""))
+            + (" k8" if c.k_int8 else "") + (" v8" if c.v_int8 else "")
+            + ("" if c.token_rows else " query-rows"))
 
 
 def bench_decode(spec: str, batch_size: int, ctx: int, *, num_splits=None, config=None) -> dict:
@@ -162,6 +166,19 @@ def bench_prefill(spec: str, num_seqs: int, cached: int, new: int, *,
     return rows
 
 
+def query_rows_case(spec: str, batch_size: int, ctx: int) -> dict:
+    """bench_decode kwargs of the query-rows kernel as int4/kivi2 decode took it before the
+    token-rows kernels (2026-11-25): int4's tiling and splits, kivi2's two-warp tiles and the
+    plain split heuristic."""
+    if spec == "kivi2":
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        return {"config": AttentionConfig(num_warps=2, num_stages=3, token_rows=False),
+                "num_splits": choose_num_splits(batch_size, HKV, ctx, sms)}
+    splits = decode_num_splits(build_cache(spec, batch_size, ctx)[0], batch_size, ctx)
+    cfg = attention_config("int4", D, True, splits, -(-ctx // splits))
+    return {"config": dataclasses.replace(cfg, token_rows=False), "num_splits": splits}
+
+
 def sweep_cases() -> list[tuple[str, int, int, dict]]:
     """(format, batch, context, bench_decode kwargs) of the tiling and split sweeps."""
     cases = []
@@ -183,10 +200,13 @@ def sweep_cases() -> list[tuple[str, int, int, dict]]:
     for spec, modes in (("kivi2:value_group_size=64", ((False, False), (True, False))),
                         ("kivi2", int8_modes)):
         for warps in (1, 2, 4):
-            for splits in (1, 2):
+            for splits in (1, 2, 4, 8):
                 for ki, vi in modes:
                     cfg = AttentionConfig(num_warps=warps, num_stages=3, k_int8=ki, v_int8=vi)
                     cases.append((spec, 64, 8192, {"config": cfg, "num_splits": splits}))
+    for splits in (32, 64, 128, 256):  # token-rows kivi2 at batch 1
+        cfg = AttentionConfig(num_warps=1, num_stages=3)
+        cases.append(("kivi2", 1, 32768, {"config": cfg, "num_splits": splits}))
     for bn, warps in ((64, 4), (128, 4), (128, 8)):
         for splits in (16, 32, 64):
             cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=3)
@@ -298,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
         add(bench_sdpa(b, ctx))
         for spec in args.formats.split(","):
             add(bench_decode(spec, b, ctx))
+            if spec in ("int4", "kivi2"):  # the decode kernel before tokens became the dots' rows
+                add(dict(bench_decode(spec, b, ctx, **query_rows_case(spec, b, ctx)),
+                         format=f"{spec} (query rows)"))
     for spec in ("none", "int4", "kivi2"):
         add(bench_prefill(spec, 1, 0, 4096))
         add(bench_prefill(spec, 4, 3584, 512))

@@ -11,8 +11,8 @@ Packed layout per block (B = block_size, H = num_kv_heads, D = head_dim, Gv = va
     k       [B/G, H, G, D/4] uint8: token t of key group g; byte c holds channel c + p*D/4 in
             bits 2p..2p+1 (p = 0..3)
     k_meta  [B/G, H, 2, D] float16: per group and channel, row 0 scale, row 1 zero
-    v       [B, H, D/4] uint8: within value group w (Gv channels), byte w*Gv/4 + j holds channel
-            w*Gv + p*Gv/4 + j in bits 2p..2p+1
+    v       [H, D/4, B] uint8, token-major: within value group w (Gv channels), byte row
+            w*Gv/4 + j holds channel w*Gv + p*Gv/4 + j in bits 2p..2p+1, one byte per token
     v_meta  [B, H, D/Gv, 2] float16 (scale, zero) per token and value group
     state["res_k"], state["res_v"]  [max_num_seqs, R, H, D] model dtype: the residual of each
             sequence slot; token at position pos sits at row pos % R while pos >= context_len
@@ -20,7 +20,9 @@ Packed layout per block (B = block_size, H = num_kv_heads, D = head_dim, Gv = va
 
 x ~= code * scale + zero with code in 0..3. Packing four *strided* channels per byte (rather
 than neighbours) lets the attention kernel take the four bit-pairs of a loaded tile as four
-contiguous channel slices, each a dot operand without register interleaving.
+contiguous channel slices, each a dot operand without register interleaving. Values are
+token-major (as int4's) because P V reduces over tokens: a tensor-core lane's operand is
+consecutive tokens of one channel, neighbouring bytes in this layout.
 
 Writing (`fmt.write(cache, k, v, slot_mapping, seq_slots)`, two launches):
   1. flush: for each new token that ends a unit (offset % R == R - 1) quantize the unit's R
@@ -144,8 +146,8 @@ def _kivi_flush_kernel(
     z3 = z16[:, :, None]
     vbyte = (asym_codes(x0, s3, z3, 3.0) | (asym_codes(x1, s3, z3, 3.0) << 2)
              | (asym_codes(x2, s3, z3, 3.0) << 4) | (asym_codes(x3, s3, z3, 3.0) << 6))
-    tok = blk * BLOCK_SIZE + unit * R + r  # [R, 1, 1] absolute token row of the value parts
-    tl.store(vc_ptr + (tok * NUM_HEADS + h) * Q + w * (GV // 4) + j, vbyte)
+    col = (blk * NUM_HEADS + h) * Q + w * (GV // 4) + j  # [1, NGV, GV/4] (head, byte) rows
+    tl.store(vc_ptr + col * BLOCK_SIZE + unit * R + r, vbyte)
     tok2 = blk * BLOCK_SIZE + unit * R + tl.arange(0, R)[:, None]
     vmeta = vmeta_ptr + ((tok2 * NUM_HEADS + h) * NGV + tl.arange(0, NGV)[None, :]) * 2
     tl.store(vmeta, s16)
@@ -219,7 +221,7 @@ class Kivi2Format(KVFormat):
         g, h, d = self.group_size, num_kv_heads, head_dim
         return {"k": ((block_size // g, h, g, d // 4), torch.uint8),
                 "k_meta": ((block_size // g, h, 2, d), torch.float16),
-                "v": ((block_size, h, d // 4), torch.uint8),
+                "v": ((h, d // 4, block_size), torch.uint8),
                 "v_meta": ((block_size, h, d // self.value_group(d), 2), torch.float16)}
 
     def init_state(self, cache, max_num_seqs):
@@ -242,7 +244,7 @@ class Kivi2Format(KVFormat):
             R=self.r, num_warps=4)
 
     def write_reference(self, cache: PagedKVCache, k, v, slot_mapping, seq_slots) -> None:
-        r, bs, g = self.r, cache.block_size, self.group_size
+        r = self.r
         s = slot_mapping.long()
         seq = seq_slots.long()
         idx = torch.arange(len(s), device=s.device)
@@ -284,17 +286,21 @@ class Kivi2Format(KVFormat):
         cache.parts["k_meta"][blk[:, None], groups] = meta
         vc, vs, vz = asym_quantize(uv.reshape(n_u, r, h, d // gv, gv), -1, 3)
         rows = unit[:, None] * r + torch.arange(r, device=uk.device)
-        cache.parts["v"][blk[:, None], rows] = pack2(vc.reshape(n_u, r, h, d), gv)
+        hh = torch.arange(h, device=uk.device)[:, None, None]
+        qq = torch.arange(d // 4, device=uk.device)[:, None]
+        packed_v = pack2(vc.reshape(n_u, r, h, d), gv).permute(0, 2, 3, 1)  # [U, H, D/4, R]
+        cache.parts["v"][blk[:, None, None, None], hh, qq, rows[:, None, None]] = packed_v
         cache.parts["v_meta"][blk[:, None], rows] = torch.cat([vs, vz], -1)
 
     def dequantize_blocks(self, cache, block_ids):
-        p, g, gv = cache.parts, self.group_size, self.value_group(cache.head_dim)
+        p, gv = cache.parts, self.value_group(cache.head_dim)
         n, bs, h, d = len(block_ids), cache.block_size, cache.num_kv_heads, cache.head_dim
         kc = unpack2(p["k"][block_ids], d).float()  # [n, B/G, H, G, D]
         km = p["k_meta"][block_ids].float()  # [n, B/G, H, 2, D]
         k = kc * km[:, :, :, 0:1] + km[:, :, :, 1:2]
         k = k.permute(0, 1, 3, 2, 4).reshape(n, bs, h, d)
-        vc = unpack2(p["v"][block_ids], gv).float().reshape(n, bs, h, d // gv, gv)
+        vc = unpack2(p["v"][block_ids].permute(0, 3, 1, 2), gv).float()  # token-major -> [n, B, H, D]
+        vc = vc.reshape(n, bs, h, d // gv, gv)
         vm = p["v_meta"][block_ids].float()
         v = (vc * vm[..., 0:1] + vm[..., 1:2]).reshape(n, bs, h, d)
         return k, v

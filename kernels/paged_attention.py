@@ -35,8 +35,10 @@ import triton
 from partita.kernels.kv_base import PagedKVCache, use_triton
 from partita.kernels.paged_attention_common import combine_splits
 from partita.kernels.paged_attention_dense import dense_attention_kernel, dense_cache_args
-from partita.kernels.paged_attention_int4 import int4_attention_kernel, int4_cache_args
-from partita.kernels.paged_attention_kivi import kivi_attention_kernel, kivi_cache_args
+from partita.kernels.paged_attention_int4 import (int4_attention_kernel, int4_cache_args,
+                                                  int4_decode_args, int4_decode_kernel)
+from partita.kernels.paged_attention_kivi import (kivi_attention_kernel, kivi_cache_args,
+                                                  kivi_decode_args, kivi_decode_kernel)
 from partita.kernels.paged_attention_ref import paged_attention_reference
 
 
@@ -51,6 +53,10 @@ class AttentionConfig:
     num_stages: int = 2
     k_int8: bool = False  # int4/kivi2: int8 tensor-core dots for the scores where shapes allow
     v_int8: bool = False  # int4/kivi2: int8 dots for P V (P quantized per row and group)
+    # decode: the kernel with tokens as its dots' rows where the format has one (int4 with one
+    # group per head, kivi2 with one value group per head, float operands); False takes the
+    # query-rows kernel that prefill uses
+    token_rows: bool = True
 
 
 def attention_config(fmt_name: str, head_dim: int, is_decode: bool, num_splits: int = 1,
@@ -65,12 +71,15 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool, num_splits: 
     cheap, and add the 8-bit rounding of the query or P to every product. int4 decode takes
     one-warp programs over 64-token tiles at every shape measured (batch 1 x 32k, 32 x 4k, 64 x 8k,
     128 x 4k; benchmarks/results/2026-11-25-attention-int4-h200.md) except splits of <= 256 tokens
-    (`split_len`, batch 1 x 4k), where four warps over 128-token tiles were faster."""
+    (`split_len`, batch 1 x 4k), where four warps over 128-token tiles were faster; both times
+    with the token-rows kernel (benchmarks/results/2026-12-06-attention-token-rows.md), whose
+    tiles of 64 tokens in one warp stay the fastest at 64 x 8k and 128 x 4k. kivi2 decode takes
+    one-warp programs over one key group (32 tokens) and 3 stages, the fastest there."""
     if not is_decode:
         return AttentionConfig(block_n=64, block_m=64, num_warps=4,
                                num_stages=3 if fmt_name in ("none", "int4", "kivi2") else 2)
-    if fmt_name == "kivi2":  # one key group per tile: two warps keep the small tiles busiest
-        return AttentionConfig(num_warps=2, num_stages=3)
+    if fmt_name == "kivi2":
+        return AttentionConfig(num_warps=1, num_stages=3)
     if fmt_name == "none":
         if num_splits >= 8:
             return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
@@ -84,9 +93,11 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool, num_splits: 
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int,
-                      min_tokens_per_split: int = 256, waves: int = 2, pow2: bool = False) -> int:
-    """FlashDecoding split count: enough programs for `waves` per SM, splits >= min tokens;
-    `pow2` rounds the count for the SMs up to a power of two (even tile counts per split)."""
+                      min_tokens_per_split: int = 256, waves: int = 2, pow2: bool = False,
+                      max_splits: int = 64) -> int:
+    """FlashDecoding split count: enough programs for `waves` per SM, splits >= min tokens, at
+    most `max_splits`; `pow2` rounds the count for the SMs up to a power of two (even tile counts
+    per split)."""
     programs = num_seqs * num_kv_heads
     if programs >= waves * num_sms:
         return 1
@@ -94,20 +105,28 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
     wanted = triton.cdiv(waves * num_sms, programs)
     if pow2:
         wanted = triton.next_power_of_2(wanted)
-    return max(1, min(wanted, by_len, 64))
+    return max(1, min(wanted, by_len, max_splits))
+
+
+# (waves, min tokens per split, max splits) of `choose_num_splits` per format. One-warp programs
+# of the token-rows kernels: int4's take 255 registers (8 resident per SM) and aim at 4 per SM
+# (batch 64 x 8k: 2 splits); kivi2's take 128 (16 per SM) and aim at 8, with splits down to 128
+# tokens (H100, benchmarks/results/2026-12-06-attention-token-rows.md: 64 x 8k 150 us with 4
+# splits against 333 with 1; 1 x 32k 19 us with 128 against 27 with 64; 1 x 4k 10.5 us with 32
+# against 14.8 with 16). Their counts are powers of two (int4 at 32 x 4k on an H200: 4 splits
+# 60 us, 3 splits 77).
+_SPLITS = {"int4": (4, 256, 64), "kivi2": (8, 128, 128)}
 
 
 def decode_num_splits(cache: PagedKVCache, num_seqs: int, max_context_len: int) -> int:
-    """The split count `paged_decode_attention` takes by default. int4 aims at 4 programs per SM
-    rather than 2: its one-warp programs take 255 registers (8 resident per SM), and batch 64 x 8
-    kv heads unsplit would leave 4 per SM. Its count is a power of two: at batch 32 x 4k, 4 splits
-    took 60 us against 77 for 3 (H200)."""
+    """The split count `paged_decode_attention` takes by default (see `_SPLITS`)."""
     device = cache.device
     num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if device.type == "cuda" else 4)
+    waves, min_tokens, max_splits = _SPLITS.get(cache.fmt.name, (2, 256, 64))
     return choose_num_splits(num_seqs, cache.num_kv_heads, max_context_len, num_sms,
-                             waves=4 if cache.fmt.name == "int4" else 2,
-                             pow2=cache.fmt.name == "int4")
+                             min_tokens_per_split=min_tokens, waves=waves, pow2=waves > 2,
+                             max_splits=max_splits)
 
 
 def _check(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
@@ -124,6 +143,46 @@ def _check(q: torch.Tensor, cache: PagedKVCache, block_tables: torch.Tensor,
         raise ValueError(f"context_lens: expected int32 [{num_seqs}]")
     if cache.fmt.needs_seq_slots and (seq_slots is None or tuple(seq_slots.shape) != (num_seqs,)):
         raise ValueError(f"seq_slots: kv_format {cache.fmt.name!r} needs int32 [{num_seqs}]")
+
+
+def _split_scratch(q: torch.Tensor, num_splits: int, out: torch.Tensor):
+    """float32 partials (acc [B, Hq, S, D], (m, l) [B, Hq, S, 2]) of a split launch."""
+    if num_splits == 1:
+        return out, out  # unused
+    b, hq, d = q.shape
+    return (torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device),
+            torch.empty(b, hq, num_splits, 2, dtype=torch.float32, device=q.device))
+
+
+def _token_rows_kernel(cache: PagedKVCache, cfg: "AttentionConfig"):
+    """The decode kernel with tokens as its dots' rows for this cache, and its cache arguments, if
+    there is one: int4 and kivi2 with one (scale, zero) group per head (int4) or per token (kivi2
+    values), and float operands."""
+    fmt, d = cache.fmt, cache.head_dim
+    if cfg.k_int8 or cfg.v_int8 or not cfg.token_rows:
+        return None
+    if fmt.name == "int4" and fmt.group_size == d:
+        return int4_decode_kernel, int4_decode_args(cache, cfg.block_n)
+    if fmt.name == "kivi2" and fmt.value_group(d) == d:
+        return kivi_decode_kernel, kivi_decode_args(cache)
+    return None
+
+
+def _launch_token_rows(kernel, cache_args, meta, q, cache, block_tables, context_lens, seq_slots,
+                       scale, out, *, num_splits: int, cfg: AttentionConfig) -> None:
+    num_seqs, hkv = block_tables.shape[0], cache.num_kv_heads
+    gq = q.shape[1] // hkv
+    part_acc, part_ml = _split_scratch(q, num_splits, out)
+    kernel[(num_seqs, num_splits, hkv)](
+        out, q, block_tables, context_lens, context_lens if seq_slots is None else seq_slots,
+        part_acc, part_ml, scale * math.log2(math.e),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        *cache_args,
+        NUM_KV_HEADS=hkv, HEAD_DIM=cache.head_dim, BLOCK_SIZE=cache.block_size, GQ=gq,
+        GQ_PAD=triton.next_power_of_2(gq), NUM_SPLITS=num_splits, **meta,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if num_splits > 1:
+        combine_splits(out, part_acc, part_ml)
 
 
 def _launch(q, cache, block_tables, context_lens, cu_seqlens_q, seq_slots, scale, out, *,
@@ -144,12 +203,7 @@ def _launch(q, cache, block_tables, context_lens, cu_seqlens_q, seq_slots, scale
     else:
         kernel = dense_attention_kernel
         cache_args, meta = dense_cache_args(cache)
-    part_acc = part_ml = out  # unused unless split
-    if num_splits > 1:
-        part_acc = torch.empty(num_seqs, q.shape[1], num_splits, d, dtype=torch.float32,
-                               device=q.device)
-        part_ml = torch.empty(num_seqs, q.shape[1], num_splits, 2, dtype=torch.float32,
-                              device=q.device)
+    part_acc, part_ml = _split_scratch(q, num_splits, out)
     kernel[(num_seqs, grid_q * num_splits, hkv)](
         out, q, block_tables, context_lens,
         context_lens if cu_seqlens_q is None else cu_seqlens_q,
@@ -185,6 +239,12 @@ def paged_decode_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: t
         num_splits = decode_num_splits(cache, num_seqs, max_context_len)
     split_len = None if max_context_len is None else triton.cdiv(max_context_len, num_splits)
     cfg = config or attention_config(cache.fmt.name, cache.head_dim, True, num_splits, split_len)
+    token_rows = _token_rows_kernel(cache, cfg)
+    if token_rows is not None:
+        kernel, (cache_args, meta) = token_rows
+        _launch_token_rows(kernel, cache_args, meta, q, cache, block_tables, context_lens,
+                           seq_slots, scale, out, num_splits=num_splits, cfg=cfg)
+        return out
     _launch(q, cache, block_tables, context_lens, None, seq_slots, scale, out, is_decode=True,
             num_splits=num_splits, grid_q=1, cfg=cfg)
     return out

@@ -66,6 +66,20 @@ def program_rows(context_lens_ptr, cu_seqlens_q_ptr,
 
 
 @triton.jit
+def decode_slice(context_lens_ptr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Decode kernels with tokens as rows: this program's sequence, split and context slice
+    [lo, hi) (the split of `program_rows`); tiles below `full_hi` need no mask."""
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    ctx_len = tl.load(context_lens_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(ctx_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(ctx_len, lo + chunk)
+    full_hi = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+    return b, split, lo, full_hi, hi
+
+
+@triton.jit
 def causal_mask(s, n, pos, hi):
     """Scores s [M, N] of keys n [N] for rows at positions pos [M]; keys >= hi are out."""
     keep = (n[None, :] <= pos[:, None]) & (n[None, :] < hi)
@@ -137,9 +151,24 @@ def _unpack_asm(bits: int, biased: bool = False) -> str:
     return "{" + "".join(body) + "}"
 
 
+def _subnormal_asm(bits: int) -> str:
+    """Asm of one invocation (4 bytes in, 8 // bits fields of 4 float16 out): after the byte
+    spread, an AND keeps one field in place, and a field at bit s of a byte is float16
+    2**(s - 24) * code, a subnormal (exponent bits zero), exactly."""
+    fields = 8 // bits
+    body = [_SPREAD.replace("$IN", f"${2 * fields}")]
+    for i in range(fields):
+        mask = ((1 << bits) - 1) << (i * bits)
+        body.append(f"and.b32 ${2 * i}, t0, 0x{mask:04X}{mask:04X};\n"
+                    f"and.b32 ${2 * i + 1}, t1, 0x{mask:04X}{mask:04X};\n")
+    return "{" + "".join(body) + "}"
+
+
 _NIBBLES_ASM = tl.constexpr(_unpack_asm(4))
 _BIASED_NIBBLES_ASM = tl.constexpr(_unpack_asm(4, biased=True))
 _CRUMBS_ASM = tl.constexpr(_unpack_asm(2))
+_SUBNORMAL_NIBBLES_ASM = tl.constexpr(_subnormal_asm(4))
+_SUBNORMAL_CRUMBS_ASM = tl.constexpr(_subnormal_asm(2))
 
 
 def packed_unpack(codes: torch.Tensor) -> bool:
@@ -190,6 +219,42 @@ def crumb_planes(x, PACKED: tl.constexpr, INT8: tl.constexpr):
         c1 = codes_operand((x >> 2) & 3, INT8)
         c2 = codes_operand((x >> 4) & 3, INT8)
         c3 = codes_operand(x >> 6, INT8)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _subnormal(x, mask):
+    return (x & mask).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def subnormal_nibbles(x, PACKED: tl.constexpr):
+    """uint8 bytes -> float16 (2**-24 * low nibble, 2**-20 * high nibble): each field left in
+    place as the mantissa of a subnormal, one AND per two values on CUDA. Tensor cores multiply
+    subnormal float16 exactly; the caller scales its other operand by 2**24 (or 2**20), so codes
+    need neither a conversion nor a bias to cancel."""
+    if PACKED:
+        lo, hi = tl.inline_asm_elementwise(_SUBNORMAL_NIBBLES_ASM, "=r,=r,=r,=r,r", [x],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        lo = _subnormal(x, 0x0F)
+        hi = _subnormal(x, 0xF0)
+    return lo, hi
+
+
+@triton.jit
+def subnormal_crumbs(x, PACKED: tl.constexpr):
+    """uint8 bytes -> their four 2-bit fields p (bits 2p..2p+1) as float16 2**(2p - 24) * code,
+    subnormals as in `subnormal_nibbles`."""
+    if PACKED:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            _SUBNORMAL_CRUMBS_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        c0 = _subnormal(x, 0x03)
+        c1 = _subnormal(x, 0x0C)
+        c2 = _subnormal(x, 0x30)
+        c3 = _subnormal(x, 0xC0)
     return c0, c1, c2, c3
 
 

@@ -18,6 +18,15 @@ cancels the bias inside the float32 accumulation. Values come from the token-maj
 With `K_INT8` (one group per head) the query is quantized per row to int8 and the score dots run
 on int8 tensor cores; `V_INT8` does the same for the P-weights. Otherwise operands are float16.
 Every tensor is 2D: batched 3D dots and reductions over a group axis compiled to slow code.
+
+Decode with one group per head takes `int4_decode_kernel`, which turns the dots around: tokens are
+their M dimension and the GQA group their N columns,
+    S^T [N, H] = K_lo [N, D/2] q_lo^T + K_hi q_hi^T        O^T [D/2, H] += V_lo [D/2, N] (P * sv)^T
+so a tensor-core tile carries BLOCK_N tokens against the group (4 heads padded to the 8 columns
+of an m16n8 instruction) instead of 4 heads padded to 16 rows: half the tensor-core instructions
+and half the softmax work per token (548 instructions per 32 tokens against 857, sm_90), and the
+value tile [D/2, N] of the token-major `v` part is an A operand as it is loaded. Its value codes stay biased too (1024 + c): the running sum of the
+float16 P-weights as used (`pbias`) takes 1024 * that sum back out of the accumulators at the end.
 """
 from __future__ import annotations
 
@@ -25,9 +34,9 @@ import triton
 import triton.language as tl
 
 from partita.kernels.paged_attention_common import (NEG_BIG, TAU, biased_nibble_planes,
-                                                    causal_mask, nibble_planes, packed_unpack,
-                                                    program_rows, quantize_rows, store_output,
-                                                    store_split_stats)
+                                                    causal_mask, decode_slice, nibble_planes,
+                                                    packed_unpack, program_rows, quantize_rows,
+                                                    store_output, store_split_stats)
 
 
 @triton.jit
@@ -48,7 +57,7 @@ def _scale_zero(meta_ptr, row, mask):
 @triton.jit
 def _value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """Value bytes [BLOCK_N, D/2] of tokens start.. from the token-major `v` part: runs of
+    """Value bytes [D/2, BLOCK_N] of tokens start.. from the token-major `v` part: runs of
     TB = min(BLOCK_N, BLOCK_SIZE) tokens are contiguous per (head, byte) row, so each run loads as
     one vector. `start` is a multiple of BLOCK_N (`program_rows`)."""
     TB: tl.constexpr = BLOCK_N if BLOCK_N < BLOCK_SIZE else BLOCK_SIZE
@@ -66,7 +75,7 @@ def _value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS: tl.constexpr, HALF
         vt = tl.load(v_ptr + offs, mask=tok < hi, other=0)
     else:
         vt = tl.load(v_ptr + offs)
-    return tl.trans(tl.reshape(vt, (HALF, BLOCK_N)))
+    return tl.reshape(vt, (HALF, BLOCK_N))
 
 
 @triton.jit
@@ -118,8 +127,8 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, st
     p = tl.exp2(s - m[:, None])
     l = l + tl.sum(p, 1)
     # values
-    vb = _value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS, HALF, BLOCK_SIZE, BLOCK_N,
-                     MASKED)
+    vb = tl.trans(_value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS, HALF, BLOCK_SIZE,
+                              BLOCK_N, MASKED))
     if NG == 1:
         vs, vz = _scale_zero(vmeta_ptr, row, n_ok)
         pw = p * vs[None, :]
@@ -216,6 +225,130 @@ def int4_attention_kernel(
     store_output(acc_hi + corr_b, l_b, ch_lo + W, out_rows, part_rows, q_ok, out_ptr,
                  part_acc_ptr, NUM_SPLITS)
     store_split_stats(m, l, b, head, split, row_valid, part_ml_ptr, NUM_Q_HEADS, NUM_SPLITS)
+
+
+@triton.jit
+def _int4_decode_tile(qt_lo, qt_hi, bias, qsum, m, l, acc_lo, acc_hi, corr, pbias, start, hi,
+                      bt_row, h_kv, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
+                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
+                      MASKED: tl.constexpr):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    start = tl.multiple_of(start, BLOCK_N)
+    r = tl.arange(0, BLOCK_N)
+    n = start + r
+    n_ok = n < hi
+    # start is a multiple of BLOCK_N (both powers of two): block index and offset per token
+    # without a division per element; only the block's base needs 64 bits
+    if MASKED:
+        blk = tl.load(bt_row + start // BLOCK_SIZE + r // BLOCK_SIZE, mask=n_ok, other=0)
+    else:
+        blk = tl.load(bt_row + start // BLOCK_SIZE + r // BLOCK_SIZE)
+    row = blk.to(tl.int64) * (BLOCK_SIZE * NUM_KV_HEADS) \
+        + ((start % BLOCK_SIZE + r % BLOCK_SIZE) * NUM_KV_HEADS + h_kv)  # (token, head) row [N]
+    ok = n_ok[:, None]
+    kb = tl.load(k_ptr + row[:, None] * HALF + tl.arange(0, HALF)[None, :], mask=ok, other=0)
+    ks, kz = _scale_zero(kmeta_ptr, row, n_ok)
+    k_lo, k_hi = biased_nibble_planes(kb, PACKED)
+    dots = tl.dot(k_hi, qt_hi, tl.dot(k_lo, qt_lo))  # [N, H], biased by `bias`
+    s = (dots - bias[None, :]) * ks[:, None] + kz[:, None] * qsum[None, :]
+    if MASKED:
+        s = tl.where(ok, s, float("-inf"))
+    tile_max = tl.max(s, 0)
+    if tl.max((tile_max > m + TAU).to(tl.int32), 0) > 0:  # lazy rescale, see the common module
+        m_new = tl.maximum(m, tile_max)
+        alpha = tl.exp2(m - m_new)
+        acc_lo = acc_lo * alpha[None, :]
+        acc_hi = acc_hi * alpha[None, :]
+        corr = corr * alpha
+        pbias = pbias * alpha
+        l = l * alpha
+        m = m_new
+    p = tl.exp2(s - m[None, :])
+    l = l + tl.sum(p, 0)
+    vs, vz = _scale_zero(vmeta_ptr, row, n_ok)
+    pw = (p * vs[:, None]).to(tl.float16)
+    corr = corr + tl.sum(p * vz[:, None], 0)
+    pbias = pbias + tl.sum(pw.to(tl.float32), 0)
+    vb = _value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS, HALF, BLOCK_SIZE, BLOCK_N,
+                     MASKED)
+    v_lo, v_hi = biased_nibble_planes(vb, PACKED)
+    acc_lo = tl.dot(v_lo, pw, acc_lo)
+    acc_hi = tl.dot(v_hi, pw, acc_hi)
+    return m, l, acc_lo, acc_hi, corr, pbias
+
+
+@triton.jit
+def int4_decode_kernel(
+    # output and queries [B, Hq, D], paging (seq_slots unused: the launcher's common signature),
+    # split scratch (as `int4_attention_kernel`)
+    out_ptr, q_ptr, block_tables_ptr, context_lens_ptr, seq_slots_ptr, part_acc_ptr, part_ml_ptr,
+    sm_scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    # cache (contiguous, one (scale, zero) group per head): k [num_blocks, B, H, D/2],
+    # v [num_blocks, H, D/2, B], meta [num_blocks, B, H, 1, 2]
+    k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
+    # shapes and tiling
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    GQ: tl.constexpr, GQ_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PACKED: tl.constexpr,
+):
+    """Decode with tokens as the dots' M dimension (see the module docstring): one program per
+    (sequence, split, kv head); its GQA group is the dots' N columns."""
+    b, split, lo, full_hi, hi = decode_slice(context_lens_ptr, BLOCK_N, NUM_SPLITS)
+    h_kv = tl.program_id(2)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    hh = tl.arange(0, GQ_PAD)
+    head = h_kv * GQ + hh
+    valid = hh < GQ
+    col = tl.arange(0, HALF)[:, None]  # low plane column c = channel c, high plane 64 + c
+    q_cols = (b * stride_qt + head * stride_qh)[None, :]
+    qt_lo = tl.load(q_ptr + q_cols + col, mask=valid[None, :], other=0.0).to(tl.float32)
+    qt_hi = tl.load(q_ptr + q_cols + col + HALF, mask=valid[None, :], other=0.0).to(tl.float32)
+    qt_lo = qt_lo * sm_scale_log2  # scores in log2 units
+    qt_hi = qt_hi * sm_scale_log2
+    qsum = tl.sum(qt_lo, 0) + tl.sum(qt_hi, 0)  # [H]: zero-point term of the scores
+    # biased key planes (1024 + c, 1024 + 16 c): the high half taken / 16, and the bias of the
+    # float16 query as used taken back out of the dots
+    qt_lo = qt_lo.to(tl.float16)
+    qt_hi = (qt_hi * 0.0625).to(tl.float16)
+    bias = 1024.0 * (tl.sum(qt_lo.to(tl.float32), 0) + tl.sum(qt_hi.to(tl.float32), 0))
+    m = tl.full([GQ_PAD], NEG_BIG, tl.float32)
+    l = tl.zeros([GQ_PAD], tl.float32)
+    corr = tl.zeros([GQ_PAD], tl.float32)
+    pbias = tl.zeros([GQ_PAD], tl.float32)  # sum of the float16 P weights: the value bias / 1024
+    acc_lo = tl.zeros([HALF, GQ_PAD], tl.float32)
+    acc_hi = tl.zeros([HALF, GQ_PAD], tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    for start in range(lo, full_hi, BLOCK_N):
+        m, l, acc_lo, acc_hi, corr, pbias = _int4_decode_tile(
+            qt_lo, qt_hi, bias, qsum, m, l, acc_lo, acc_hi, corr, pbias, start, hi, bt_row, h_kv,
+            k_ptr, kmeta_ptr, v_ptr, vmeta_ptr, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+            PACKED, False)
+    for start in range(full_hi, hi, BLOCK_N):
+        m, l, acc_lo, acc_hi, corr, pbias = _int4_decode_tile(
+            qt_lo, qt_hi, bias, qsum, m, l, acc_lo, acc_hi, corr, pbias, start, hi, bt_row, h_kv,
+            k_ptr, kmeta_ptr, v_ptr, vmeta_ptr, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
+            PACKED, True)
+    vbias = 1024.0 * pbias[None, :]  # the values' biased codes, as for the keys
+    out_lo = acc_lo - vbias + corr[None, :]
+    out_hi = (acc_hi - vbias) * 0.0625 + corr[None, :]
+    NUM_Q_HEADS: tl.constexpr = NUM_KV_HEADS * GQ
+    out_cols = (b * stride_ot + head * stride_oh)[None, :]
+    part_cols = (((b * NUM_Q_HEADS + head) * NUM_SPLITS + split) * HEAD_DIM)[None, :]
+    l_b = l[None, :]
+    ok = valid[None, :]
+    store_output(out_lo, l_b, col, out_cols, part_cols, ok, out_ptr, part_acc_ptr, NUM_SPLITS)
+    store_output(out_hi, l_b, col + HALF, out_cols, part_cols, ok, out_ptr, part_acc_ptr,
+                 NUM_SPLITS)
+    store_split_stats(m, l, b, head, split, valid, part_ml_ptr, NUM_Q_HEADS, NUM_SPLITS)
+
+
+def int4_decode_args(cache, block_n: int) -> tuple[list, dict]:
+    """Pointer arguments and constexprs of `int4_decode_kernel` for a cache."""
+    p = cache.parts
+    return ([p["k"], p["k_meta"], p["v"], p["v_meta"]],
+            {"BLOCK_N": block_n, "PACKED": packed_unpack(p["k"])})
 
 
 def int4_cache_args(cache, k_int8: bool, v_int8: bool) -> tuple[list, dict]:

@@ -11,6 +11,13 @@ operand as extracted:
 per row (needs D >= 128 for keys, one value group for values); otherwise float16 operands. The
 newest context_len % R tokens come from the sequence's full-precision residual (`seq_slots`), one
 masked tile of R tokens. Every tensor is 2D (batched 3D dots compiled to slow code).
+
+Decode with one value group per head takes `kivi_decode_kernel`, with tokens as the dots' M
+dimension and the GQA group as their N columns (see `paged_attention_int4`):
+    S^T [G, H] = sum_p C_p [G, Q] (q_p * sk_p)^T + q . zk      O_p^T [Q, H] += C_p^T (P * sv)^T
+Its codes are float16 subnormals (`subnormal_crumbs`: the AND that isolates a field is the whole
+conversion, and no bias needs cancelling), the per-group query scaling is one float16 product per
+channel and head, and the zero-point term is reduced in float32.
 """
 from __future__ import annotations
 
@@ -18,8 +25,9 @@ import triton
 import triton.language as tl
 
 from partita.kernels.paged_attention_common import (NEG_BIG, TAU, causal_mask, crumb_planes,
-                                                    packed_unpack, program_rows, quantize_rows,
-                                                    store_output, store_split_stats)
+                                                    decode_slice, packed_unpack, program_rows,
+                                                    quantize_rows, store_output, store_split_stats,
+                                                    subnormal_crumbs)
 
 
 @triton.jit
@@ -99,7 +107,8 @@ def _kivi_tile(q0, q1, q2, q3, m, l, a0, a1, a2, a3, corr, start, hi, pos, bt_ro
     p, m, l, a0, a1, a2, a3, corr = _rescale(s, m, l, a0, a1, a2, a3, corr)
     # values: bytes [G, Q], per-token (scale, zero) of each value group
     vrow = (blk * BLOCK_SIZE + start % BLOCK_SIZE + t) * NUM_KV_HEADS + h_kv
-    vb = tl.load(v_ptr + vrow[:, None] * Q + c[None, :])
+    vcol = (blk * NUM_KV_HEADS + h_kv) * Q + c  # token-major (head, byte) rows
+    vb = tl.load(v_ptr + vcol[None, :] * BLOCK_SIZE + (start % BLOCK_SIZE + t)[:, None])
     if NGV == 1:
         vs = tl.load(vmeta_ptr + vrow * 2).to(tl.float32)
         vz = tl.load(vmeta_ptr + vrow * 2 + 1).to(tl.float32)
@@ -223,6 +232,195 @@ def kivi_attention_kernel(
     store_output(a3 + corr_b, l_b, ch + 3 * GV // 4, out_rows, part_rows, ok, out_ptr,
                  part_acc_ptr, NUM_SPLITS)
     store_split_stats(m, l, b, head, split, row_valid, part_ml_ptr, NUM_Q_HEADS, NUM_SPLITS)
+
+
+KEY_EXP = tl.constexpr(18)  # key dots run at 2**-18 of the scores (subnormal codes, see below)
+
+
+@triton.jit
+def _meta_row(pairs_ptr, first: tl.constexpr, Q: tl.constexpr):
+    """float16 [1, Q] from Q float16 read as Q/2 32-bit pairs from `pairs_ptr + first` (a load of
+    at least 4 bytes per lane, which the loop pipeliner prefetches)."""
+    pair = tl.load(pairs_ptr + first + tl.arange(0, Q // 2))
+    lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (1, Q))
+
+
+@triton.jit
+def _kivi_decode_tile(qs0, qs1, qs2, qs3, qz0, qz1, qz2, qz3, m, l, a0, a1, a2, a3, corr, start,
+                      bt_row, h_kv, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
+                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, G: tl.constexpr, PACKED: tl.constexpr):
+    # one key group of G tokens, all below the residual (no mask)
+    Q: tl.constexpr = HEAD_DIM // 4
+    t = tl.arange(0, G)
+    c = tl.arange(0, Q)
+    start = tl.multiple_of(start, G)
+    blk = tl.load(bt_row + start // BLOCK_SIZE).to(tl.int64)
+    off = tl.multiple_of(start % BLOCK_SIZE, G)
+    krow = (blk * (BLOCK_SIZE // G) + off // G) * NUM_KV_HEADS + h_kv
+    kb = tl.load(k_ptr + krow * (G * Q) + (t * Q)[:, None] + c[None, :])  # [G, Q]
+    # per-channel key scales and zeros, [1, Q] rows against the query planes [H, Q]; the scaled
+    # query as a float16 product (one rounding, as the dot operand takes it), the zero-point term
+    # in float32
+    meta = kmeta_ptr.to(tl.pointer_type(tl.int32)) + krow * HEAD_DIM  # channel pairs
+    zterm = tl.sum(qz0 * _meta_row(meta, HEAD_DIM // 2, Q).to(tl.float32)
+                   + qz1 * _meta_row(meta, 5 * Q // 2, Q).to(tl.float32)
+                   + qz2 * _meta_row(meta, 3 * Q, Q).to(tl.float32)
+                   + qz3 * _meta_row(meta, 7 * Q // 2, Q).to(tl.float32), 1)
+    k0, k1, k2, k3 = subnormal_crumbs(kb, PACKED)
+    s = tl.dot(k0, tl.trans(qs0 * _meta_row(meta, 0, Q)))
+    s = tl.dot(k1, tl.trans(qs1 * _meta_row(meta, Q // 2, Q)), s)
+    s = tl.dot(k2, tl.trans(qs2 * _meta_row(meta, Q, Q)), s)
+    s = tl.dot(k3, tl.trans(qs3 * _meta_row(meta, 3 * Q // 2, Q)), s)
+    s = s * (2.0 ** KEY_EXP) + zterm[None, :]  # [G, H], log2 units
+    tile_max = tl.max(s, 0)
+    if tl.max((tile_max > m + TAU).to(tl.int32), 0) > 0:  # lazy rescale, see the common module
+        m_new = tl.maximum(m, tile_max)
+        alpha = tl.exp2(m - m_new)
+        a0 = a0 * alpha[None, :]
+        a1 = a1 * alpha[None, :]
+        a2 = a2 * alpha[None, :]
+        a3 = a3 * alpha[None, :]
+        corr = corr * alpha
+        l = l * alpha
+        m = m_new
+    p = tl.exp2(s - m[None, :])
+    l = l + tl.sum(p, 0)
+    vrow = (blk * BLOCK_SIZE + off + t) * NUM_KV_HEADS + h_kv
+    pair = tl.load(vmeta_ptr.to(tl.pointer_type(tl.int32)) + vrow)  # (scale, zero) of one group
+    vs = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    vz = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    pw = (p * vs[:, None]).to(tl.float16)
+    corr = corr + tl.sum(p * vz[:, None], 0)
+    vb = tl.load(v_ptr + ((blk * NUM_KV_HEADS + h_kv) * Q + c)[:, None] * BLOCK_SIZE
+                 + (off + t)[None, :])  # [Q, G], token-major
+    v0, v1, v2, v3 = subnormal_crumbs(vb, PACKED)
+    a0 = tl.dot(v0, pw, a0)
+    a1 = tl.dot(v1, pw, a1)
+    a2 = tl.dot(v2, pw, a2)
+    a3 = tl.dot(v3, pw, a3)
+    return m, l, a0, a1, a2, a3, corr
+
+
+@triton.jit
+def _residual_rows(qr0, qr1, qr2, qr3, m, l, a0, a1, a2, a3, corr, start, lo, hi, res_k, res_v,
+                   NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, R: tl.constexpr):
+    # `_residual_tile` with tokens as rows: full-precision tokens start..start+R-1 kept to [lo, hi)
+    Q: tl.constexpr = HEAD_DIM // 4
+    t = tl.arange(0, R)
+    n = start + t
+    n_ok = (n >= lo) & (n < hi)
+    c = tl.arange(0, Q)
+    kr = res_k + (t * NUM_KV_HEADS * HEAD_DIM)[:, None] + c[None, :]  # [R, Q]
+    ok = n_ok[:, None]
+    s = tl.dot(tl.load(kr, mask=ok, other=0.0).to(tl.float16), qr0)
+    s = tl.dot(tl.load(kr + Q, mask=ok, other=0.0).to(tl.float16), qr1, s)
+    s = tl.dot(tl.load(kr + 2 * Q, mask=ok, other=0.0).to(tl.float16), qr2, s)
+    s = tl.dot(tl.load(kr + 3 * Q, mask=ok, other=0.0).to(tl.float16), qr3, s)
+    s = tl.where(ok, s, float("-inf"))
+    tile_max = tl.max(s, 0)
+    m_new = tl.maximum(m, tile_max)
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[None, :])
+    l = l * alpha + tl.sum(p, 0)
+    p16 = p.to(tl.float16)
+    vr = res_v + (t * NUM_KV_HEADS * HEAD_DIM)[None, :] + c[:, None]  # [Q, R]
+    vok = n_ok[None, :]
+    a0 = tl.dot(tl.load(vr, mask=vok, other=0.0).to(tl.float16), p16, a0 * alpha[None, :])
+    a1 = tl.dot(tl.load(vr + Q, mask=vok, other=0.0).to(tl.float16), p16, a1 * alpha[None, :])
+    a2 = tl.dot(tl.load(vr + 2 * Q, mask=vok, other=0.0).to(tl.float16), p16,
+                a2 * alpha[None, :])
+    a3 = tl.dot(tl.load(vr + 3 * Q, mask=vok, other=0.0).to(tl.float16), p16,
+                a3 * alpha[None, :])
+    return m_new, l, a0, a1, a2, a3, corr * alpha
+
+
+@triton.jit
+def kivi_decode_kernel(
+    # output and queries [B, Hq, D], paging, split scratch (as `kivi_attention_kernel`)
+    out_ptr, q_ptr, block_tables_ptr, context_lens_ptr, seq_slots_ptr, part_acc_ptr, part_ml_ptr,
+    sm_scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    # cache (contiguous, layout in kv_kivi; one value group per head) and residual [S, R, H, D]
+    k_ptr, kmeta_ptr, v_ptr, vmeta_ptr, res_k_ptr, res_v_ptr,
+    # shapes and tiling: tiles are key groups of G tokens
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    GQ: tl.constexpr, GQ_PAD: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    R: tl.constexpr, PACKED: tl.constexpr,
+):
+    """Decode with tokens as the dots' M dimension: one program per (sequence, split, kv head),
+    its GQA group the dots' N columns. Codes are subnormal float16 (`subnormal_crumbs`): the key
+    plane p carries 2**(2p - 24) per code, so each group's scaled query plane is taken
+    * 2**(24 - 2p - KEY_EXP) (in float16 range while |q * scale| <= 2**10 per channel) and the
+    dots give scores * 2**-KEY_EXP; value plane p accumulates outputs * 2**(2p - 24)."""
+    b, split, lo, full_hi, hi = decode_slice(context_lens_ptr, G, NUM_SPLITS)
+    h_kv = tl.program_id(2)
+    Q: tl.constexpr = HEAD_DIM // 4
+    hh = tl.arange(0, GQ_PAD)
+    head = h_kv * GQ + hh
+    valid = hh < GQ
+    # query planes [H, Q]: plane p, column c is channel p * Q + c
+    q_rows = q_ptr + (b * stride_qt + head * stride_qh)[:, None] + tl.arange(0, Q)[None, :]
+    q_ok = valid[:, None]
+    qz0 = tl.load(q_rows, mask=q_ok, other=0.0).to(tl.float32) * sm_scale_log2
+    qz1 = tl.load(q_rows + Q, mask=q_ok, other=0.0).to(tl.float32) * sm_scale_log2
+    qz2 = tl.load(q_rows + 2 * Q, mask=q_ok, other=0.0).to(tl.float32) * sm_scale_log2
+    qz3 = tl.load(q_rows + 3 * Q, mask=q_ok, other=0.0).to(tl.float32) * sm_scale_log2
+    c = tl.arange(0, Q)[:, None]  # output rows: plane p, row c is channel p * Q + c
+    m = tl.full([GQ_PAD], NEG_BIG, tl.float32)
+    l = tl.zeros([GQ_PAD], tl.float32)
+    corr = tl.zeros([GQ_PAD], tl.float32)
+    a0 = tl.zeros([Q, GQ_PAD], tl.float32)
+    a1 = tl.zeros([Q, GQ_PAD], tl.float32)
+    a2 = tl.zeros([Q, GQ_PAD], tl.float32)
+    a3 = tl.zeros([Q, GQ_PAD], tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    ctx_len = tl.load(context_lens_ptr + b)
+    quantized = ctx_len // R * R  # tokens [0, quantized) are in pages, the rest in the residual
+    qs0 = (qz0 * 2.0 ** (24 - KEY_EXP)).to(tl.float16)
+    qs1 = (qz1 * 2.0 ** (22 - KEY_EXP)).to(tl.float16)
+    qs2 = (qz2 * 2.0 ** (20 - KEY_EXP)).to(tl.float16)
+    qs3 = (qz3 * 2.0 ** (18 - KEY_EXP)).to(tl.float16)
+    for start in range(lo, tl.minimum(hi, quantized), G):
+        m, l, a0, a1, a2, a3, corr = _kivi_decode_tile(
+            qs0, qs1, qs2, qs3, qz0, qz1, qz2, qz3, m, l, a0, a1, a2, a3, corr, start, bt_row,
+            h_kv, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, G,
+            PACKED)
+    a0 = a0 * 2.0 ** 24  # value planes back to output units
+    a1 = a1 * 2.0 ** 22
+    a2 = a2 * 2.0 ** 20
+    a3 = a3 * 2.0 ** 18
+    if hi > tl.maximum(lo, quantized):  # this slice reaches into the residual
+        seq = tl.load(seq_slots_ptr + b).to(tl.int64)
+        res = (seq * R * NUM_KV_HEADS + h_kv) * HEAD_DIM
+        m, l, a0, a1, a2, a3, corr = _residual_rows(
+            tl.trans(qz0.to(tl.float16)), tl.trans(qz1.to(tl.float16)),
+            tl.trans(qz2.to(tl.float16)), tl.trans(qz3.to(tl.float16)),
+            m, l, a0, a1, a2, a3, corr, quantized, lo, hi, res_k_ptr + res, res_v_ptr + res,
+            NUM_KV_HEADS, HEAD_DIM, R)
+    NUM_Q_HEADS: tl.constexpr = NUM_KV_HEADS * GQ
+    out_cols = (b * stride_ot + head * stride_oh)[None, :]
+    part_cols = (((b * NUM_Q_HEADS + head) * NUM_SPLITS + split) * HEAD_DIM)[None, :]
+    l_b = l[None, :]
+    ok = valid[None, :]
+    corr_b = corr[None, :]
+    store_output(a0 + corr_b, l_b, c, out_cols, part_cols, ok, out_ptr, part_acc_ptr, NUM_SPLITS)
+    store_output(a1 + corr_b, l_b, c + Q, out_cols, part_cols, ok, out_ptr, part_acc_ptr,
+                 NUM_SPLITS)
+    store_output(a2 + corr_b, l_b, c + 2 * Q, out_cols, part_cols, ok, out_ptr, part_acc_ptr,
+                 NUM_SPLITS)
+    store_output(a3 + corr_b, l_b, c + 3 * Q, out_cols, part_cols, ok, out_ptr, part_acc_ptr,
+                 NUM_SPLITS)
+    store_split_stats(m, l, b, head, split, valid, part_ml_ptr, NUM_Q_HEADS, NUM_SPLITS)
+
+
+def kivi_decode_args(cache) -> tuple[list, dict]:
+    """Pointer arguments and constexprs of `kivi_decode_kernel` for a cache."""
+    p, s, fmt = cache.parts, cache.state, cache.fmt
+    return ([p["k"], p["k_meta"], p["v"], p["v_meta"], s["res_k"], s["res_v"]],
+            {"G": fmt.group_size, "R": fmt.r, "PACKED": packed_unpack(p["k"])})
 
 
 def kivi_cache_args(cache, k_int8: bool, v_int8: bool) -> tuple[list, dict]:

@@ -1,5 +1,6 @@
-"""The PTX that unpacks int4/kivi2 codes (`nibble_planes`, `crumb_planes` on CUDA), run through a small
-emulator of its four instructions on every byte value, against plain integer arithmetic. The CPU tests of the
+"""The PTX that unpacks int4/kivi2 codes (`nibble_planes`, `crumb_planes`, `subnormal_nibbles`,
+`subnormal_crumbs` on CUDA), run through a small emulator of its instructions on every byte value, against
+plain integer arithmetic. The CPU tests of the
 kernels take the portable path; this pins the asm's constants and register order, which the GPU-marked kernel
 tests then check end to end."""
 from __future__ import annotations
@@ -9,7 +10,8 @@ import re
 import numpy as np
 import pytest
 
-from partita.kernels.paged_attention_common import _BIASED_NIBBLES_ASM, _CRUMBS_ASM, _NIBBLES_ASM
+from partita.kernels.paged_attention_common import (_BIASED_NIBBLES_ASM, _CRUMBS_ASM, _NIBBLES_ASM,
+                                                    _SUBNORMAL_CRUMBS_ASM, _SUBNORMAL_NIBBLES_ASM)
 
 
 def _prmt(a: int, b: int, sel: int) -> int:
@@ -36,7 +38,8 @@ def _fma_f16x2(a: int, b: int, c: int) -> int:
 
 
 def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
-    """Registers after running `asm` (prmt, mov, lop3, fma.rn.f16x2 on .b32 registers and immediates)."""
+    """Registers after running `asm` (prmt, mov, lop3, and, fma.rn.f16x2 on .b32 registers and
+    immediates)."""
     regs = dict(inputs)
 
     def val(tok: str) -> int:
@@ -44,8 +47,8 @@ def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
         return int(tok, 0) if tok[0].isdigit() else regs[tok]
 
     for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
+        line = line.strip().strip("{}").strip().rstrip(";")
+        if not line or line.startswith(".reg"):
             continue
         op, rest = line.split(None, 1)
         dst, *src = [t.strip() for t in rest.split(",")]
@@ -53,6 +56,8 @@ def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
             regs[dst] = _prmt(val(src[0]), val(src[1]), val(src[2]))
         elif op == "mov.b32":
             regs[dst] = val(src[0])
+        elif op == "and.b32":
+            regs[dst] = val(src[0]) & val(src[1])
         elif op == "lop3.b32":
             regs[dst] = _lop3(val(src[0]), val(src[1]), val(src[2]), val(src[3]))
         elif op == "fma.rn.f16x2":
@@ -62,9 +67,11 @@ def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
     return regs
 
 
-@pytest.mark.parametrize("bits,asm,biased", [(4, _NIBBLES_ASM, False), (2, _CRUMBS_ASM, False),
-                                             (4, _BIASED_NIBBLES_ASM, True)])
-def test_unpack_asm_gives_every_code_exactly(bits, asm, biased):
+@pytest.mark.parametrize("bits,asm,form", [(4, _NIBBLES_ASM, "code"), (2, _CRUMBS_ASM, "code"),
+                                           (4, _BIASED_NIBBLES_ASM, "biased"),
+                                           (4, _SUBNORMAL_NIBBLES_ASM, "subnormal"),
+                                           (2, _SUBNORMAL_CRUMBS_ASM, "subnormal")])
+def test_unpack_asm_gives_every_code_exactly(bits, asm, form):
     asm = asm.value if hasattr(asm, "value") else asm
     fields = 8 // bits
     in_reg = f"${2 * fields}"
@@ -76,6 +83,9 @@ def test_unpack_asm_gives_every_code_exactly(bits, asm, biased):
             # output f is registers $2f (elements 0, 1) and $2f+1 (elements 2, 3), element 0 in the low half
             got = np.concatenate([_halves(regs[f"${2 * f}"]), _halves(regs[f"${2 * f + 1}"])])
             want = ((word >> (f * bits)) & ((1 << bits) - 1)).astype(np.float16)
-            if biased:  # 1024 + 2**s * code for the field at bit s
+            if form == "biased":  # 1024 + 2**s * code for the field at bit s
                 want = (1024.0 + 2.0 ** (f * bits) * want.astype(np.float64)).astype(np.float16)
+            elif form == "subnormal":  # 2**(s - 24) * code, a float16 subnormal
+                want = (2.0 ** (f * bits - 24) * want.astype(np.float64)).astype(np.float16)
+                assert (np.abs(want) < 2.0 ** -14).all()
             np.testing.assert_array_equal(got, want, err_msg=f"field {f} of bytes {list(word)}")

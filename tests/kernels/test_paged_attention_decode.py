@@ -1,7 +1,8 @@
 """Paged decode attention: the Triton kernels against the float64 reference over the same cache.
 
 Every format, GQA groups of 4 and 1, one and three context splits, odd lengths on shuffled pages,
-fresh random inputs each run (the seed is in the failure message). The reference dequantizes the
+fresh random inputs each run (the seed is in the failure message); int4 and kivi2 through both
+decode kernels (tokens or queries as the dots' rows). The reference dequantizes the
 same cache in float64, so the error measured is the kernel's own arithmetic:
     ||out - ref|| / ||ref|| <= TOL
     float operands (none: model dtype; fp8/int8/int4/kivi2: float16) and a 16-bit output: 1e-2
@@ -26,6 +27,7 @@ FORMATS = [("none", 16, 64, torch.bfloat16), ("none", 32, 128, torch.float16),
            ("int4", 16, 128, torch.bfloat16), ("int4:group_size=32", 32, 64, torch.float16),
            ("int4:group_size=64", 128, 64, torch.float16),  # blocks longer than a tile
            ("kivi2", 32, 64, torch.bfloat16), ("kivi2", 32, 128, torch.bfloat16),
+           ("kivi2:residual=64", 64, 128, torch.float16),  # residual of two key groups
            ("kivi2:residual=64,value_group_size=64", 64, 128, torch.float16)]
 
 
@@ -65,8 +67,8 @@ def test_decode_matches_float64_reference(poisoned, spec, block_size, head_dim, 
     ref = paged_attention_reference(q, cache, batch.block_tables, batch.context_lens, scale,
                                     seq_slots=batch.seq_slots, compute_dtype=torch.float64)
     configs = [AttentionConfig(k_int8=False, v_int8=False)]
-    if cache.fmt.name in ("int4", "kivi2"):
-        configs.append(AttentionConfig(k_int8=True, v_int8=True))
+    if cache.fmt.name in ("int4", "kivi2"):  # both decode kernels, and int8 dots
+        configs += [AttentionConfig(token_rows=False), AttentionConfig(k_int8=True, v_int8=True)]
     for cfg in configs:
         out = paged_decode_attention(q, cache, batch.block_tables, batch.context_lens, scale,
                                      max_context_len=max(LENS), seq_slots=batch.seq_slots,
@@ -87,6 +89,12 @@ def test_split_heuristic():
     assert choose_num_splits(32, 8, 4096, 132, waves=4) == 3
     assert choose_num_splits(32, 8, 4096, 132, waves=4, pow2=True) == 4  # int4: a power of two
     assert choose_num_splits(1, 8, 32768, 132, waves=4, pow2=True) == 64  # capped
+    # kivi2's 128-register programs: 8 per SM, splits down to 128 tokens, at most 128
+    kivi2 = {"min_tokens_per_split": 128, "waves": 8, "pow2": True, "max_splits": 128}
+    assert choose_num_splits(64, 8, 8192, 132, **kivi2) == 4
+    assert choose_num_splits(128, 8, 4096, 132, **kivi2) == 2
+    assert choose_num_splits(1, 8, 32768, 132, **kivi2) == 128
+    assert choose_num_splits(1, 8, 4096, 132, **kivi2) == 32
 
 
 @pytest.mark.gpu
