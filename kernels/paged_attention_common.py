@@ -223,6 +223,24 @@ def crumb_planes(x, PACKED: tl.constexpr, INT8: tl.constexpr):
 
 
 @triton.jit
+def float16_halves(pair):
+    """int32 -> (float16 in its low 16 bits, float16 in its high 16 bits): two float16 values
+    read with one 32-bit load."""
+    lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def scale_zero(meta_ptr, row, mask):
+    """float32 (scale, zero) of rows [N] of a one-group meta part (int4, kivi2 values): one 32-bit
+    load per row."""
+    scale, zero = float16_halves(tl.load(meta_ptr.to(tl.pointer_type(tl.int32)) + row, mask=mask,
+                                         other=0))
+    return scale.to(tl.float32), zero.to(tl.float32)
+
+
+@triton.jit
 def _subnormal(x, mask):
     return (x & mask).to(tl.int16).to(tl.float16, bitcast=True)
 

@@ -25,8 +25,9 @@ their M dimension and the GQA group their N columns,
 so a tensor-core tile carries BLOCK_N tokens against the group (4 heads padded to the 8 columns
 of an m16n8 instruction) instead of 4 heads padded to 16 rows: half the tensor-core instructions
 and half the softmax work per token (548 instructions per 32 tokens against 857, sm_90), and the
-value tile [D/2, N] of the token-major `v` part is an A operand as it is loaded. Its value codes stay biased too (1024 + c): the running sum of the
-float16 P-weights as used (`pbias`) takes 1024 * that sum back out of the accumulators at the end.
+value tile [D/2, N] of the token-major `v` part is an A operand as it is loaded. Its value codes
+stay biased too (1024 + c): the running sum of the float16 P-weights as used (`pbias`) takes
+1024 * that sum back out of the accumulators at the end.
 """
 from __future__ import annotations
 
@@ -36,22 +37,13 @@ import triton.language as tl
 from partita.kernels.paged_attention_common import (NEG_BIG, TAU, biased_nibble_planes,
                                                     causal_mask, decode_slice, nibble_planes,
                                                     packed_unpack, program_rows, quantize_rows,
-                                                    store_output, store_split_stats)
+                                                    scale_zero, store_output, store_split_stats)
 
 
 @triton.jit
 def _per_column(x, BLOCK_N: tl.constexpr, NG: tl.constexpr, W: tl.constexpr):
     """[BLOCK_N, NG] group values -> [BLOCK_N, NG * W], each repeated along its group's columns."""
     return tl.reshape(tl.broadcast_to(x[:, :, None], (BLOCK_N, NG, W)), (BLOCK_N, NG * W))
-
-
-@triton.jit
-def _scale_zero(meta_ptr, row, mask):
-    """float32 (scale, zero) of rows [N] of a one-group meta part: one 32-bit load per row."""
-    pair = tl.load(meta_ptr.to(tl.pointer_type(tl.int32)) + row, mask=mask, other=0)
-    scale = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    zero = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return scale, zero
 
 
 @triton.jit
@@ -97,7 +89,7 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, st
     # scores
     kb = tl.load(k_ptr + codes, mask=ok, other=0)
     if NG == 1:
-        ks, kz = _scale_zero(kmeta_ptr, row, n_ok)
+        ks, kz = scale_zero(kmeta_ptr, row, n_ok)
         if K_INT8:  # int32 products; Triton takes no int32 accumulator operand here
             k_lo, k_hi = nibble_planes(kb, PACKED, True)
             dots = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
@@ -130,7 +122,7 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, st
     vb = tl.trans(_value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS, HALF, BLOCK_SIZE,
                               BLOCK_N, MASKED))
     if NG == 1:
-        vs, vz = _scale_zero(vmeta_ptr, row, n_ok)
+        vs, vz = scale_zero(vmeta_ptr, row, n_ok)
         pw = p * vs[None, :]
         v_lo, v_hi = nibble_planes(vb, PACKED, V_INT8)
         if V_INT8:
@@ -248,7 +240,7 @@ def _int4_decode_tile(qt_lo, qt_hi, bias, qsum, m, l, acc_lo, acc_hi, corr, pbia
         + ((start % BLOCK_SIZE + r % BLOCK_SIZE) * NUM_KV_HEADS + h_kv)  # (token, head) row [N]
     ok = n_ok[:, None]
     kb = tl.load(k_ptr + row[:, None] * HALF + tl.arange(0, HALF)[None, :], mask=ok, other=0)
-    ks, kz = _scale_zero(kmeta_ptr, row, n_ok)
+    ks, kz = scale_zero(kmeta_ptr, row, n_ok)
     k_lo, k_hi = biased_nibble_planes(kb, PACKED)
     dots = tl.dot(k_hi, qt_hi, tl.dot(k_lo, qt_lo))  # [N, H], biased by `bias`
     s = (dots - bias[None, :]) * ks[:, None] + kz[:, None] * qsum[None, :]
@@ -266,7 +258,7 @@ def _int4_decode_tile(qt_lo, qt_hi, bias, qsum, m, l, acc_lo, acc_hi, corr, pbia
         m = m_new
     p = tl.exp2(s - m[None, :])
     l = l + tl.sum(p, 0)
-    vs, vz = _scale_zero(vmeta_ptr, row, n_ok)
+    vs, vz = scale_zero(vmeta_ptr, row, n_ok)
     pw = (p * vs[:, None]).to(tl.float16)
     corr = corr + tl.sum(p * vz[:, None], 0)
     pbias = pbias + tl.sum(pw.to(tl.float32), 0)

@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 
 from partita.kernels.paged_attention_common import (NEG_BIG, TAU, causal_mask, crumb_planes,
-                                                    decode_slice, packed_unpack, program_rows,
-                                                    quantize_rows, store_output, store_split_stats,
+                                                    decode_slice, float16_halves, packed_unpack,
+                                                    program_rows, quantize_rows, scale_zero,
+                                                    store_output, store_split_stats,
                                                     subnormal_crumbs)
 
 
@@ -241,9 +242,7 @@ KEY_EXP = tl.constexpr(18)  # key dots run at 2**-18 of the scores (subnormal co
 def _meta_row(pairs_ptr, first: tl.constexpr, Q: tl.constexpr):
     """float16 [1, Q] from Q float16 read as Q/2 32-bit pairs from `pairs_ptr + first` (a load of
     at least 4 bytes per lane, which the loop pipeliner prefetches)."""
-    pair = tl.load(pairs_ptr + first + tl.arange(0, Q // 2))
-    lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    lo, hi = float16_halves(tl.load(pairs_ptr + first + tl.arange(0, Q // 2)))
     return tl.reshape(tl.join(lo, hi), (1, Q))
 
 
@@ -288,10 +287,7 @@ def _kivi_decode_tile(qs0, qs1, qs2, qs3, qz0, qz1, qz2, qz3, m, l, a0, a1, a2, 
         m = m_new
     p = tl.exp2(s - m[None, :])
     l = l + tl.sum(p, 0)
-    vrow = (blk * BLOCK_SIZE + off + t) * NUM_KV_HEADS + h_kv
-    pair = tl.load(vmeta_ptr.to(tl.pointer_type(tl.int32)) + vrow)  # (scale, zero) of one group
-    vs = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    vz = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    vs, vz = scale_zero(vmeta_ptr, (blk * BLOCK_SIZE + off + t) * NUM_KV_HEADS + h_kv, True)
     pw = (p * vs[:, None]).to(tl.float16)
     corr = corr + tl.sum(p * vz[:, None], 0)
     vb = tl.load(v_ptr + ((blk * NUM_KV_HEADS + h_kv) * Q + c)[:, None] * BLOCK_SIZE
