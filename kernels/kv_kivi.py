@@ -299,7 +299,7 @@ class Kivi2Format(KVFormat):
         km = p["k_meta"][block_ids].float()  # [n, B/G, H, 2, D]
         k = kc * km[:, :, :, 0:1] + km[:, :, :, 1:2]
         k = k.permute(0, 1, 3, 2, 4).reshape(n, bs, h, d)
-        vc = unpack2(p["v"][block_ids].permute(0, 3, 1, 2), gv).float()  # token-major -> [n, B, H, D]
+        vc = unpack2(p["v"][block_ids].permute(0, 3, 1, 2), gv).float()  # [n, B, H, D]
         vc = vc.reshape(n, bs, h, d // gv, gv)
         vm = p["v_meta"][block_ids].float()
         v = (vc * vm[..., 0:1] + vm[..., 1:2]).reshape(n, bs, h, d)

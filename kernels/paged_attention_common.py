@@ -30,6 +30,15 @@ NEG_BIG = tl.constexpr(-1.0e30)  # initial reference max: finite, so exp2(m - m_
 
 
 @triton.jit
+def split_range(kv_end, split, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Context slice [lo, hi) of split `split` of tokens [0, kv_end): NUM_SPLITS slices of whole
+    BLOCK_N tiles (FlashDecoding)."""
+    chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    return lo, tl.minimum(kv_end, lo + chunk)
+
+
+@triton.jit
 def program_rows(context_lens_ptr, cu_seqlens_q_ptr,
                  GQ: tl.constexpr, GQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -55,10 +64,7 @@ def program_rows(context_lens_ptr, cu_seqlens_q_ptr,
     head = tl.program_id(2) * GQ + r % GQ_PAD
     first_pos = ctx_len - q_len + q_tile * BLOCK_Q
     pos = first_pos + i
-    kv_end = tl.minimum(ctx_len, first_pos + BLOCK_Q)
-    chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(kv_end, lo + chunk)
+    lo, hi = split_range(tl.minimum(ctx_len, first_pos + BLOCK_Q), split, BLOCK_N, NUM_SPLITS)
     visible = tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0)
     full_hi = lo + visible // BLOCK_N * BLOCK_N
     is_done = q_tile * BLOCK_Q >= q_len
@@ -71,10 +77,7 @@ def decode_slice(context_lens_ptr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constex
     [lo, hi) (the split of `program_rows`); tiles below `full_hi` need no mask."""
     b = tl.program_id(0)
     split = tl.program_id(1)
-    ctx_len = tl.load(context_lens_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(ctx_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
-    hi = tl.minimum(ctx_len, lo + chunk)
+    lo, hi = split_range(tl.load(context_lens_ptr + b), split, BLOCK_N, NUM_SPLITS)
     full_hi = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
     return b, split, lo, full_hi, hi
 
@@ -167,7 +170,6 @@ def _subnormal_asm(bits: int) -> str:
 _NIBBLES_ASM = tl.constexpr(_unpack_asm(4))
 _BIASED_NIBBLES_ASM = tl.constexpr(_unpack_asm(4, biased=True))
 _CRUMBS_ASM = tl.constexpr(_unpack_asm(2))
-_SUBNORMAL_NIBBLES_ASM = tl.constexpr(_subnormal_asm(4))
 _SUBNORMAL_CRUMBS_ASM = tl.constexpr(_subnormal_asm(2))
 
 
@@ -246,24 +248,11 @@ def _subnormal(x, mask):
 
 
 @triton.jit
-def subnormal_nibbles(x, PACKED: tl.constexpr):
-    """uint8 bytes -> float16 (2**-24 * low nibble, 2**-20 * high nibble): each field left in
-    place as the mantissa of a subnormal, one AND per two values on CUDA. Tensor cores multiply
-    subnormal float16 exactly; the caller scales its other operand by 2**24 (or 2**20), so codes
-    need neither a conversion nor a bias to cancel."""
-    if PACKED:
-        lo, hi = tl.inline_asm_elementwise(_SUBNORMAL_NIBBLES_ASM, "=r,=r,=r,=r,r", [x],
-                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-    else:
-        lo = _subnormal(x, 0x0F)
-        hi = _subnormal(x, 0xF0)
-    return lo, hi
-
-
-@triton.jit
 def subnormal_crumbs(x, PACKED: tl.constexpr):
-    """uint8 bytes -> their four 2-bit fields p (bits 2p..2p+1) as float16 2**(2p - 24) * code,
-    subnormals as in `subnormal_nibbles`."""
+    """uint8 bytes -> their four 2-bit fields p (bits 2p..2p+1) as float16 2**(2p - 24) * code:
+    each field left in place as the mantissa of a subnormal, one AND per two values on CUDA.
+    Tensor cores multiply subnormal float16 exactly; the caller scales its other operand by
+    2**(24 - 2p), so codes need neither a conversion nor a bias to cancel."""
     if PACKED:
         c0, c1, c2, c3 = tl.inline_asm_elementwise(
             _SUBNORMAL_CRUMBS_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],

@@ -1,8 +1,7 @@
-"""The PTX that unpacks int4/kivi2 codes (`nibble_planes`, `crumb_planes`, `subnormal_nibbles`,
+"""The PTX that unpacks int4/kivi2 codes (`nibble_planes`, `crumb_planes`, `biased_nibble_planes`,
 `subnormal_crumbs` on CUDA), run through a small emulator of its instructions on every byte value, against
-plain integer arithmetic. The CPU tests of the
-kernels take the portable path; this pins the asm's constants and register order, which the GPU-marked kernel
-tests then check end to end."""
+plain integer arithmetic. The CPU tests of the kernels take the portable path; this pins the asm's constants
+and register order, which the GPU-marked kernel tests then check end to end."""
 from __future__ import annotations
 
 import re
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from partita.kernels.paged_attention_common import (_BIASED_NIBBLES_ASM, _CRUMBS_ASM, _NIBBLES_ASM,
-                                                    _SUBNORMAL_CRUMBS_ASM, _SUBNORMAL_NIBBLES_ASM)
+                                                    _SUBNORMAL_CRUMBS_ASM)
 
 
 def _prmt(a: int, b: int, sel: int) -> int:
@@ -69,7 +68,6 @@ def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
 
 @pytest.mark.parametrize("bits,asm,form", [(4, _NIBBLES_ASM, "code"), (2, _CRUMBS_ASM, "code"),
                                            (4, _BIASED_NIBBLES_ASM, "biased"),
-                                           (4, _SUBNORMAL_NIBBLES_ASM, "subnormal"),
                                            (2, _SUBNORMAL_CRUMBS_ASM, "subnormal")])
 def test_unpack_asm_gives_every_code_exactly(bits, asm, form):
     asm = asm.value if hasattr(asm, "value") else asm
