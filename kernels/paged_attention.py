@@ -111,11 +111,14 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
 # (waves, min tokens per split, max splits) of `choose_num_splits` per format. One-warp programs
 # of the token-rows kernels: int4's take 255 registers (8 resident per SM) and aim at 4 per SM
 # (batch 64 x 8k: 2 splits); kivi2's take 128 (16 per SM) and aim at 8, with splits down to 128
-# tokens (H100, benchmarks/results/2026-12-06-attention-token-rows.md: 64 x 8k 150 us with 4
-# splits against 333 with 1; 1 x 32k 19 us with 128 against 27 with 64; 1 x 4k 10.5 us with 32
-# against 14.8 with 16). Their counts are powers of two (int4 at 32 x 4k on an H200: 4 splits
-# 60 us, 3 splits 77).
-_SPLITS = {"int4": (4, 256, 64), "kivi2": (8, 128, 128)}
+# tokens. Batch 1 x 32k takes 128 splits for int4 and 256 for kivi2, since the split merge reads
+# its partials in a few hundred programs (`combine_splits`); on an H100, whole calls with the
+# merge: int4 20.5 us with 128 against 22.5 with 64, kivi2 16.5 us with 256 against 18.0 with
+# 128 (benchmarks/results/2026-12-06-attention-combine.md). Other shapes keep the counts of
+# benchmarks/results/2026-12-06-attention-token-rows.md (kivi2 64 x 8k 150 us with 4 splits
+# against 333 with 1; 1 x 4k 10.5 us with 32 against 14.8 with 16). Their counts are powers of
+# two (int4 at 32 x 4k on an H200: 4 splits 60 us, 3 splits 77).
+_SPLITS = {"int4": (4, 256, 128), "kivi2": (8, 128, 256)}
 
 
 def decode_num_splits(cache: PagedKVCache, num_seqs: int, max_context_len: int) -> int:

@@ -1,16 +1,20 @@
 """The PTX that unpacks int4/kivi2 codes (`nibble_planes`, `crumb_planes`, `biased_nibble_planes`,
 `subnormal_crumbs` on CUDA), run through a small emulator of its instructions on every byte value, against
 plain integer arithmetic. The CPU tests of the kernels take the portable path; this pins the asm's constants
-and register order, which the GPU-marked kernel tests then check end to end."""
+and register order, which the GPU-marked kernel tests then check end to end.
+
+`combine_splits` (the split-KV merge) against a float64 log-sum-exp merge, at split counts that take each of
+its tilings (many rows per program; one row over channel slices; more splits than a power of two)."""
 from __future__ import annotations
 
 import re
 
 import numpy as np
 import pytest
+import torch
 
 from partita.kernels.paged_attention_common import (_BIASED_NIBBLES_ASM, _CRUMBS_ASM, _NIBBLES_ASM,
-                                                    _SUBNORMAL_CRUMBS_ASM)
+                                                    _SUBNORMAL_CRUMBS_ASM, combine_splits)
 
 
 def _prmt(a: int, b: int, sel: int) -> int:
@@ -87,3 +91,20 @@ def test_unpack_asm_gives_every_code_exactly(bits, asm, form):
                 want = (2.0 ** (f * bits - 24) * want.astype(np.float64)).astype(np.float16)
                 assert (np.abs(want) < 2.0 ** -14).all()
             np.testing.assert_array_equal(got, want, err_msg=f"field {f} of bytes {list(word)}")
+
+
+@pytest.mark.parametrize("batch,heads,splits,head_dim", [(3, 4, 3, 64), (5, 8, 1, 128), (1, 2, 256, 32),
+                                                         (2, 3, 300, 16)])
+def test_combine_splits_matches_float64(batch, heads, splits, head_dim):
+    acc = torch.randn(batch, heads, splits, head_dim)
+    m = torch.randn(batch, heads, splits) * 8  # log2 units: split weights spread over 2**+-24
+    l = torch.rand(batch, heads, splits) * 50 + 0.5
+    if splits > 1:  # a split that saw no tokens, as a kernel stores it: reference max, no weight
+        acc[:, :, 1], m[:, :, 1], l[:, :, 1] = 0.0, -1.0e30, 0.0
+    out_rows = torch.full((batch, heads, 2 * head_dim), float("nan"))
+    out = out_rows[..., :head_dim]  # strided rows: the head stride is not head_dim
+    combine_splits(out, acc, torch.stack([m, l], -1))
+    w = torch.exp2(m.double() - m.double().amax(-1, keepdim=True))
+    ref = (w[..., None] * acc.double()).sum(2) / (w * l.double()).sum(-1, keepdim=True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    assert out_rows[..., head_dim:].isnan().all()  # the memory between rows untouched

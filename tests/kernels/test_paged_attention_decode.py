@@ -80,22 +80,32 @@ def test_decode_matches_float64_reference(poisoned, spec, block_size, head_dim, 
 
 
 def test_split_heuristic():
-    from partita.kernels.paged_attention import choose_num_splits
+    from partita.kernels.paged_attention import _SPLITS, choose_num_splits
     assert choose_num_splits(64, 8, 8192, 132) == 1  # 512 programs: enough without splits
     assert choose_num_splits(1, 8, 32768, 132) == 33  # 8 programs -> 264, two per SM
     assert choose_num_splits(1, 8, 300, 132) == 1  # too short to split
     assert choose_num_splits(2, 8, 2048, 132) == 8  # capped by 256 tokens per split
-    assert choose_num_splits(64, 8, 8192, 132, waves=4) == 2  # int4's one-warp programs: 4 per SM
+    assert choose_num_splits(64, 8, 8192, 132, waves=4) == 2  # one-warp programs: 4 per SM
     assert choose_num_splits(32, 8, 4096, 132, waves=4) == 3
-    assert choose_num_splits(32, 8, 4096, 132, waves=4, pow2=True) == 4  # int4: a power of two
-    assert choose_num_splits(1, 8, 32768, 132, waves=4, pow2=True) == 64  # capped
-    # kivi2's 128-register programs: 8 per SM, splits down to 128 tokens, at most 128
-    kivi2 = {"min_tokens_per_split": 128, "waves": 8, "pow2": True, "max_splits": 128}
+    assert choose_num_splits(32, 8, 4096, 132, waves=4, pow2=True) == 4  # a power of two
+    assert choose_num_splits(1, 8, 32768, 132, waves=4, pow2=True, max_splits=64) == 64  # capped
+
+    def per_format(name: str) -> dict:
+        waves, min_tokens, max_splits = _SPLITS[name]
+        return {"waves": waves, "min_tokens_per_split": min_tokens, "max_splits": max_splits,
+                "pow2": True}
+    # int4's 255-register programs: 4 per SM
+    int4 = per_format("int4")
+    assert choose_num_splits(64, 8, 8192, 132, **int4) == 2
+    assert choose_num_splits(32, 8, 4096, 132, **int4) == 4
+    assert choose_num_splits(1, 8, 32768, 132, **int4) == 128
+    assert choose_num_splits(1, 8, 4096, 132, **int4) == 16  # 256 tokens per split at least
+    # kivi2's 128-register programs: 8 per SM, splits down to 128 tokens
+    kivi2 = per_format("kivi2")
     assert choose_num_splits(64, 8, 8192, 132, **kivi2) == 4
     assert choose_num_splits(128, 8, 4096, 132, **kivi2) == 2
-    assert choose_num_splits(1, 8, 32768, 132, **kivi2) == 128
+    assert choose_num_splits(1, 8, 32768, 132, **kivi2) == 256
     assert choose_num_splits(1, 8, 4096, 132, **kivi2) == 32
-
 
 @pytest.mark.gpu
 def test_decode_is_cuda_graph_capturable():
