@@ -57,6 +57,10 @@ class AttentionConfig:
     # group per head, kivi2 with one value group per head, float operands); False takes the
     # query-rows kernel that prefill uses
     token_rows: bool = True
+    # kivi2 decode (token rows): two key groups per loop step, sharing one max, one rescale check
+    # and one reduction per softmax sum
+    key_group_pairs: bool = False
+    maxnreg: int | None = None  # decode with token rows: registers per thread at most
 
 
 def attention_config(fmt_name: str, head_dim: int, is_decode: bool, num_splits: int = 1,
@@ -74,12 +78,20 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool, num_splits: 
     (`split_len`, batch 1 x 4k), where four warps over 128-token tiles were faster; both times
     with the token-rows kernel (benchmarks/results/2026-12-06-attention-token-rows.md), whose
     tiles of 64 tokens in one warp stay the fastest at 64 x 8k and 128 x 4k. kivi2 decode takes
-    one-warp programs over one key group (32 tokens) and 3 stages, the fastest there."""
+    one-warp programs over one key group (32 tokens) and 3 stages, the fastest there, except
+    splits longer than 512 tokens, which take two key groups per loop step (`key_group_pairs`)
+    over 2 stages: on an H100, 64 x 8k 140 us against 147, 128 x 4k 140 against 148; at 32 x 4k
+    (512-token splits) 44.8 against 44.0 and at 1 x 32k (128-token splits) 17.9 against 16.5,
+    so those keep single groups. Both are held to 128 registers (`maxnreg`; 16 programs per SM):
+    unheld, ptxas gives them about 166, 12 programs per SM, and 64 x 8k takes 186 to 196 us
+    (benchmarks/results/2026-12-06-attention-combine.md)."""
     if not is_decode:
         return AttentionConfig(block_n=64, block_m=64, num_warps=4,
                                num_stages=3 if fmt_name in ("none", "int4", "kivi2") else 2)
-    if fmt_name == "kivi2":
-        return AttentionConfig(num_warps=1, num_stages=3)
+    if fmt_name == "kivi2":  # held to 128 registers: 16 programs per SM
+        if split_len is None or split_len > 512:
+            return AttentionConfig(num_warps=1, num_stages=2, key_group_pairs=True, maxnreg=128)
+        return AttentionConfig(num_warps=1, num_stages=3, maxnreg=128)
     if fmt_name == "none":
         if num_splits >= 8:
             return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
@@ -111,14 +123,15 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
 # (waves, min tokens per split, max splits) of `choose_num_splits` per format. One-warp programs
 # of the token-rows kernels: int4's take 255 registers (8 resident per SM) and aim at 4 per SM
 # (batch 64 x 8k: 2 splits); kivi2's take 128 (16 per SM) and aim at 8, with splits down to 128
-# tokens. Batch 1 x 32k takes 128 splits for int4 and 256 for kivi2, since the split merge reads
-# its partials in a few hundred programs (`combine_splits`); on an H100, whole calls with the
-# merge: int4 20.5 us with 128 against 22.5 with 64, kivi2 16.5 us with 256 against 18.0 with
-# 128 (benchmarks/results/2026-12-06-attention-combine.md). Other shapes keep the counts of
+# tokens. Batch 1 x 32k takes 256 splits for kivi2, since the split merge reads its partials in
+# a few hundred programs (`combine_splits`); on an H100, whole calls with the merge: 16.5 us with
+# 256 against 18.0 with 128 (benchmarks/results/2026-12-06-attention-combine.md). int4 stays at
+# 64: with 128 its 256-token splits take the four-warp config (`attention_config`), 33 us against
+# 22.5. Other shapes keep the counts of
 # benchmarks/results/2026-12-06-attention-token-rows.md (kivi2 64 x 8k 150 us with 4 splits
 # against 333 with 1; 1 x 4k 10.5 us with 32 against 14.8 with 16). Their counts are powers of
 # two (int4 at 32 x 4k on an H200: 4 splits 60 us, 3 splits 77).
-_SPLITS = {"int4": (4, 256, 128), "kivi2": (8, 128, 256)}
+_SPLITS = {"int4": (4, 256, 64), "kivi2": (8, 128, 256)}
 
 
 def decode_num_splits(cache: PagedKVCache, num_seqs: int, max_context_len: int) -> int:
@@ -167,7 +180,7 @@ def _token_rows_kernel(cache: PagedKVCache, cfg: "AttentionConfig"):
     if fmt.name == "int4" and fmt.group_size == d:
         return int4_decode_kernel, int4_decode_args(cache, cfg.block_n)
     if fmt.name == "kivi2" and fmt.value_group(d) == d:
-        return kivi_decode_kernel, kivi_decode_args(cache)
+        return kivi_decode_kernel, kivi_decode_args(cache, cfg.key_group_pairs)
     return None
 
 
@@ -183,7 +196,8 @@ def _launch_token_rows(kernel, cache_args, meta, q, cache, block_tables, context
         *cache_args,
         NUM_KV_HEADS=hkv, HEAD_DIM=cache.head_dim, BLOCK_SIZE=cache.block_size, GQ=gq,
         GQ_PAD=triton.next_power_of_2(gq), NUM_SPLITS=num_splits, **meta,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
     if num_splits > 1:
         combine_splits(out, part_acc, part_ml)
 

@@ -314,7 +314,8 @@ def _combine_kernel(
     w = tl.where(ok, tl.exp2(m - tl.max(m, 1)[:, None]), 0.0)  # empty splits have l = 0: weight 0
     acc = tl.load(part_acc_ptr + base[:, :, None] * HEAD_DIM + d[None, None, :],
                   mask=ok[:, :, None], other=0.0)
-    o = tl.sum(acc * w[:, :, None], 1) / tl.sum(w * l, 1)[:, None]
+    den = tl.where(r_ok, tl.sum(w * l, 1), 1.0)  # rows past the end: no 0 / 0
+    o = tl.sum(acc * w[:, :, None], 1) / den[:, None]
     rows = (r // NUM_Q_HEADS) * stride_ot + (r % NUM_Q_HEADS) * stride_oh
     tl.store(out_ptr + rows[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=r_ok[:, None])

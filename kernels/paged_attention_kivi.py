@@ -247,11 +247,11 @@ def _meta_row(pairs_ptr, first: tl.constexpr, Q: tl.constexpr):
 
 
 @triton.jit
-def _kivi_decode_tile(qs0, qs1, qs2, qs3, qz0, qz1, qz2, qz3, m, l, a0, a1, a2, a3, corr, start,
-                      bt_row, h_kv, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
-                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, G: tl.constexpr, PACKED: tl.constexpr):
-    # one key group of G tokens, all below the residual (no mask)
+def _group_scores(qs0, qs1, qs2, qs3, qz0, qz1, qz2, qz3, start, bt_row, h_kv, k_ptr, kmeta_ptr,
+                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  G: tl.constexpr, PACKED: tl.constexpr):
+    """Scores S^T [G, H] (log2 units) of the key group at `start`, all below the residual, and
+    its page (blk) and offset in the page."""
     Q: tl.constexpr = HEAD_DIM // 4
     t = tl.arange(0, G)
     c = tl.arange(0, Q)
@@ -273,8 +273,47 @@ def _kivi_decode_tile(qs0, qs1, qs2, qs3, qz0, qz1, qz2, qz3, m, l, a0, a1, a2, 
     s = tl.dot(k1, tl.trans(qs1 * _meta_row(meta, Q // 2, Q)), s)
     s = tl.dot(k2, tl.trans(qs2 * _meta_row(meta, Q, Q)), s)
     s = tl.dot(k3, tl.trans(qs3 * _meta_row(meta, 3 * Q // 2, Q)), s)
-    s = s * (2.0 ** KEY_EXP) + zterm[None, :]  # [G, H], log2 units
-    tile_max = tl.max(s, 0)
+    return s * (2.0 ** KEY_EXP) + zterm[None, :], blk, off
+
+
+@triton.jit
+def _group_values(p, blk, off, a0, a1, a2, a3, h_kv, v_ptr, vmeta_ptr,
+                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, G: tl.constexpr, PACKED: tl.constexpr):
+    """Accumulates the P-weights p [G, H] of a key group's tokens against their values; returns
+    the accumulators and p * zero [G, H] (the zero-point term, not yet summed)."""
+    Q: tl.constexpr = HEAD_DIM // 4
+    t = tl.arange(0, G)
+    c = tl.arange(0, Q)
+    vs, vz = scale_zero(vmeta_ptr, (blk * BLOCK_SIZE + off + t) * NUM_KV_HEADS + h_kv, True)
+    pw = (p * vs[:, None]).to(tl.float16)
+    vb = tl.load(v_ptr + ((blk * NUM_KV_HEADS + h_kv) * Q + c)[:, None] * BLOCK_SIZE
+                 + (off + t)[None, :])  # [Q, G], token-major
+    v0, v1, v2, v3 = subnormal_crumbs(vb, PACKED)
+    a0 = tl.dot(v0, pw, a0)
+    a1 = tl.dot(v1, pw, a1)
+    a2 = tl.dot(v2, pw, a2)
+    a3 = tl.dot(v3, pw, a3)
+    return a0, a1, a2, a3, p * vz[:, None]
+
+
+@triton.jit
+def _kivi_decode_tile(qs0, qs1, qs2, qs3, qz0, qz1, qz2, qz3, m, l, a0, a1, a2, a3, corr, start,
+                      bt_row, h_kv, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
+                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, G: tl.constexpr, PACKED: tl.constexpr,
+                      GROUPS: tl.constexpr):
+    # GROUPS (1 or 2) key groups from `start`, all below the residual (no mask); two share one
+    # max, one rescale check and one reduction per sum
+    s0, blk0, off0 = _group_scores(qs0, qs1, qs2, qs3, qz0, qz1, qz2, qz3, start, bt_row, h_kv,
+                                   k_ptr, kmeta_ptr, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, G, PACKED)
+    if GROUPS == 2:
+        s1, blk1, off1 = _group_scores(qs0, qs1, qs2, qs3, qz0, qz1, qz2, qz3, start + G, bt_row,
+                                       h_kv, k_ptr, kmeta_ptr, NUM_KV_HEADS, HEAD_DIM,
+                                       BLOCK_SIZE, G, PACKED)
+        tile_max = tl.max(tl.maximum(s0, s1), 0)
+    else:
+        tile_max = tl.max(s0, 0)
     if tl.max((tile_max > m + TAU).to(tl.int32), 0) > 0:  # lazy rescale, see the common module
         m_new = tl.maximum(m, tile_max)
         alpha = tl.exp2(m - m_new)
@@ -285,19 +324,17 @@ def _kivi_decode_tile(qs0, qs1, qs2, qs3, qz0, qz1, qz2, qz3, m, l, a0, a1, a2, 
         corr = corr * alpha
         l = l * alpha
         m = m_new
-    p = tl.exp2(s - m[None, :])
-    l = l + tl.sum(p, 0)
-    vs, vz = scale_zero(vmeta_ptr, (blk * BLOCK_SIZE + off + t) * NUM_KV_HEADS + h_kv, True)
-    pw = (p * vs[:, None]).to(tl.float16)
-    corr = corr + tl.sum(p * vz[:, None], 0)
-    vb = tl.load(v_ptr + ((blk * NUM_KV_HEADS + h_kv) * Q + c)[:, None] * BLOCK_SIZE
-                 + (off + t)[None, :])  # [Q, G], token-major
-    v0, v1, v2, v3 = subnormal_crumbs(vb, PACKED)
-    a0 = tl.dot(v0, pw, a0)
-    a1 = tl.dot(v1, pw, a1)
-    a2 = tl.dot(v2, pw, a2)
-    a3 = tl.dot(v3, pw, a3)
-    return m, l, a0, a1, a2, a3, corr
+    p = tl.exp2(s0 - m[None, :])
+    a0, a1, a2, a3, z = _group_values(p, blk0, off0, a0, a1, a2, a3, h_kv, v_ptr, vmeta_ptr,
+                                      NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, G, PACKED)
+    if GROUPS == 2:
+        p1 = tl.exp2(s1 - m[None, :])
+        a0, a1, a2, a3, z1 = _group_values(p1, blk1, off1, a0, a1, a2, a3, h_kv, v_ptr,
+                                           vmeta_ptr, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, G,
+                                           PACKED)
+        p = p + p1
+        z = z + z1
+    return m, l + tl.sum(p, 0), a0, a1, a2, a3, corr + tl.sum(z, 0)
 
 
 @triton.jit
@@ -344,7 +381,7 @@ def kivi_decode_kernel(
     # shapes and tiling: tiles are key groups of G tokens
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     GQ: tl.constexpr, GQ_PAD: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    R: tl.constexpr, PACKED: tl.constexpr,
+    R: tl.constexpr, PACKED: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """Decode with tokens as the dots' M dimension: one program per (sequence, split, kv head),
     its GQA group the dots' N columns. Codes are subnormal float16 (`subnormal_crumbs`): the key
@@ -379,11 +416,20 @@ def kivi_decode_kernel(
     qs1 = (qz1 * 2.0 ** (22 - KEY_EXP)).to(tl.float16)
     qs2 = (qz2 * 2.0 ** (20 - KEY_EXP)).to(tl.float16)
     qs3 = (qz3 * 2.0 ** (18 - KEY_EXP)).to(tl.float16)
-    for start in range(lo, tl.minimum(hi, quantized), G):
+    q_end = tl.minimum(hi, quantized)
+    singles_from = lo
+    if PAIRS:
+        singles_from = lo + (q_end - lo) // (2 * G) * (2 * G)
+        for start in range(lo, singles_from, 2 * G):
+            m, l, a0, a1, a2, a3, corr = _kivi_decode_tile(
+                qs0, qs1, qs2, qs3, qz0, qz1, qz2, qz3, m, l, a0, a1, a2, a3, corr, start,
+                bt_row, h_kv, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr, NUM_KV_HEADS, HEAD_DIM,
+                BLOCK_SIZE, G, PACKED, 2)
+    for start in range(singles_from, q_end, G):
         m, l, a0, a1, a2, a3, corr = _kivi_decode_tile(
             qs0, qs1, qs2, qs3, qz0, qz1, qz2, qz3, m, l, a0, a1, a2, a3, corr, start, bt_row,
             h_kv, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, G,
-            PACKED)
+            PACKED, 1)
     a0 = a0 * 2.0 ** 24  # value planes back to output units
     a1 = a1 * 2.0 ** 22
     a2 = a2 * 2.0 ** 20
@@ -412,11 +458,12 @@ def kivi_decode_kernel(
     store_split_stats(m, l, b, head, split, valid, part_ml_ptr, NUM_Q_HEADS, NUM_SPLITS)
 
 
-def kivi_decode_args(cache) -> tuple[list, dict]:
-    """Pointer arguments and constexprs of `kivi_decode_kernel` for a cache."""
+def kivi_decode_args(cache, pairs: bool) -> tuple[list, dict]:
+    """Pointer arguments and constexprs of `kivi_decode_kernel` for a cache; `pairs`: two key
+    groups per loop step."""
     p, s, fmt = cache.parts, cache.state, cache.fmt
     return ([p["k"], p["k_meta"], p["v"], p["v_meta"], s["res_k"], s["res_v"]],
-            {"G": fmt.group_size, "R": fmt.r, "PACKED": packed_unpack(p["k"])})
+            {"G": fmt.group_size, "R": fmt.r, "PACKED": packed_unpack(p["k"]), "PAIRS": pairs})
 
 
 def kivi_cache_args(cache, k_int8: bool, v_int8: bool) -> tuple[list, dict]:
