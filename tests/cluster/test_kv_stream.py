@@ -30,15 +30,17 @@ async def run_streamed(pair: Pair, request_id: str = "r", **kwargs):
     return m.first.new_token_ids + await pair.outputs[request_id], m
 
 
-@pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
-def test_streamed_pd_equals_colocated(kv_format):
+# chunk sizes below each format's whole transfer (none 96 KiB, int4 13.5 KiB, kivi2 24 KiB here), so that
+# several chunks go out however the layers' arrival and the sends interleave
+@pytest.mark.parametrize("kv_format,chunk_kib", [("none", 16), ("int4", 4), ("kivi2", 16)])
+def test_streamed_pd_equals_colocated(kv_format, chunk_kib):
     async def main():
         async with Pair(kv_format) as pair:
-            tokens, m = await run_streamed(pair, chunk_bytes=16 * 1024, window=2)
+            tokens, m = await run_streamed(pair, chunk_bytes=chunk_kib * 1024, window=2)
             await pair.assert_all_free()
             return tokens, m
     tokens, m = asyncio.run(main())
-    assert m.streamed and m.result is not None and m.result.num_chunks > 1
+    assert m.streamed and m.result is not None and m.result.num_chunks > 1, m.result
     assert m.times.admitted < m.times.first_send <= m.times.last_ack
     assert 0.0 <= m.times.hidden_share <= 1.0
     assert tokens == colocated(kv_format)
