@@ -34,6 +34,7 @@ from partita.kernels.linear import graph_time_us
 from partita.kernels.paged_attention import (AttentionConfig, attention_config,
                                              choose_num_splits, decode_num_splits,
                                              paged_decode_attention, paged_prefill_attention)
+from partita.kernels.paged_attention_common import combine_splits
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
 SHAPES = [(1, 4096), (1, 32768), (32, 4096), (64, 8192)]  # (batch, context)
@@ -96,7 +97,8 @@ def read_bytes(cache, batch_size: int, ctx: int) -> int:
 def cfg_str(c: AttentionConfig) -> str:
     return (f"n{c.block_n} m{c.block_m}/{c.decode_block_m} w{c.num_warps} s{c.num_stages}"
             + (" k8" if c.k_int8 else "") + (" v8" if c.v_int8 else "")
-            + ("" if c.token_rows else " query-rows"))
+            + ("" if c.token_rows else " query-rows") + (" pairs" if c.key_group_pairs else "")
+            + ("" if c.maxnreg is None else f" r{c.maxnreg}"))
 
 
 def bench_decode(spec: str, batch_size: int, ctx: int, *, num_splits=None, config=None) -> dict:
@@ -205,8 +207,18 @@ def sweep_cases() -> list[tuple[str, int, int, dict]]:
                     cfg = AttentionConfig(num_warps=warps, num_stages=3, k_int8=ki, v_int8=vi)
                     cases.append((spec, 64, 8192, {"config": cfg, "num_splits": splits}))
     for splits in (32, 64, 128, 256):  # token-rows kivi2 at batch 1
-        cfg = AttentionConfig(num_warps=1, num_stages=3)
+        cfg = AttentionConfig(num_warps=1, num_stages=3, maxnreg=128)
         cases.append(("kivi2", 1, 32768, {"config": cfg, "num_splits": splits}))
+    for b, ctx, splits in ((64, 8192, 4), (128, 4096, 2), (32, 4096, 8), (1, 32768, 256),
+                           (1, 4096, 32)):  # kivi2 key groups one or two per loop step
+        for pairs, stages in ((False, 3), (True, 2)):
+            for maxnreg in (128, None):
+                cfg = AttentionConfig(num_warps=1, num_stages=stages, key_group_pairs=pairs,
+                                      maxnreg=maxnreg)
+                cases.append(("kivi2", b, ctx, {"config": cfg, "num_splits": splits}))
+    for splits in (32, 64, 128):  # one-warp int4 at batch 1
+        cfg = AttentionConfig(block_n=64, num_warps=1, num_stages=3)
+        cases.append(("int4", 1, 32768, {"config": cfg, "num_splits": splits}))
     for bn, warps in ((64, 4), (128, 4), (128, 8)):
         for splits in (16, 32, 64):
             cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=3)
@@ -218,9 +230,23 @@ def sweep_cases() -> list[tuple[str, int, int, dict]]:
     return cases
 
 
+def bench_merge(batch_size: int, splits: int) -> dict:
+    """The split merge alone (`combine_splits`) on random partials of a decode launch's shape."""
+    out = torch.empty(batch_size, HQ, D, device="cuda", dtype=DTYPE)
+    acc = torch.randn(batch_size, HQ, splits, D, device="cuda")
+    ml = torch.rand(batch_size, HQ, splits, 2, device="cuda")
+    t = time_graph(lambda: combine_splits(out, acc, ml))
+    return {"kind": "merge", "format": "merge", "batch": batch_size, "ctx": 0, "splits": splits,
+            "time_s": t, "bytes": (acc.numel() + ml.numel()) * 4 + out.numel() * 2, "config": "-"}
+
+
 def sweeps(match: str = "") -> list[dict]:
-    """Run the sweep cases whose format starts with `match`; a config that fails is reported."""
+    """Run the sweep cases whose format starts with `match` (and the split merge alone, as
+    `merge`); a config that fails is reported."""
     rows = []
+    if "merge".startswith(match):
+        rows += [bench_merge(b, splits) for b, splits in ((1, 64), (1, 128), (1, 256), (64, 2),
+                                                          (64, 4), (64, 8))]
     for spec in ("none", "int4", "kivi2"):
         if not spec.startswith(match):
             continue

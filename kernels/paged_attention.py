@@ -80,10 +80,10 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool, num_splits: 
     tiles of 64 tokens in one warp stay the fastest at 64 x 8k and 128 x 4k. kivi2 decode takes
     one-warp programs over one key group (32 tokens) and 3 stages, the fastest there, except
     splits longer than 512 tokens, which take two key groups per loop step (`key_group_pairs`)
-    over 2 stages: on an H100, 64 x 8k 140 us against 147, 128 x 4k 140 against 148; at 32 x 4k
-    (512-token splits) 44.8 against 44.0 and at 1 x 32k (128-token splits) 17.9 against 16.5,
-    so those keep single groups. Both are held to 128 registers (`maxnreg`; 16 programs per SM):
-    unheld, ptxas gives them about 166, 12 programs per SM, and 64 x 8k takes 186 to 196 us
+    over 2 stages: on one H100, 64 x 8k 145.9 us against 151.2, 128 x 4k 145.5 against 150.6; at
+    32 x 4k (512-token splits) 45.9 against 44.4 and at 1 x 32k (128-token splits) 17.9 against
+    16.4, so those keep single groups. Both are held to 128 registers (`maxnreg`; 16 programs per
+    SM): unheld, ptxas gives them about 166, 12 programs per SM, and 64 x 8k takes 186 to 196 us
     (benchmarks/results/2026-12-06-attention-combine.md)."""
     if not is_decode:
         return AttentionConfig(block_n=64, block_m=64, num_warps=4,
