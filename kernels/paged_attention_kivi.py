@@ -17,7 +17,9 @@ dimension and the GQA group as their N columns (see `paged_attention_int4`):
     S^T [G, H] = sum_p C_p [G, Q] (q_p * sk_p)^T + q . zk      O_p^T [Q, H] += C_p^T (P * sv)^T
 Its codes are float16 subnormals (`subnormal_crumbs`: the AND that isolates a field is the whole
 conversion, and no bias needs cancelling), the per-group query scaling is one float16 product per
-channel and head, and the zero-point term is reduced in float32.
+channel and head, and the zero-point term is reduced in float32. With `PAIRS` a loop step takes two
+key groups, which share one tile max, one rescale check and one cross-lane reduction per softmax
+sum; the odd group left at a split's end takes a step of its own.
 """
 from __future__ import annotations
 
