@@ -2,8 +2,9 @@
 
 Every format, GQA groups of 4 and 1, one and three context splits, odd lengths on shuffled pages,
 fresh random inputs each run (the seed is in the failure message); int4 and kivi2 through both
-decode kernels (tokens or queries as the dots' rows), kivi2's key groups one or two per loop step. The reference dequantizes the
-same cache in float64, so the error measured is the kernel's own arithmetic:
+decode kernels (tokens or queries as the dots' rows), kivi2's key groups one or two per loop step
+and its default config. The reference dequantizes the same cache in float64, so the error
+measured is the kernel's own arithmetic:
     ||out - ref|| / ||ref|| <= TOL
     float operands (none: model dtype; fp8/int8/int4/kivi2: float16) and a 16-bit output: 1e-2
         (the CPU interpreter truncates to bf16: 2**-8 per element)
@@ -69,15 +70,15 @@ def test_decode_matches_float64_reference(poisoned, spec, block_size, head_dim, 
     configs = [AttentionConfig(k_int8=False, v_int8=False)]
     if cache.fmt.name in ("int4", "kivi2"):  # both decode kernels, and int8 dots
         configs += [AttentionConfig(token_rows=False), AttentionConfig(k_int8=True, v_int8=True)]
-    if cache.fmt.name == "kivi2":  # key groups in pairs, and the odd one left
-        configs.append(AttentionConfig(key_group_pairs=True))
+    if cache.fmt.name == "kivi2":  # key groups in pairs and the odd one left; the defaults (maxnreg)
+        configs += [AttentionConfig(key_group_pairs=True), None]
     for cfg in configs:
         out = paged_decode_attention(q, cache, batch.block_tables, batch.context_lens, scale,
                                      max_context_len=max(LENS), seq_slots=batch.seq_slots,
                                      num_splits=num_splits, config=cfg, impl="triton")
         assert torch.isfinite(out).all(), f"rows not written, seed {seed}"
         err = ((out.double() - ref).norm() / ref.norm()).item()
-        tol = TOL_INT8 if (cfg.k_int8 or cfg.v_int8) else TOL_FLOAT
+        tol = TOL_INT8 if cfg is not None and (cfg.k_int8 or cfg.v_int8) else TOL_FLOAT
         assert err <= tol, f"{cfg}: relative error {err:.2e} > {tol}, seed {seed}"
 
 
