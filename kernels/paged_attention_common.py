@@ -331,7 +331,7 @@ def combine_splits(out, part_acc, part_ml) -> None:
     """out [B, Hq, D] from split partials [B, Hq, S, D] and [B, Hq, S, 2]."""
     b, hq, s, d = part_acc.shape
     splits_pad = triton.next_power_of_2(s)
-    block_d = d if splits_pad * d <= _COMBINE_TILE else min(d, max(16, _COMBINE_TILE // splits_pad))
+    block_d = min(d, max(16, _COMBINE_TILE // splits_pad))  # all channels while they fit
     rows = min(triton.next_power_of_2(b * hq), max(1, _COMBINE_TILE // (splits_pad * block_d)))
     _combine_kernel[(triton.cdiv(b * hq, rows), triton.cdiv(d, block_d))](
         out, part_acc, part_ml, out.stride(0), out.stride(1), b * hq,
