@@ -73,11 +73,12 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool, num_splits: 
     32k (at batch 32 x 4k, 2 splits, the unsplit config stays faster). Float operands throughout:
     int8 tensor-core dots (`k_int8`, `v_int8`) were slower for int4 and kivi2 once unpacking was
     cheap, and add the 8-bit rounding of the query or P to every product. int4 decode takes
-    one-warp programs over 64-token tiles at every shape measured (batch 1 x 32k, 32 x 4k, 64 x 8k,
-    128 x 4k; benchmarks/results/2026-11-25-attention-int4-h200.md) except splits of <= 256 tokens
-    (`split_len`, batch 1 x 4k), where four warps over 128-token tiles were faster; both times
-    with the token-rows kernel (benchmarks/results/2026-12-06-attention-token-rows.md), whose
-    tiles of 64 tokens in one warp stay the fastest at 64 x 8k and 128 x 4k. kivi2 decode takes
+    one-warp programs over 64-token tiles at every shape (benchmarks/results/2026-11-25-attention-
+    int4-h200.md; 2026-12-06-attention-token-rows.md for the token-rows kernel): four warps over
+    128-token tiles, which splits of <= 256 tokens used to take, ran 4 x 4k in 24.4 us against
+    14.7 and 8 x 4k in 39.1 against 22.0 on an H100, and batch 1 is as fast with one warp once its
+    splits are cut down to 128 tokens (`_SPLITS`; benchmarks/results/2026-12-06-attention-int4-
+    splits.md). kivi2 decode takes
     one-warp programs over one key group (32 tokens) and 3 stages, the fastest there, except
     splits longer than 512 tokens, which take two key groups per loop step (`key_group_pairs`)
     over 2 stages: on one H100, 64 x 8k 145.9 us against 151.2, 128 x 4k 145.5 against 150.6; at
@@ -96,8 +97,7 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool, num_splits: 
         if num_splits >= 8:
             return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
         return AttentionConfig(block_n=64, num_warps=4, num_stages=2)
-    if fmt_name == "int4" and (split_len is None or split_len > 256):
-        # one warp per program: no cross-warp softmax reductions or operand exchanges
+    if fmt_name == "int4":  # one warp per program: no cross-warp reductions or exchanges
         return AttentionConfig(block_n=64, num_warps=1, num_stages=3)
     return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
 
@@ -122,16 +122,16 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
 
 # (waves, min tokens per split, max splits) of `choose_num_splits` per format. One-warp programs
 # of the token-rows kernels: int4's take 255 registers (8 resident per SM) and aim at 4 per SM
-# (batch 64 x 8k: 2 splits); kivi2's take 128 (16 per SM) and aim at 8, with splits down to 128
-# tokens. Batch 1 x 32k takes 256 splits for kivi2, since the split merge reads its partials in
-# a few hundred programs (`combine_splits`); on an H100, whole calls with the merge: 16.5 us with
-# 256 against 18.0 with 128 (benchmarks/results/2026-12-06-attention-combine.md). int4 stays at
-# 64: with 128 its 256-token splits take the four-warp config (`attention_config`), 33 us against
-# 22.5. Other shapes keep the counts of
-# benchmarks/results/2026-12-06-attention-token-rows.md (kivi2 64 x 8k 150 us with 4 splits
-# against 333 with 1; 1 x 4k 10.5 us with 32 against 14.8 with 16). Their counts are powers of
-# two (int4 at 32 x 4k on an H200: 4 splits 60 us, 3 splits 77).
-_SPLITS = {"int4": (4, 256, 64), "kivi2": (8, 128, 256)}
+# (batch 64 x 8k: 2 splits); kivi2's take 128 (16 per SM) and aim at 8. Both take splits down to
+# 128 tokens, so small batches fill the SMs: int4 on an H100, 1 x 32k 20.6 us with 128 splits
+# against 22.4 with 64, 1 x 8k 11.5 against 13.5, 1 x 4k 10.5 (one warp, 32 splits) against 10.7
+# (four warps, 16; benchmarks/results/2026-12-06-attention-int4-splits.md). kivi2 at 1 x 32k
+# takes 256, since the split merge reads its partials in a few hundred programs
+# (`combine_splits`): 16.5 us against 18.0 with 128 (2026-12-06-attention-combine.md). Other
+# shapes keep the counts of benchmarks/results/2026-12-06-attention-token-rows.md (kivi2 64 x 8k
+# 150 us with 4 splits against 333 with 1; 1 x 4k 10.5 us with 32 against 14.8 with 16). Their
+# counts are powers of two (int4 at 32 x 4k on an H200: 4 splits 60 us, 3 splits 77).
+_SPLITS = {"int4": (4, 128, 128), "kivi2": (8, 128, 256)}
 
 
 def decode_num_splits(cache: PagedKVCache, num_seqs: int, max_context_len: int) -> int:

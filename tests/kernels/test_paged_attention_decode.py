@@ -97,12 +97,13 @@ def test_split_heuristic():
         waves, min_tokens, max_splits = _SPLITS[name]
         return {"waves": waves, "min_tokens_per_split": min_tokens, "max_splits": max_splits,
                 "pow2": True}
-    # int4's 255-register programs: 4 per SM
+    # int4's 255-register programs: 4 per SM, splits down to 128 tokens
     int4 = per_format("int4")
     assert choose_num_splits(64, 8, 8192, 132, **int4) == 2
     assert choose_num_splits(32, 8, 4096, 132, **int4) == 4
-    assert choose_num_splits(1, 8, 32768, 132, **int4) == 64
-    assert choose_num_splits(1, 8, 4096, 132, **int4) == 16  # 256 tokens per split at least
+    assert choose_num_splits(8, 8, 4096, 132, **int4) == 16
+    assert choose_num_splits(1, 8, 32768, 132, **int4) == 128
+    assert choose_num_splits(1, 8, 4096, 132, **int4) == 32  # 128 tokens per split at least
     # kivi2's 128-register programs: 8 per SM, splits down to 128 tokens
     kivi2 = per_format("kivi2")
     assert choose_num_splits(64, 8, 8192, 132, **kivi2) == 4
