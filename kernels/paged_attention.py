@@ -74,11 +74,12 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool, num_splits: 
     int8 tensor-core dots (`k_int8`, `v_int8`) were slower for int4 and kivi2 once unpacking was
     cheap, and add the 8-bit rounding of the query or P to every product. int4 decode takes
     one-warp programs over 64-token tiles at every shape (benchmarks/results/2026-11-25-attention-
-    int4-h200.md; 2026-12-06-attention-token-rows.md for the token-rows kernel): four warps over
-    128-token tiles, which splits of <= 256 tokens used to take, ran 4 x 4k in 24.4 us against
-    14.7 and 8 x 4k in 39.1 against 22.0 on an H100, and batch 1 is as fast with one warp once its
-    splits are cut down to 128 tokens (`_SPLITS`; benchmarks/results/2026-12-06-attention-int4-
-    splits.md). kivi2 decode takes
+    int4-h200.md; 2026-12-06-attention-token-rows.md for the token-rows kernel). Four warps over
+    128-token tiles, which splits of <= 256 tokens used to take, were 1.3 to 1.6 times slower at
+    small batches once batch 1 took shorter splits (`_SPLITS`): on an H100, 8 x 4k 34.3 us against
+    20.9, 4 x 4k 19.9 against 14.6, 1 x 8k 14.0 against 10.7; only int4 with channel groups
+    (query-rows kernel) at 1 x 4k was faster with them, 12.9 against 14.4
+    (benchmarks/results/2026-12-06-attention-int4-splits.md). kivi2 decode takes
     one-warp programs over one key group (32 tokens) and 3 stages, the fastest there, except
     splits longer than 512 tokens, which take two key groups per loop step (`key_group_pairs`)
     over 2 stages: on one H100, 64 x 8k 145.9 us against 151.2, 128 x 4k 145.5 against 150.6; at
@@ -122,16 +123,20 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
 
 # (waves, min tokens per split, max splits) of `choose_num_splits` per format. One-warp programs
 # of the token-rows kernels: int4's take 255 registers (8 resident per SM) and aim at 4 per SM
-# (batch 64 x 8k: 2 splits); kivi2's take 128 (16 per SM) and aim at 8. Both take splits down to
-# 128 tokens, so small batches fill the SMs: int4 on an H100, 1 x 32k 20.6 us with 128 splits
-# against 22.4 with 64, 1 x 8k 11.5 against 13.5, 1 x 4k 10.5 (one warp, 32 splits) against 10.7
-# (four warps, 16; benchmarks/results/2026-12-06-attention-int4-splits.md). kivi2 at 1 x 32k
-# takes 256, since the split merge reads its partials in a few hundred programs
-# (`combine_splits`): 16.5 us against 18.0 with 128 (2026-12-06-attention-combine.md). Other
-# shapes keep the counts of benchmarks/results/2026-12-06-attention-token-rows.md (kivi2 64 x 8k
-# 150 us with 4 splits against 333 with 1; 1 x 4k 10.5 us with 32 against 14.8 with 16). Their
-# counts are powers of two (int4 at 32 x 4k on an H200: 4 splits 60 us, 3 splits 77).
-_SPLITS = {"int4": (4, 128, 128), "kivi2": (8, 128, 256)}
+# (batch 64 x 8k: 2 splits); kivi2's take 128 (16 per SM) and aim at 8. Small batches cut their
+# contexts into short splits to fill the SMs: int4's down to 128 tokens (two tiles), kivi2's down
+# to 64 (two key groups), at most 128 and 256 splits. On an H100 against the counts before (256
+# and 128 tokens at least, at most 64 and 256 splits), whole calls with the split merge
+# (benchmarks/results/2026-12-06-attention-int4-splits.md): int4 1 x 32k 20.4 us against 22.5,
+# 1 x 16k 13.3 against 19.7 (four warps before), 2 x 8k 14.3 against 20.5; kivi2 1 x 4k 8.4
+# against 10.1, 1 x 8k 8.9 against 11.1, 4 x 4k 12.0 against 13.0. Halving int4's splits further
+# was slower (1 x 32k 24.0 us with 256). kivi2 at 1 x 32k takes 256, since the split merge reads
+# its partials in a few hundred programs (`combine_splits`): 16.5 us against 18.0 with 128
+# (2026-12-06-attention-combine.md). Large batches keep the counts of
+# benchmarks/results/2026-12-06-attention-token-rows.md (kivi2 64 x 8k 150 us with 4 splits
+# against 333 with 1). Counts are powers of two (int4 at 32 x 4k on an H200: 4 splits 60 us,
+# 3 splits 77).
+_SPLITS = {"int4": (4, 128, 128), "kivi2": (8, 64, 256)}
 
 
 def decode_num_splits(cache: PagedKVCache, num_seqs: int, max_context_len: int) -> int:

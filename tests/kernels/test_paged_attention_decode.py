@@ -104,12 +104,13 @@ def test_split_heuristic():
     assert choose_num_splits(8, 8, 4096, 132, **int4) == 16
     assert choose_num_splits(1, 8, 32768, 132, **int4) == 128
     assert choose_num_splits(1, 8, 4096, 132, **int4) == 32  # 128 tokens per split at least
-    # kivi2's 128-register programs: 8 per SM, splits down to 128 tokens
+    # kivi2's 128-register programs: 8 per SM, splits down to 64 tokens (two key groups)
     kivi2 = per_format("kivi2")
     assert choose_num_splits(64, 8, 8192, 132, **kivi2) == 4
     assert choose_num_splits(128, 8, 4096, 132, **kivi2) == 2
+    assert choose_num_splits(8, 8, 4096, 132, **kivi2) == 32
     assert choose_num_splits(1, 8, 32768, 132, **kivi2) == 256
-    assert choose_num_splits(1, 8, 4096, 132, **kivi2) == 32
+    assert choose_num_splits(1, 8, 4096, 132, **kivi2) == 64
 
 @pytest.mark.gpu
 def test_decode_is_cuda_graph_capturable():
