@@ -216,9 +216,15 @@ def sweep_cases() -> list[tuple[str, int, int, dict]]:
                 cfg = AttentionConfig(num_warps=1, num_stages=stages, key_group_pairs=pairs,
                                       maxnreg=maxnreg)
                 cases.append(("kivi2", b, ctx, {"config": cfg, "num_splits": splits}))
-    for splits in (32, 64, 128):  # one-warp int4 at batch 1
-        cfg = AttentionConfig(block_n=64, num_warps=1, num_stages=3)
-        cases.append(("int4", 1, 32768, {"config": cfg, "num_splits": splits}))
+    for b, ctx, splits in ((1, 4096, 16), (1, 8192, 32), (1, 32768, 64), (4, 4096, 16),
+                           (8, 4096, 16)):  # int4 small batches: one or four warps, splits x1, x2
+        for bn, warps in ((64, 1), (128, 4)):
+            for sp in (splits, 2 * splits):
+                cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=3)
+                cases.append(("int4", b, ctx, {"config": cfg, "num_splits": sp}))
+    for b, ctx, splits in ((1, 4096, 32), (1, 8192, 64), (4, 4096, 32), (8, 4096, 32)):
+        for sp in (splits // 2, splits, 2 * splits):  # kivi2 small batches: splits of 64 tokens
+            cases.append(("kivi2", b, ctx, {"num_splits": sp}))
     for bn, warps in ((64, 4), (128, 4), (128, 8)):
         for splits in (16, 32, 64):
             cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=3)
