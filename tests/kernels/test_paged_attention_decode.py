@@ -112,6 +112,7 @@ def test_split_heuristic():
     assert choose_num_splits(1, 8, 32768, 132, **kivi2) == 256
     assert choose_num_splits(1, 8, 4096, 132, **kivi2) == 64
 
+
 @pytest.mark.gpu
 def test_decode_is_cuda_graph_capturable():
     cache, batch, g = make_case("int4", 16, 128, torch.bfloat16, [300, 5000, 77])
