@@ -1,7 +1,8 @@
 """rms_norm against its Hugging Face-order reference and a float64 formula, at awkward shapes.
 
-Tolerances: against the reference in the same dtype, every element within one rounding step of the output
-dtype (the kernel sums squares in another order; residual_out must be bit-identical); against float64
+Tolerances: against the reference in the same dtype, every element within one rounding step of the
+normalised h (the kernel sums squares in another order) carried through the weight product, plus the
+product's own rounding step: about two steps of the output dtype; residual_out must be bit-identical. Against float64
 math on the same rounded residual sum, ||out - out64|| / ||out64||: bf16 1e-2, fp16 2e-3, fp32 1e-5.
 Outputs are poisoned with NaN before each call.
 """
@@ -37,6 +38,16 @@ def within_one_step(out, ref, dtype):
     return bool(((out.float() - ref.float()).abs() <= step).all())
 
 
+def within_h_step_and_product_rounding(out, ref, weight, dtype):
+    """|out - ref| <= |weight| * step(h) + step(out): h = ref / weight is rounded to `dtype` before the
+    product, so one step of difference there reaches out scaled by the weight, and out is rounded again."""
+    assert torch.isfinite(out).all(), "output has NaN/inf: an element was not written"
+    ref = ref.float()
+    h_step = (ref / weight.float()).abs() * ULP[dtype]
+    step = weight.float().abs() * h_step + ref.abs() * ULP[dtype] + torch.finfo(dtype).tiny * ULP[dtype]
+    return bool(((out.float() - ref).abs() <= step).all())
+
+
 def assert_residual_equal(res_out, ref_res):
     """Bit-identical (one rounded add each), except for the interpreter's truncating bf16 conversion."""
     if res_out.dtype == torch.bfloat16 and BF16_STEPS > 1:
@@ -54,6 +65,7 @@ def _float64(s, weight, eps):
 @pytest.mark.parametrize("T,H", [(1, 4096), (3, 100), (16, 257)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_matches_reference_and_float64(poisoned, dtype, T, H, with_residual):
+    torch.manual_seed(T * H)
     x = torch.randn(T, H, dtype=dtype, device=DEVICE) * 3
     weight = (1 + 0.1 * torch.randn(H, device=DEVICE)).to(dtype)
     residual = torch.randn(T, H, dtype=dtype, device=DEVICE) if with_residual else None
@@ -63,7 +75,7 @@ def test_matches_reference_and_float64(poisoned, dtype, T, H, with_residual):
     assert_residual_equal(res_out, ref_res)
     if not with_residual:
         assert res_out is x
-    assert within_one_step(out, ref_out, dtype)
+    assert within_h_step_and_product_rounding(out, ref_out, weight, dtype)
     out64 = _float64(ref_res, weight, 1e-5)
     assert ((out.double() - out64).norm() / out64.norm()).item() < TOL[dtype]
 
