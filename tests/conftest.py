@@ -4,7 +4,9 @@ Triton kernels run through Triton's interpreter on machines without CUDA; the in
 when `@triton.jit` is applied, so the variable must be set before any kernel module is imported.
 
 Each test starts from torch's generator seeded by its own id, so its random inputs do not depend on which
-tests ran before it (a run of a subset, or another order, draws the same inputs).
+tests ran before it (a run of a subset, or another order, draws the same inputs). The KV-format and
+attention tests promise fresh inputs on every run: they draw their seed from the OS and name it when
+they fail.
 """
 import os
 import zlib

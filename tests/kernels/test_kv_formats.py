@@ -16,6 +16,8 @@ Round trip, per element |x - dequant(x)|:
                     over x's quantization group (the 2**-10 covers the float16 scale and zero)
     kivi2 residual  0 (the newest context_len % R tokens stay in full precision)
 """
+import secrets
+
 import pytest
 import torch
 
@@ -30,7 +32,7 @@ LENS = [37, 1, 70]  # context lengths: odd, one token, several blocks
 
 
 def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()).item())
+    return secrets.randbelow(2**31 - 1)
 
 
 def _fill(spec, block_size, head_dim, impl, seed, dtype=torch.bfloat16, lens=LENS):

@@ -11,6 +11,8 @@ measured is the kernel's own arithmetic:
     int8 operands (int4/kivi2 `k_int8`/`v_int8`: query and P quantized per row to 8 bits): 4e-2
 Outputs are poisoned with NaN first, so every row must be written.
 """
+import secrets
+
 import pytest
 import torch
 
@@ -61,7 +63,7 @@ def make_case(spec, block_size, head_dim, dtype, lens, num_kv_heads=2, seed=0):
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_matches_float64_reference(poisoned, spec, block_size, head_dim, dtype, group,
                                           num_splits):
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    seed = secrets.randbelow(2**31 - 1)
     cache, batch, g = make_case(spec, block_size, head_dim, dtype, LENS, seed=seed)
     q = torch.randn(len(LENS), 2 * group, head_dim, generator=g).to(dtype).to(DEVICE)
     scale = head_dim ** -0.5

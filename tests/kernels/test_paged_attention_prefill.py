@@ -6,6 +6,8 @@ Every format (the kivi2 residual carries over between the two writes), GQA group
 shuffled pages, fresh random inputs (seed in the failure message), outputs poisoned with NaN.
 Tolerance as for decode: ||out - ref|| / ||ref|| <= 1e-2 (float operands, 16-bit output).
 """
+import secrets
+
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ CHUNKS = [(0, 37), (45, 20), (64, 1), (100, 33)]  # (cached, new) per sequence
 @pytest.mark.parametrize("block_m", [64, 16])
 def test_chunked_prefill_matches_float64_reference(poisoned, spec, block_size, head_dim, dtype,
                                                    block_m):
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    seed = secrets.randbelow(2**31 - 1)
     g = torch.Generator().manual_seed(seed)
     lens = [c + n for c, n in CHUNKS]
     fmt = get_kv_format(spec)
