@@ -23,7 +23,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -400,10 +400,18 @@ def get_controller(name: str = "default"):
         return None
 
 
-def stop_controller(handle, timeout_s: float = 60.0) -> int:
-    """Removes the deployment's workers and then the controller itself; returns the workers removed."""
+def stop_controller(handle, timeout_s: float = 60.0, abandon: Callable[[], bool] | None = None) -> int | None:
+    """Removes the deployment's workers and then the controller itself; returns the workers removed. Raises
+    GetTimeoutError after timeout_s; returns None as soon as `abandon()` (asked twice a second) says there is
+    nothing left to wait for."""
+    ref = handle.shutdown.remote()
+    deadline = time.monotonic() + timeout_s
     try:
-        removed = ray.get(handle.shutdown.remote(), timeout=timeout_s)
+        while not ray.wait([ref], timeout=min(0.5, max(0.0, deadline - time.monotonic())))[0]:
+            if time.monotonic() >= deadline:
+                raise ray.exceptions.GetTimeoutError(f"the controller did not stop within {timeout_s:g} s")
+            if abandon is not None and abandon():
+                return None
+        return ray.get(ref)
     finally:
         ray.kill(handle, no_restart=True)
-    return removed

@@ -6,11 +6,16 @@
     router (cluster/router.py, the gateway's EngineClient) -> gateway (gRPC + HTTP) -> endpoints printed
     SIGINT / SIGTERM, or the controller removed by `partita down`
           -> gateway drains (gateway.drain_timeout_s) -> workers and controller removed -> Ray stopped if ours
+
+A SIGTERM sent to the whole process group (systemd's default stop, `kill -- -PGID`, `timeout`) also reaches
+the processes of a Ray this process started, which then exit at once, taking the workers with them; removing
+the workers is not waited for then (it would wait out the controller's timeout), only Ray is stopped.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -114,7 +119,7 @@ async def run_deployment(spec: ClusterSpec, *, started_ray: bool, out: TextIO = 
         print("partita: shutting down", file=out, flush=True)
         return 0
     finally:
-        await _shutdown(spec, controller, router, gateway)
+        await _shutdown(spec, controller, router, gateway, started_ray)
         for sig in handled:
             loop.remove_signal_handler(sig)
 
@@ -133,7 +138,16 @@ async def _until_stopped(coro, stop: asyncio.Event):
     return task.result()
 
 
-async def _shutdown(spec: ClusterSpec, controller, router, gateway) -> None:
+def local_ray_lost() -> bool:
+    """True when this process started Ray and a process of that node (raylet, GCS, ...) has exited."""
+    node = getattr(ray._private.worker, "_global_node", None)  # set only where this process started the node
+    try:
+        return node is not None and bool(node.dead_processes())
+    except Exception:  # noqa: BLE001 - another Ray version: then the controller's timeout bounds the wait
+        return False
+
+
+async def _shutdown(spec: ClusterSpec, controller, router, gateway, started_ray: bool) -> None:
     started = time.monotonic()
     if gateway is not None:
         try:
@@ -143,8 +157,13 @@ async def _shutdown(spec: ClusterSpec, controller, router, gateway) -> None:
     if router is not None:
         await router.aclose()
     if controller is not None:
+        abandon = local_ray_lost if started_ray else None
         try:
-            await asyncio.get_running_loop().run_in_executor(None, stop_controller, controller)
+            removed = await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(stop_controller, controller, abandon=abandon))
+            if removed is None:
+                log.warning("the local Ray stopped with this process (the signal reached its process group); "
+                            "its workers went with it")
         except Exception:  # noqa: BLE001 - the controller may already be gone
             log.warning("controller of %r did not stop cleanly", spec.name, exc_info=True)
     log.info("deployment %r stopped in %.1f s", spec.name, time.monotonic() - started)

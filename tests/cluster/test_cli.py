@@ -95,13 +95,22 @@ def _read_endpoints(proc, timeout_s: float) -> dict:
     pytest.fail("partita serve printed no endpoints:\n" + "".join(lines) + (proc.stderr.read() if proc.poll() else ""))
 
 
-def test_partita_serve_answers_and_stops_cleanly_on_ctrl_c(tmp_path):
+def _serve_env() -> dict:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([os.path.join(BIN, "partita"), "serve", "--http-port", "0", "--grpc-port", "0",
+    return env
+
+
+def _start_serve(cwd) -> subprocess.Popen:
+    """`partita serve` on its embedded default (a local Ray), in a process group of its own."""
+    return subprocess.Popen([os.path.join(BIN, "partita"), "serve", "--http-port", "0", "--grpc-port", "0",
                              "--max-model-len", "256", "--gpus-per-worker", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-                            start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=_serve_env(), cwd=cwd, start_new_session=True)
+
+
+def test_partita_serve_answers_and_stops_cleanly_on_ctrl_c(tmp_path):
+    env = _serve_env()
+    proc = _start_serve(tmp_path)
     try:
         endpoints = _read_endpoints(proc, 150)
         request = urllib.request.Request(
@@ -124,6 +133,22 @@ def test_partita_serve_answers_and_stops_cleanly_on_ctrl_c(tmp_path):
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
         assert proc.wait(timeout=60) == 0
         assert "partita: shutting down" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_partita_serve_stops_promptly_when_its_whole_group_gets_sigterm(tmp_path):
+    """systemd's default stop (and `kill -- -PGID`) also terminates the local Ray's processes: the workers are gone
+    with them, and serve must not wait out the controller's 60 s shutdown timeout for them."""
+    proc = _start_serve(tmp_path)
+    try:
+        _read_endpoints(proc, 150)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0
+        stderr = proc.stderr.read()
+        assert "the local Ray stopped with this process" in stderr and "Traceback" not in stderr, stderr
     finally:
         if proc.poll() is None:
             proc.kill()
