@@ -119,7 +119,7 @@ async def run_deployment(spec: ClusterSpec, *, started_ray: bool, out: TextIO = 
         print("partita: shutting down", file=out, flush=True)
         return 0
     finally:
-        await _shutdown(spec, controller, router, gateway, started_ray)
+        await _shutdown(spec, controller, router, gateway)
         for sig in handled:
             loop.remove_signal_handler(sig)
 
@@ -139,15 +139,16 @@ async def _until_stopped(coro, stop: asyncio.Event):
 
 
 def local_ray_lost() -> bool:
-    """True when this process started Ray and a process of that node (raylet, GCS, ...) has exited."""
-    node = getattr(ray._private.worker, "_global_node", None)  # set only where this process started the node
+    """True when this process started Ray and a process of that node (raylet, GCS, ...) has exited. A node
+    that was only connected to has no processes here, so this stays False for an existing cluster."""
+    node = getattr(ray._private.worker, "_global_node", None)
     try:
         return node is not None and bool(node.dead_processes())
     except Exception:  # noqa: BLE001 - another Ray version: then the controller's timeout bounds the wait
         return False
 
 
-async def _shutdown(spec: ClusterSpec, controller, router, gateway, started_ray: bool) -> None:
+async def _shutdown(spec: ClusterSpec, controller, router, gateway) -> None:
     started = time.monotonic()
     if gateway is not None:
         try:
@@ -157,10 +158,9 @@ async def _shutdown(spec: ClusterSpec, controller, router, gateway, started_ray:
     if router is not None:
         await router.aclose()
     if controller is not None:
-        abandon = local_ray_lost if started_ray else None
         try:
             removed = await asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(stop_controller, controller, abandon=abandon))
+                None, functools.partial(stop_controller, controller, abandon=local_ray_lost))
             if removed is None:
                 log.warning("the local Ray stopped with this process (the signal reached its process group); "
                             "its workers went with it")

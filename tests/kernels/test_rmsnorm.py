@@ -1,8 +1,9 @@
 """rms_norm against its Hugging Face-order reference and a float64 formula, at awkward shapes.
 
-Tolerances: against the reference in the same dtype, every element within one rounding step of the
-normalised h (the kernel sums squares in another order) carried through the weight product, plus the
-product's own rounding step: about two steps of the output dtype; residual_out must be bit-identical. Against float64
+Tolerances: against the reference in the same dtype, every element within two rounding steps of the
+output dtype: the kernel sums squares in another order, so the normalised h, rounded before the weight
+product, may be one step off, which the weight carries into out, and out is rounded once more
+(|w| * step(h) ~ step(out)); residual_out must be bit-identical. Against float64
 math on the same rounded residual sum, ||out - out64|| / ||out64||: bf16 1e-2, fp16 2e-3, fp32 1e-5.
 Outputs are poisoned with NaN before each call.
 """
@@ -32,26 +33,17 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
 
 
-def within_one_step(out, ref, dtype):
+def within_steps(out, ref, dtype, steps=1):
+    """Every element within `steps` rounding steps of `dtype` relative to ref (at least one subnormal step)."""
     assert torch.isfinite(out).all(), "output has NaN/inf: an element was not written"
-    step = ref.float().abs().clamp_min(1e-30) * ULP[dtype]
+    step = (ref.float().abs() * steps + torch.finfo(dtype).tiny) * ULP[dtype]
     return bool(((out.float() - ref.float()).abs() <= step).all())
-
-
-def within_h_step_and_product_rounding(out, ref, weight, dtype):
-    """|out - ref| <= |weight| * step(h) + step(out): h = ref / weight is rounded to `dtype` before the
-    product, so one step of difference there reaches out scaled by the weight, and out is rounded again."""
-    assert torch.isfinite(out).all(), "output has NaN/inf: an element was not written"
-    ref = ref.float()
-    h_step = (ref / weight.float()).abs() * ULP[dtype]
-    step = weight.float().abs() * h_step + ref.abs() * ULP[dtype] + torch.finfo(dtype).tiny * ULP[dtype]
-    return bool(((out.float() - ref).abs() <= step).all())
 
 
 def assert_residual_equal(res_out, ref_res):
     """Bit-identical (one rounded add each), except for the interpreter's truncating bf16 conversion."""
     if res_out.dtype == torch.bfloat16 and BF16_STEPS > 1:
-        assert within_one_step(res_out, ref_res, res_out.dtype)
+        assert within_steps(res_out, ref_res, res_out.dtype)
     else:
         assert torch.equal(res_out, ref_res)
 
@@ -74,7 +66,7 @@ def test_matches_reference_and_float64(poisoned, dtype, T, H, with_residual):
     assert_residual_equal(res_out, ref_res)
     if not with_residual:
         assert res_out is x
-    assert within_h_step_and_product_rounding(out, ref_out, weight, dtype)
+    assert within_steps(out, ref_out, dtype, steps=2)
     out64 = _float64(ref_res, weight, 1e-5)
     assert ((out.double() - out64).norm() / out64.norm()).item() < TOL[dtype]
 
@@ -87,7 +79,7 @@ def test_strided_rows_and_fp32_weight(poisoned):
     ref_out, ref_res = rms_norm_reference(x, weight, 1e-6, residual)
     assert out.dtype == torch.float32
     assert_residual_equal(res_out, ref_res)
-    assert within_one_step(out, ref_out, torch.bfloat16)  # h is rounded to bf16 before the fp32 product
+    assert within_steps(out, ref_out, torch.bfloat16)  # h is rounded to bf16 before the fp32 product
 
 
 def test_reference_matches_torch_rms_norm():
