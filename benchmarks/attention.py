@@ -98,6 +98,7 @@ def cfg_str(c: AttentionConfig) -> str:
     return (f"n{c.block_n} m{c.block_m}/{c.decode_block_m} w{c.num_warps} s{c.num_stages}"
             + (" k8" if c.k_int8 else "") + (" v8" if c.v_int8 else "")
             + ("" if c.token_rows else " query-rows") + (" pairs" if c.key_group_pairs else "")
+            + (" halves" if c.tile_halves else "")
             + ("" if c.maxnreg is None else f" r{c.maxnreg}"))
 
 
@@ -222,6 +223,10 @@ def sweep_cases() -> list[tuple[str, int, int, dict]]:
             for sp in (splits, 2 * splits):
                 cfg = AttentionConfig(block_n=bn, num_warps=warps, num_stages=3)
                 cases.append(("int4", b, ctx, {"config": cfg, "num_splits": sp}))
+    for b, ctx, splits in ((64, 8192, 2), (128, 4096, 1), (32, 4096, 4), (1, 32768, 128)):
+        for halves in (False, True):  # int4 tiles whole or in two halves
+            cfg = AttentionConfig(block_n=64, num_warps=1, num_stages=3, tile_halves=halves)
+            cases.append(("int4", b, ctx, {"config": cfg, "num_splits": splits}))
     for b, ctx, splits in ((1, 4096, 32), (1, 8192, 64), (4, 4096, 32), (8, 4096, 32)):
         for sp in (splits // 2, splits, 2 * splits):  # kivi2 small batches: splits of 64 tokens
             cases.append(("kivi2", b, ctx, {"num_splits": sp}))

@@ -60,6 +60,12 @@ class AttentionConfig:
     # kivi2 decode (token rows): two key groups per loop step, sharing one max, one rescale check
     # and one reduction per softmax sum
     key_group_pairs: bool = False
+    # int4 decode (token rows): a tile's two halves unpacked and dotted one after the other under
+    # one max and one rescale check, so that half a tile of unpacked codes is live at a time (199
+    # registers instead of 255). On one H100, 1-2% faster at 64 x 8k and 128 x 4k, 2% slower at
+    # 1 x 32k (benchmarks/results/2026-12-06-attention-h100-recheck.md); not a default until its
+    # GPU test and an H200 measurement have run
+    tile_halves: bool = False
     maxnreg: int | None = None  # decode with token rows: registers per thread at most
 
 
@@ -183,7 +189,7 @@ def _token_rows_kernel(cache: PagedKVCache, cfg: "AttentionConfig"):
     if cfg.k_int8 or cfg.v_int8 or not cfg.token_rows:
         return None
     if fmt.name == "int4" and fmt.group_size == d:
-        return int4_decode_kernel, int4_decode_args(cache, cfg.block_n)
+        return int4_decode_kernel, int4_decode_args(cache, cfg.block_n, cfg.tile_halves)
     if fmt.name == "kivi2" and fmt.value_group(d) == d:
         return kivi_decode_kernel, kivi_decode_args(cache, cfg.key_group_pairs)
     return None

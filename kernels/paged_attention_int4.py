@@ -220,17 +220,14 @@ def int4_attention_kernel(
 
 
 @triton.jit
-def _int4_decode_tile(qt_lo, qt_hi, bias, qsum, m, l, acc_lo, acc_hi, corr, pbias, start, hi,
-                      bt_row, h_kv, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
-                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr,
-                      MASKED: tl.constexpr):
-    HALF: tl.constexpr = HEAD_DIM // 2
-    start = tl.multiple_of(start, BLOCK_N)
-    r = tl.arange(0, BLOCK_N)
+def _int4_decode_scores(qt_lo, qt_hi, bias, qsum, start, hi, bt_row, h_kv, k_ptr, kmeta_ptr,
+                        NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                        SUB_N: tl.constexpr, PACKED: tl.constexpr, MASKED: tl.constexpr):
+    """Scores S^T [SUB_N, H] of tokens start.. (log2 units), their (token, head) rows and mask."""
+    r = tl.arange(0, SUB_N)
     n = start + r
     n_ok = n < hi
-    # start is a multiple of BLOCK_N (both powers of two): block index and offset per token
+    # start is a multiple of SUB_N (both powers of two): block index and offset per token
     # without a division per element; only the block's base needs 64 bits
     if MASKED:
         blk = tl.load(bt_row + start // BLOCK_SIZE + r // BLOCK_SIZE, mask=n_ok, other=0)
@@ -246,7 +243,47 @@ def _int4_decode_tile(qt_lo, qt_hi, bias, qsum, m, l, acc_lo, acc_hi, corr, pbia
     s = (dots - bias[None, :]) * ks[:, None] + kz[:, None] * qsum[None, :]
     if MASKED:
         s = tl.where(ok, s, float("-inf"))
-    tile_max = tl.max(s, 0)
+    return s, row, n_ok
+
+
+@triton.jit
+def _int4_decode_values(p, row, n_ok, acc_lo, acc_hi, corr, pbias, start, hi, bt_row, h_kv,
+                        v_ptr, vmeta_ptr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, SUB_N: tl.constexpr, PACKED: tl.constexpr,
+                        MASKED: tl.constexpr):
+    """Adds P V of tokens start.. (P [SUB_N, H], already under the running max) to the sums."""
+    vs, vz = scale_zero(vmeta_ptr, row, n_ok)
+    pw = (p * vs[:, None]).to(tl.float16)
+    corr = corr + tl.sum(p * vz[:, None], 0)
+    pbias = pbias + tl.sum(pw.to(tl.float32), 0)
+    vb = _value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS, HALF, BLOCK_SIZE, SUB_N, MASKED)
+    v_lo, v_hi = biased_nibble_planes(vb, PACKED)
+    acc_lo = tl.dot(v_lo, pw, acc_lo)
+    acc_hi = tl.dot(v_hi, pw, acc_hi)
+    return acc_lo, acc_hi, corr, pbias
+
+
+@triton.jit
+def _int4_decode_tile(qt_lo, qt_hi, bias, qsum, m, l, acc_lo, acc_hi, corr, pbias, start, hi,
+                      bt_row, h_kv, k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
+                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HALVES: tl.constexpr,
+                      PACKED: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of BLOCK_N tokens; with HALVES its two halves are unpacked and dotted one after
+    the other under one max and one rescale check, so that only half a tile of unpacked codes
+    is live at a time."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    SUB_N: tl.constexpr = BLOCK_N // 2 if HALVES else BLOCK_N
+    start = tl.multiple_of(start, BLOCK_N)
+    s0, row0, ok0 = _int4_decode_scores(qt_lo, qt_hi, bias, qsum, start, hi, bt_row, h_kv,
+                                        k_ptr, kmeta_ptr, NUM_KV_HEADS, HALF, BLOCK_SIZE, SUB_N,
+                                        PACKED, MASKED)
+    tile_max = tl.max(s0, 0)
+    if HALVES:
+        s1, row1, ok1 = _int4_decode_scores(qt_lo, qt_hi, bias, qsum, start + SUB_N, hi, bt_row,
+                                            h_kv, k_ptr, kmeta_ptr, NUM_KV_HEADS, HALF,
+                                            BLOCK_SIZE, SUB_N, PACKED, MASKED)
+        tile_max = tl.maximum(tile_max, tl.max(s1, 0))
     if tl.max((tile_max > m + TAU).to(tl.int32), 0) > 0:  # lazy rescale, see the common module
         m_new = tl.maximum(m, tile_max)
         alpha = tl.exp2(m - m_new)
@@ -256,17 +293,17 @@ def _int4_decode_tile(qt_lo, qt_hi, bias, qsum, m, l, acc_lo, acc_hi, corr, pbia
         pbias = pbias * alpha
         l = l * alpha
         m = m_new
-    p = tl.exp2(s - m[None, :])
+    p = tl.exp2(s0 - m[None, :])
     l = l + tl.sum(p, 0)
-    vs, vz = scale_zero(vmeta_ptr, row, n_ok)
-    pw = (p * vs[:, None]).to(tl.float16)
-    corr = corr + tl.sum(p * vz[:, None], 0)
-    pbias = pbias + tl.sum(pw.to(tl.float32), 0)
-    vb = _value_tile(v_ptr, bt_row, h_kv, start, hi, NUM_KV_HEADS, HALF, BLOCK_SIZE, BLOCK_N,
-                     MASKED)
-    v_lo, v_hi = biased_nibble_planes(vb, PACKED)
-    acc_lo = tl.dot(v_lo, pw, acc_lo)
-    acc_hi = tl.dot(v_hi, pw, acc_hi)
+    acc_lo, acc_hi, corr, pbias = _int4_decode_values(
+        p, row0, ok0, acc_lo, acc_hi, corr, pbias, start, hi, bt_row, h_kv, v_ptr, vmeta_ptr,
+        NUM_KV_HEADS, HALF, BLOCK_SIZE, SUB_N, PACKED, MASKED)
+    if HALVES:
+        p = tl.exp2(s1 - m[None, :])
+        l = l + tl.sum(p, 0)
+        acc_lo, acc_hi, corr, pbias = _int4_decode_values(
+            p, row1, ok1, acc_lo, acc_hi, corr, pbias, start + SUB_N, hi, bt_row, h_kv, v_ptr,
+            vmeta_ptr, NUM_KV_HEADS, HALF, BLOCK_SIZE, SUB_N, PACKED, MASKED)
     return m, l, acc_lo, acc_hi, corr, pbias
 
 
@@ -283,7 +320,7 @@ def int4_decode_kernel(
     # shapes and tiling
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     GQ: tl.constexpr, GQ_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PACKED: tl.constexpr,
+    HALVES: tl.constexpr, PACKED: tl.constexpr,
 ):
     """Decode with tokens as the dots' M dimension (see the module docstring): one program per
     (sequence, split, kv head); its GQA group is the dots' N columns."""
@@ -316,12 +353,12 @@ def int4_decode_kernel(
         m, l, acc_lo, acc_hi, corr, pbias = _int4_decode_tile(
             qt_lo, qt_hi, bias, qsum, m, l, acc_lo, acc_hi, corr, pbias, start, hi, bt_row, h_kv,
             k_ptr, kmeta_ptr, v_ptr, vmeta_ptr, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-            PACKED, False)
+            HALVES, PACKED, False)
     for start in range(full_hi, hi, BLOCK_N):
         m, l, acc_lo, acc_hi, corr, pbias = _int4_decode_tile(
             qt_lo, qt_hi, bias, qsum, m, l, acc_lo, acc_hi, corr, pbias, start, hi, bt_row, h_kv,
             k_ptr, kmeta_ptr, v_ptr, vmeta_ptr, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N,
-            PACKED, True)
+            HALVES, PACKED, True)
     vbias = 1024.0 * pbias[None, :]  # the values' biased codes, as for the keys
     out_lo = acc_lo - vbias + corr[None, :]
     out_hi = (acc_hi - vbias) * 0.0625 + corr[None, :]
@@ -336,11 +373,11 @@ def int4_decode_kernel(
     store_split_stats(m, l, b, head, split, valid, part_ml_ptr, NUM_Q_HEADS, NUM_SPLITS)
 
 
-def int4_decode_args(cache, block_n: int) -> tuple[list, dict]:
+def int4_decode_args(cache, block_n: int, halves: bool) -> tuple[list, dict]:
     """Pointer arguments and constexprs of `int4_decode_kernel` for a cache."""
     p = cache.parts
     return ([p["k"], p["k_meta"], p["v"], p["v_meta"]],
-            {"BLOCK_N": block_n, "PACKED": packed_unpack(p["k"])})
+            {"BLOCK_N": block_n, "HALVES": halves, "PACKED": packed_unpack(p["k"])})
 
 
 def int4_cache_args(cache, k_int8: bool, v_int8: bool) -> tuple[list, dict]:

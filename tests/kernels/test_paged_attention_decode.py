@@ -74,6 +74,8 @@ def test_decode_matches_float64_reference(poisoned, spec, block_size, head_dim, 
         configs += [AttentionConfig(token_rows=False), AttentionConfig(k_int8=True, v_int8=True)]
     if cache.fmt.name == "kivi2":  # key groups in pairs and the odd one left; the defaults (maxnreg)
         configs += [AttentionConfig(key_group_pairs=True), None]
+    if spec == "int4":  # tiles in two halves, the tail's second half partly or wholly masked
+        configs += [AttentionConfig(num_warps=1, tile_halves=True)]
     for cfg in configs:
         out = paged_decode_attention(q, cache, batch.block_tables, batch.context_lens, scale,
                                      max_context_len=max(LENS), seq_slots=batch.seq_slots,
