@@ -179,7 +179,8 @@ def query_rows_case(spec: str, batch_size: int, ctx: int) -> dict:
                 "num_splits": choose_num_splits(batch_size, HKV, ctx, sms)}
     splits = decode_num_splits(build_cache(spec, batch_size, ctx)[0], batch_size, ctx)
     cfg = attention_config("int4", D, True, splits, -(-ctx // splits))
-    return {"config": dataclasses.replace(cfg, token_rows=False), "num_splits": splits}
+    return {"config": dataclasses.replace(cfg, token_rows=False, tile_halves=False),
+            "num_splits": splits}
 
 
 def sweep_cases() -> list[tuple[str, int, int, dict]]:

@@ -61,10 +61,8 @@ class AttentionConfig:
     # and one reduction per softmax sum
     key_group_pairs: bool = False
     # int4 decode (token rows): a tile's two halves unpacked and dotted one after the other under
-    # one max and one rescale check, so that half a tile of unpacked codes is live at a time (199
-    # registers instead of 255). On one H100, 1-2% faster at 64 x 8k and 128 x 4k, 2% slower at
-    # 1 x 32k (benchmarks/results/2026-12-06-attention-h100-recheck.md); not a default until its
-    # GPU test and an H200 measurement have run
+    # one max and one rescale check, so that half a tile of unpacked codes is live at a time (fewer
+    # registers than the 255 of whole tiles: more programs per SM)
     tile_halves: bool = False
     maxnreg: int | None = None  # decode with token rows: registers per thread at most
 
@@ -85,7 +83,11 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool, num_splits: 
     small batches once batch 1 took shorter splits (`_SPLITS`): on an H100, 8 x 4k 34.3 us against
     20.9, 4 x 4k 19.9 against 14.6, 1 x 8k 14.0 against 10.7; only int4 with channel groups
     (query-rows kernel) at 1 x 4k was faster with them, 12.9 against 14.4
-    (benchmarks/results/2026-12-06-attention-int4-splits.md). kivi2 decode takes
+    (benchmarks/results/2026-12-06-attention-int4-splits.md). Splits longer than 1024 tokens take
+    their tiles in two halves (`tile_halves`): on two H100s, 64 x 8k 229.7 and 231.3 us against
+    234.0 and 236.1, 128 x 4k 225.6 and 225.7 against 228.4 and 228.1; at 32 x 4k (1024-token
+    splits) 61.7 against 61.5 and at 1 x 32k 21.0 against 20.7, so those keep whole tiles
+    (benchmarks/results/2026-12-06-attention-halves-h100.md). kivi2 decode takes
     one-warp programs over one key group (32 tokens) and 3 stages, the fastest there, except
     splits longer than 512 tokens, which take two key groups per loop step (`key_group_pairs`)
     over 2 stages: on one H100, 64 x 8k 145.9 us against 151.2, 128 x 4k 145.5 against 150.6; at
@@ -105,9 +107,9 @@ def attention_config(fmt_name: str, head_dim: int, is_decode: bool, num_splits: 
             return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
         return AttentionConfig(block_n=64, num_warps=4, num_stages=2)
     if fmt_name == "int4":  # one warp per program: no cross-warp reductions or exchanges
-        return AttentionConfig(block_n=64, num_warps=1, num_stages=3)
+        return AttentionConfig(block_n=64, num_warps=1, num_stages=3,
+                               tile_halves=split_len is None or split_len > 1024)
     return AttentionConfig(block_n=128, num_warps=4, num_stages=3)
-
 
 
 

@@ -117,6 +117,14 @@ def test_split_heuristic():
     assert choose_num_splits(1, 8, 4096, 132, **kivi2) == 64
 
 
+def test_int4_tiles_in_halves_only_for_long_splits():
+    from partita.kernels.paged_attention import attention_config
+    assert attention_config("int4", 128, True, 2, 4096).tile_halves  # 64 x 8k
+    assert not attention_config("int4", 128, True, 4, 1024).tile_halves  # 32 x 4k
+    assert not attention_config("int4", 128, True, 128, 256).tile_halves  # 1 x 32k
+    assert not attention_config("int4", 128, False).tile_halves  # prefill
+
+
 @pytest.mark.gpu
 def test_decode_is_cuda_graph_capturable():
     cache, batch, g = make_case("int4", 16, 128, torch.bfloat16, [300, 5000, 77])
