@@ -246,24 +246,31 @@ def import_payloads(engine: Engine, seq: Sequence, num_tokens: int, payloads: li
         by_layer.setdefault(layer, []).append((index, np.frombuffer(data, dtype=np.uint8).reshape(count, width)))
     for layer, runs in by_layer.items():
         ids = [seq.block_table[i] for index, rows in runs for i in range(index, index + len(rows))]
-        _write_blocks(engine, layer, ids, runs[0][1] if len(runs) == 1 else np.concatenate([r for _, r in runs]))
+        _write_blocks(engine, layer, ids, [rows for _, rows in runs])
 
 
-def _write_blocks(engine: Engine, layer: int, block_ids: list[int], rows: np.ndarray) -> None:
-    """rows: [len(block_ids), bytes_per_block] uint8 on the host (maybe read-only), written into those blocks of
-    `layer`, one indexed copy per part. On the CPU through numpy, which copies whole rows straight from rows
-    (torch's index_copy_ on uint8 moves one byte at a time: the receiver's largest cost before)."""
+def _write_blocks(engine: Engine, layer: int, block_ids: list[int], runs: list[np.ndarray]) -> None:
+    """runs: [blocks, bytes_per_block] uint8 arrays on the host (maybe read-only), len(block_ids) rows in all,
+    written in order into those blocks of `layer`, one indexed copy per part. On the CPU through numpy, which
+    copies whole rows straight from the runs (torch's index_copy_ on uint8 moves one byte at a time: the
+    receiver's largest cost before). On CUDA through pinned memory (torch's caching host allocator, which reuses
+    a buffer only once its copy is done): one host copy and a copy queued on the stream, where a read-only
+    message took a copy to make it writable and then a pageable copy that waits for the GPU."""
     parts = layer_byte_rows(engine, layer)
+    device = parts[0].device
     offset = 0
-    if parts[0].device.type == "cpu":
+    if device.type == "cpu":
         ids = np.asarray(block_ids)
+        rows = runs[0] if len(runs) == 1 else np.concatenate(runs)
         for part in parts:
             width = part.shape[1]
             part.numpy()[ids] = rows[:, offset:offset + width]
             offset += width
         return
-    ids = torch.tensor(block_ids, dtype=torch.long, device=parts[0].device)
-    source = torch.from_numpy(rows if rows.flags.writeable else rows.copy()).to(parts[0].device)
+    ids = device_ids(block_ids, device)
+    host = torch.empty((len(block_ids), runs[0].shape[1]), dtype=torch.uint8, pin_memory=True)
+    np.concatenate(runs, out=host.numpy())
+    source = host.to(device, non_blocking=True)
     for part in parts:
         width = part.shape[1]
         part.index_copy_(0, ids, source[:, offset:offset + width])

@@ -73,15 +73,18 @@ def assert_all_free(*engines: Engine) -> None:
         assert not e.scheduler.held and not e.requests
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-moe"])
 @pytest.mark.parametrize("kv_format", FORMATS)
-def test_pd_equals_colocated(kv_format, model):
-    colocated = make_engine(kv_format, model)
+def test_pd_equals_colocated(kv_format, model, device):
+    """On CUDA the blocks go through pinned memory and copies queued on the stream (`_write_blocks`)."""
+    memory = {"kv_cache_memory_bytes": 2**26} if device == "cuda" else {}  # three engines on one GPU
+    colocated = make_engine(kv_format, model, device, **memory)
     expected = {}
     for i, p in enumerate(PROMPTS):  # one at a time, so each prompt is chunked as the prefill engine chunks it
         colocated.add_request(f"r{i}", p, GREEDY)
         expected.update(run_to_end(colocated))
-    src, dst = make_engine(kv_format, model), make_engine(kv_format, model)
+    src, dst = make_engine(kv_format, model, device, **memory), make_engine(kv_format, model, device, **memory)
     got = {}
     for i, p in enumerate(PROMPTS):
         got[f"r{i}"] = [prefill(src, f"r{i}", p)]
