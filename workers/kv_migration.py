@@ -253,9 +253,7 @@ def _write_blocks(engine: Engine, layer: int, block_ids: list[int], runs: list[n
     """runs: [blocks, bytes_per_block] uint8 arrays on the host (maybe read-only), len(block_ids) rows in all,
     written in order into those blocks of `layer`, one indexed copy per part. On the CPU through numpy, which
     copies whole rows straight from the runs (torch's index_copy_ on uint8 moves one byte at a time: the
-    receiver's largest cost before). On CUDA through pinned memory (torch's caching host allocator, which reuses
-    a buffer only once its copy is done): one host copy and a copy queued on the stream, where a read-only
-    message took a copy to make it writable and then a pageable copy that waits for the GPU."""
+    receiver's largest cost before). On CUDA through `_uploaded`."""
     parts = layer_byte_rows(engine, layer)
     device = parts[0].device
     offset = 0
@@ -268,9 +266,7 @@ def _write_blocks(engine: Engine, layer: int, block_ids: list[int], runs: list[n
             offset += width
         return
     ids = device_ids(block_ids, device)
-    host = torch.empty((len(block_ids), runs[0].shape[1]), dtype=torch.uint8, pin_memory=True)
-    np.concatenate(runs, out=host.numpy())
-    source = host.to(device, non_blocking=True)
+    source = _uploaded(runs, device)
     for part in parts:
         width = part.shape[1]
         part.index_copy_(0, ids, source[:, offset:offset + width])
@@ -299,6 +295,17 @@ def layer_state(engine: Engine, layer: int) -> list[torch.Tensor]:
     return [state[name] for name in STATE_PARTS if name in state]
 
 
+def _uploaded(runs: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """The runs (uint8 arrays of one row width, maybe read-only views of a received message) concatenated into
+    a tensor of their own on `device`. On CUDA through pinned memory (torch's caching host allocator, which reuses
+    a buffer only once its copy is done): one host copy and a copy queued on the stream, where a copy to make the
+    bytes writable and then a pageable copy would wait for the GPU."""
+    host = torch.empty((sum(len(r) for r in runs), *runs[0].shape[1:]), dtype=torch.uint8,
+                       pin_memory=device.type == "cuda")
+    np.concatenate(runs, out=host.numpy())
+    return host.to(device, non_blocking=True)
+
+
 def _import_state(engine: Engine, seq: Sequence, num_tokens: int, layer: int, data: bytes,
                   layout: KvLayout) -> None:
     expected = layout.state_bytes(num_tokens)
@@ -306,7 +313,7 @@ def _import_state(engine: Engine, seq: Sequence, num_tokens: int, layer: int, da
         raise ValueError(f"state payload of layer {layer}: {len(data)} bytes, expected {expected}")
     r = num_tokens % layout.state_period
     res_k, res_v = layer_state(engine, layer)
-    half = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).to(res_k.device)
+    half = _uploaded([np.frombuffer(data, dtype=np.uint8)], res_k.device)
     half = half.view(res_k.dtype).reshape(2, r, *res_k.shape[2:])
     res_k[seq.kv_slot, :r] = half[0]
     res_v[seq.kv_slot, :r] = half[1]

@@ -18,7 +18,7 @@ import torch
 
 from partita.kernels.kv_formats import get_kv_format
 from partita.kernels.kv_testing import make_paged_batch, outlier_kv
-from partita.kernels.paged_attention import AttentionConfig, paged_decode_attention
+from partita.kernels.paged_attention import AttentionConfig, attention_config, paged_decode_attention
 from partita.kernels.paged_attention_ref import paged_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,7 +118,6 @@ def test_split_heuristic():
 
 
 def test_int4_tiles_in_halves_only_for_long_splits():
-    from partita.kernels.paged_attention import attention_config
     assert attention_config("int4", 128, True, 2, 4096).tile_halves  # 64 x 8k
     assert not attention_config("int4", 128, True, 4, 1024).tile_halves  # 32 x 4k
     assert not attention_config("int4", 128, True, 128, 256).tile_halves  # 1 x 32k
