@@ -2,7 +2,7 @@
 
     python benchmarks/kv_transfer.py [--tokens 1024] [--repeats 5] [--chunk-kib 4096] [--window 4]
         [--overlap-tokens 2048[,8192]] [--overlap-repeats 3] [--overlap-transports grpc[,same-gpu]]
-        [--decode-in-process] [--out FILE]
+        [--decode-in-process] [--malloc retain|default] [--out FILE]
 
 Bytes per token are those of the Llama-3-8B KV shape (32 layers, 8 kv heads, head_dim 128), from the formats'
 block layouts (bf16: the unquantized cache). kivi2 also sends its residual, (tokens % 32) full-precision rows
@@ -36,6 +36,9 @@ Ceiling: the same chunks, built beforehand in the same wire form, streamed throu
 that acknowledges each without checking it (no checksum, no cache write; `decode_chunk` only), on the same
 loopback, the servicer in a child process as above: what gRPC alone moves per second here; the table reports
 each format's throughput to the last ack as a share of it.
+
+Both ends keep freed chunk-sized buffers in their heaps (`cluster/host_memory.py`, as the prefill and decode
+workers do, ceiling included); `--malloc default` leaves glibc's thresholds as they are, for comparison.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ import grpc
 import torch
 
 from partita.cluster.async_engine import AsyncEngine
+from partita.cluster.host_memory import retain_freed_buffers
 from partita.cluster.kv_stream_client import prefill_and_migrate
 from partita.cluster.kv_transfer_client import (build_chunks, migrate_or_resume, open_peer_cache, send_kv,
                                                 stream_chunks)
@@ -112,6 +116,7 @@ class DecodeSpec:
     max_chunk_bytes: int
     shape: str = KV_SHAPE.name
     ack_only: bool = False
+    retain_buffers: bool = True
 
 
 class _AckOnly(KvTransferServicer):
@@ -134,6 +139,8 @@ class DecodeSide:
     async def start(self) -> None:
         if self.spec.ack_only:
             limit = self.spec.max_chunk_bytes + 2**20
+            if self.spec.retain_buffers:
+                retain_freed_buffers(limit)  # as start_kv_transfer_server does for the real servicer
             self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
             self.servicer = _AckOnly(None)
             add_kv_transfer_servicer(self.servicer, self.server)
@@ -142,7 +149,7 @@ class DecodeSide:
             return
         self.engine = AsyncEngine(make_engine(self.spec))
         self.server, self.port, self.servicer = await start_kv_transfer_server(
-            self.engine, max_chunk_bytes=self.spec.max_chunk_bytes)
+            self.engine, max_chunk_bytes=self.spec.max_chunk_bytes, retain_buffers=self.spec.retain_buffers)
 
     async def idle(self) -> None:
         while self.engine is not None and await asyncio.wrap_future(self.engine.submit(lambda e: e.has_unfinished())):
@@ -204,9 +211,11 @@ async def decode_side(spec: DecodeSpec, in_process: bool) -> DecodeSide | ChildD
     return side
 
 
-async def ceiling(export, repeats: int, chunk_bytes: int, window: int, device: str, in_process: bool) -> float:
+async def ceiling(export, repeats: int, chunk_bytes: int, window: int, device: str, in_process: bool,
+                  retain_buffers: bool) -> float:
     """Median GB/s of prebuilt chunks through SendStream to `_AckOnly` on 127.0.0.1."""
-    side = await decode_side(DecodeSpec("bf16", 0, 0, device, chunk_bytes, ack_only=True), in_process)
+    spec = DecodeSpec("bf16", 0, 0, device, chunk_bytes, ack_only=True, retain_buffers=retain_buffers)
+    side = await decode_side(spec, in_process)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{side.port}", options=[
         ("grpc.max_send_message_length", chunk_bytes + 2**20)])
     chunks = list(build_chunks("ceiling", export, chunk_bytes, True))
@@ -224,10 +233,10 @@ async def ceiling(export, repeats: int, chunk_bytes: int, window: int, device: s
 
 
 async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int, window: int, device: str,
-                     in_process: bool) -> tuple[float, float, float, int]:
+                     in_process: bool, retain_buffers: bool) -> tuple[float, float, float, int]:
     """Median GB/s of payload bytes (Reserve to Commit; Reserve to the last ack), the ceiling's median GB/s,
     payload bytes per transfer."""
-    spec = DecodeSpec(name, tokens, 2, device, chunk_bytes)
+    spec = DecodeSpec(name, tokens, 2, device, chunk_bytes, retain_buffers=retain_buffers)
     prefill = make_engine(spec)
     prefill.add_request("p", [(7 * j) % 500 + 2 for j in range(tokens)],
                         SamplingParams(max_tokens=2, ignore_eos=True), prefill_only=True)
@@ -250,7 +259,7 @@ async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int, win
     finally:
         await channel.close()
         await side.close()
-    top = await ceiling(export, repeats, chunk_bytes, window, device, in_process)
+    top = await ceiling(export, repeats, chunk_bytes, window, device, in_process, retain_buffers)
     return statistics.median(rates), statistics.median(stream_rates), top, export.total_bytes
 
 
@@ -267,10 +276,10 @@ class PathTimes:
 
 
 async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window: int, device: str,
-                  shape: ModelConfig, in_process: bool, transport: str) -> str:
+                  shape: ModelConfig, in_process: bool, transport: str, retain_buffers: bool) -> str:
     """The table row of one format, prompt length and transport: both paths, alternated `repeats` times after a
     warm-up of each, medians (module docstring)."""
-    spec = DecodeSpec(name, tokens, 4, device, chunk_bytes, shape=shape.name)
+    spec = DecodeSpec(name, tokens, 4, device, chunk_bytes, shape=shape.name, retain_buffers=retain_buffers)
     prefill = AsyncEngine(make_engine(spec))
     side = await decode_side(spec, in_process)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{side.port}")
@@ -347,7 +356,13 @@ async def main() -> None:
                     help="run the decode side in this process (one GIL for both ends) instead of a child process")
     ap.add_argument("--overlap-model", default="auto",
                     help="a preset for the overlap rows; auto: llama3-8b on CUDA, OVERLAP_SHAPE on CPU")
+    ap.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                    help="retain: both ends keep freed chunk-sized buffers (cluster/host_memory.py), as the prefill "
+                         "and decode workers do; default: glibc's own thresholds, for comparison")
     args = ap.parse_args()
+    retain = args.malloc == "retain"
+    if retain:
+        retain_freed_buffers(args.chunk_kib * 1024)  # as PrefillSide does: each chunk sent is a new buffer
     unknown = set(args.overlap_transports.split(",")) - {"grpc", "same-gpu"}
     if unknown:
         ap.error(f"--overlap-transports: {', '.join(sorted(unknown))} unknown; use grpc and/or same-gpu")
@@ -362,14 +377,16 @@ async def main() -> None:
     for name in filter(None, args.formats.split(",")):  # --formats '' skips the throughput rows
         per_token = bytes_per_token(name)
         rate, streamed, top, moved = await throughput(name, args.tokens, args.repeats, args.chunk_kib * 1024,
-                                                      args.window, args.device, args.decode_in_process)
+                                                      args.window, args.device, args.decode_in_process,
+                                                      retain)
         rows.append(f"| {name} | {per_token:,.0f} | {bf16 / per_token:.2f}x fewer | {moved:,} | {rate:.2f} "
                     f"| {streamed:.2f} | {top:.2f} | {streamed / top:.0%} |")
         print(rows[-1], flush=True)
     device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
     device += f", engines on {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ", no GPU"
     device += "; decode side in this process" if args.decode_in_process else "; decode side in a child process"
-    device += f"; crc32 from {crc32.__module__}"  # zlib's fallback is 4x slower than ISA-L's and shows in GB/s
+    # zlib's crc32 is 4x slower than ISA-L's, and glibc's own malloc thresholds fault every chunk in: both show
+    device += f"; crc32 from {crc32.__module__}; malloc thresholds: {args.malloc}"
     report = "\n".join([
         f"# KV transfer: bytes per token and gRPC loopback throughput ({datetime.date.today().isoformat()})", "",
         f"- device: {device}", f"- command: `python {' '.join(sys.argv)}`"])
@@ -386,7 +403,8 @@ async def main() -> None:
             for name in args.overlap_formats.split(","):
                 for tokens in (int(n) for n in args.overlap_tokens.split(",")):
                     lines.append(await overlap(name, tokens, args.overlap_repeats, args.chunk_kib * 1024,
-                                               args.window, args.device, shape, args.decode_in_process, transport))
+                                               args.window, args.device, shape, args.decode_in_process, transport,
+                                               retain))
         report += "\n".join([f"\n\n## Transfer hidden under prefill ({shape.name}, {shape.num_layers} "
                              f"layers, hidden {shape.hidden_size}, random weights; median of "
                              f"{args.overlap_repeats} of each path)", "", *lines, ""])

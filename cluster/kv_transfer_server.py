@@ -36,6 +36,7 @@ import grpc
 
 from partita.cluster.auth import GrpcTokenAuthInterceptor
 from partita.cluster.grpc_server import sampling_from_proto
+from partita.cluster.host_memory import retain_freed_buffers
 from partita.cluster.kv_receive import Block, ChunkPipeline, add_kv_transfer_servicer, check_chunk, first_bad_crc
 from partita.cluster.kv_wire import WireChunk
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
@@ -403,13 +404,17 @@ async def _prepend(first: "RequestOutput", rest: AsyncIterator["RequestOutput"])
 
 async def start_kv_transfer_server(engine: "AsyncEngine", *, host: str = "127.0.0.1", port: int = 0,
                                    reaper_interval_s: float = 1.0, api_key: str | None = None,
-                                   **servicer_kwargs) -> tuple[grpc.aio.Server, int, KvTransferServicer]:
+                                   retain_buffers: bool = True, **servicer_kwargs) -> tuple[grpc.aio.Server, int, KvTransferServicer]:
     """A started grpc.aio server with the KvTransfer service on host:port (0 picks a free port), its message
     limit just above the servicer's max_chunk_bytes, and the ttl reaper running; returns (server, port,
     servicer). api_key: when set, every call must carry `authorization: Bearer <api_key>` (UNAUTHENTICATED
-    otherwise). Stop with `await server.stop(grace)` then `servicer.close()`."""
+    otherwise). retain_buffers: this process's malloc keeps freed chunk-sized buffers for the next chunks
+    (`host_memory.retain_freed_buffers`, process-wide) rather than faulting fresh pages in for each. Stop with
+    `await server.stop(grace)` then `servicer.close()`."""
     servicer = KvTransferServicer(engine, **servicer_kwargs)
     limit = servicer.max_chunk_bytes + 2**16  # room for the chunk's framing beside its payload bytes
+    if retain_buffers:
+        retain_freed_buffers(limit)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit)],
                              interceptors=[GrpcTokenAuthInterceptor(api_key)] if api_key else None)

@@ -34,7 +34,9 @@ import grpc
 from partita.cluster.auth import bearer_token_interceptors
 from partita.cluster.grpc_server import sampling_to_proto
 from partita.cluster.kv_stream_client import prefill_and_migrate
-from partita.cluster.kv_transfer_client import KvTransferFailed, TransferResult, migrate, open_peer_cache
+from partita.cluster.host_memory import retain_freed_buffers
+from partita.cluster.kv_transfer_client import (DEFAULT_CHUNK_BYTES, KvTransferFailed, TransferResult, migrate,
+                                                open_peer_cache)
 from partita.cluster.kv_transfer_server import start_kv_transfer_server
 from partita.workers.errors import InvalidRequestError
 
@@ -80,6 +82,7 @@ class PrefillSide:
         self._kv_format = kv_format
         self._interceptors = bearer_token_interceptors(auth_token) if auth_token else []
         self._channels: dict[str, grpc.aio.Channel] = {}
+        retain_freed_buffers(DEFAULT_CHUNK_BYTES)  # each chunk sent is a new joined buffer of that size
 
     async def run(self, request_id: str, prompt: str | list[int], params: "SamplingParams",
                   decode_addresses: list[str]) -> AsyncIterator["RequestOutput | Migrated"]:
