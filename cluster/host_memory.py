@@ -40,7 +40,7 @@ def retain_freed_buffers(largest_bytes: int) -> bool:
     with _lock:
         if threshold <= _retained:
             return True
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc = ctypes.CDLL("libc.so.6")
         if libc.mallopt(_M_MMAP_THRESHOLD, threshold) != 1:
             return False
         if libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_PER_THRESHOLD * threshold) != 1:

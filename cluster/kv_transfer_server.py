@@ -404,7 +404,8 @@ async def _prepend(first: "RequestOutput", rest: AsyncIterator["RequestOutput"])
 
 async def start_kv_transfer_server(engine: "AsyncEngine", *, host: str = "127.0.0.1", port: int = 0,
                                    reaper_interval_s: float = 1.0, api_key: str | None = None,
-                                   retain_buffers: bool = True, **servicer_kwargs) -> tuple[grpc.aio.Server, int, KvTransferServicer]:
+                                   retain_buffers: bool = True,
+                                   **servicer_kwargs) -> tuple[grpc.aio.Server, int, KvTransferServicer]:
     """A started grpc.aio server with the KvTransfer service on host:port (0 picks a free port), its message
     limit just above the servicer's max_chunk_bytes, and the ttl reaper running; returns (server, port,
     servicer). api_key: when set, every call must carry `authorization: Bearer <api_key>` (UNAUTHENTICATED
