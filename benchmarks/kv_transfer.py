@@ -2,7 +2,7 @@
 
     python benchmarks/kv_transfer.py [--tokens 1024] [--repeats 5] [--chunk-kib 4096] [--window 4]
         [--overlap-tokens 2048[,8192]] [--overlap-repeats 3] [--overlap-transports grpc[,same-gpu]]
-        [--decode-in-process] [--malloc retain|default] [--out FILE]
+        [--ceiling-sizes 2,4,8,16,32,64] [--decode-in-process] [--malloc retain|default] [--out FILE]
 
 Bytes per token are those of the Llama-3-8B KV shape (32 layers, 8 kv heads, head_dim 128), from the formats'
 block layouts (bf16: the unquantized cache). kivi2 also sends its residual, (tokens % 32) full-precision rows
@@ -35,7 +35,10 @@ is the moment those copies are done.
 Ceiling: the same chunks, built beforehand in the same wire form, streamed through SendStream to a servicer
 that acknowledges each without checking it (no checksum, no cache write; `decode_chunk` only), on the same
 loopback, the servicer in a child process as above: what gRPC alone moves per second here; the table reports
-each format's throughput to the last ack as a share of it.
+each format's throughput to the last ack as a share of it. Ceiling by stream size (--ceiling-sizes, chunk counts,
+0 skips it): streams of n full chunks of random bytes the same way, and a line through their times: a fixed cost
+per stream (the first chunk's trip and the last ack's) and a rate per byte, which a prompt's transfer approaches as
+it grows; a short prompt's rate is held down by the fixed cost (kivi2 moves 44 MB for 2048 tokens).
 
 Both ends keep freed chunk-sized buffers in their heaps (`cluster/host_memory.py`, as the prefill and decode
 workers do, ceiling included); `--malloc default` leaves glibc's thresholds as they are, for comparison.
@@ -61,7 +64,7 @@ from partita.cluster.host_memory import retain_freed_buffers
 from partita.cluster.kv_stream_client import prefill_and_migrate
 from partita.cluster.kv_transfer_client import (build_chunks, migrate_or_resume, open_peer_cache, send_kv,
                                                 stream_chunks)
-from partita.cluster.kv_wire import crc32
+from partita.cluster.kv_wire import crc32, encode_chunk
 from partita.cluster.kv_transfer_server import KvTransferServicer, add_kv_transfer_servicer, start_kv_transfer_server
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb
 from partita.workers import Engine, EngineConfig, ModelConfig, SamplingParams
@@ -232,6 +235,38 @@ async def ceiling(export, repeats: int, chunk_bytes: int, window: int, device: s
     return statistics.median(rates)
 
 
+async def ceiling_by_size(counts: list[int], repeats: int, chunk_bytes: int, window: int, device: str,
+                          in_process: bool, retain_buffers: bool) -> list[str]:
+    """Streams of n full chunks of random bytes for each n in counts, through SendStream to `_AckOnly`: table rows of
+    the median time per stream, and a least-squares line through them (fixed ms per stream + ms per MB)."""
+    spec = DecodeSpec("bf16", 0, 0, device, chunk_bytes, ack_only=True, retain_buffers=retain_buffers)
+    side = await decode_side(spec, in_process)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{side.port}", options=[
+        ("grpc.max_send_message_length", chunk_bytes + 2**20)])
+    data = memoryview(os.urandom(chunk_bytes))
+    points, rows = [], []
+    try:
+        for n in counts:
+            chunks = [encode_chunk("sizes", i, [(0, i, 1, data)], i == n - 1) for i in range(n)]
+            times = []
+            for i in range(repeats + 1):
+                start = time.perf_counter()
+                await stream_chunks(channel, "sizes", iter(chunks), window, 60.0)
+                if i:
+                    times.append(time.perf_counter() - start)
+            mb, ms = n * chunk_bytes / 1e6, statistics.median(times) * 1e3
+            points.append((mb, ms))
+            rows.append(f"| {n} | {mb:,.1f} | {ms:.2f} | {mb / ms:.2f} |")
+    finally:
+        await channel.close()
+        await side.close()
+    if len(points) > 1:
+        mx, my = statistics.mean(p[0] for p in points), statistics.mean(p[1] for p in points)
+        slope = (sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points))
+        rows.append(f"| fit | | {my - slope * mx:.2f} ms + {slope:.3f} ms/MB | {1 / slope:.2f} (per byte) |")
+    return rows
+
+
 async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int, window: int, device: str,
                      in_process: bool, retain_buffers: bool) -> tuple[float, float, float, int]:
     """Median GB/s of payload bytes (Reserve to Commit; Reserve to the last ack), the ceiling's median GB/s,
@@ -356,6 +391,8 @@ async def main() -> None:
                     help="run the decode side in this process (one GIL for both ends) instead of a child process")
     ap.add_argument("--overlap-model", default="auto",
                     help="a preset for the overlap rows; auto: llama3-8b on CUDA, OVERLAP_SHAPE on CPU")
+    ap.add_argument("--ceiling-sizes", default="2,4,8,16,32,64",
+                    help="chunk counts of the ceiling-by-size streams, comma-separated; 0 skips them")
     ap.add_argument("--malloc", choices=("retain", "default"), default="retain",
                     help="retain: both ends keep freed chunk-sized buffers (cluster/host_memory.py), as the prefill "
                          "and decode workers do; default: glibc's own thresholds, for comparison")
@@ -394,6 +431,14 @@ async def main() -> None:
         report += "\n".join([
             "", f"- prompt: {args.tokens} tokens, chunks of {args.chunk_kib} KiB, window {args.window}, "
             f"median of {args.repeats} transfers after one warm-up", "", *rows, ""])
+    if args.ceiling_sizes != "0":
+        counts = [int(n) for n in args.ceiling_sizes.split(",")]
+        sized = await ceiling_by_size(counts, args.repeats, args.chunk_kib * 1024, args.window, args.device,
+                                      args.decode_in_process, retain)
+        report += "\n".join([
+            f"\n\n## Ceiling by stream size ({args.chunk_kib} KiB chunks of random bytes, window {args.window}, "
+            f"median of {args.repeats} streams after one warm-up)", "",
+            "| chunks | MB | ms per stream | GB/s |", "| ---: | ---: | ---: | ---: |", *sized, ""])
     if args.overlap_tokens != "0":
         lines = ["| transport | format | prompt tokens | prefill alone s | transfer after it s (to the last ack) "
                  "| after: committed s | streamed: first token s | streamed: last ack s | streamed: committed s "
