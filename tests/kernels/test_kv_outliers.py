@@ -67,8 +67,11 @@ def test_per_channel_keys_absorb_outliers(trial):
     seed = secrets.randbelow(2**31 - 1)
     plain, outliers = _data(0.0, seed), _data(10.0, seed)
     kivi = [output_errors("kivi2", *d, impl="torch")["keys"] for d in (plain, outliers)]
-    int4 = [output_errors("int4", *d, impl="torch")["keys"] for d in (plain, outliers)]
     per_token_2bit = _per_token_2bit_keys_error(*outliers)
     assert kivi[1] < 0.5 * per_token_2bit, (kivi, per_token_2bit, seed)
     assert kivi[1] < 1.3 * kivi[0], (kivi, seed)  # outliers barely matter per channel
-    assert int4[1] > 1.3 * int4[0], (int4, seed)  # ... but do per token
+    # ... but do per token. One sequence's error is noisy (outliers/plain over 120 seeds: 1.25 once, else 2.0-5.2),
+    # so 4 sequences' errors are summed (40 such sums over 160 seeds: at least 2.30, median 2.85)
+    seeds = [seed] + [secrets.randbelow(2**31 - 1) for _ in range(3)]
+    int4 = [sum(output_errors("int4", *_data(scale, s), impl="torch")["keys"] for s in seeds) for scale in (0.0, 10.0)]
+    assert int4[1] > 1.5 * int4[0], (int4, seeds)
