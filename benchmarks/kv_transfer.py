@@ -37,8 +37,9 @@ that acknowledges each without checking it (no checksum, no cache write; `decode
 loopback, the servicer in a child process as above: what gRPC alone moves per second here; the table reports
 each format's throughput to the last ack as a share of it. Ceiling by stream size (--ceiling-sizes, chunk counts,
 0 skips it): streams of n full chunks of random bytes the same way, and a line through their times: a fixed cost
-per stream (the first chunk's trip and the last ack's) and a rate per byte, which a prompt's transfer approaches as
-it grows; a short prompt's rate is held down by the fixed cost (kivi2 moves 44 MB for 2048 tokens).
+per stream (what a stream costs beyond its bytes: at least the first chunk's trip and the last ack's) and a rate per
+byte, which a prompt's transfer approaches as it grows; a short prompt's rate is held down by the fixed cost (kivi2
+moves 44 MB for 2048 tokens).
 
 Both ends keep freed chunk-sized buffers in their heaps (`cluster/host_memory.py`, as the prefill and decode
 workers do, ceiling included); `--malloc default` leaves glibc's thresholds as they are, for comparison.
@@ -397,6 +398,8 @@ async def main() -> None:
                     help="retain: both ends keep freed chunk-sized buffers (cluster/host_memory.py), as the prefill "
                          "and decode workers do; default: glibc's own thresholds, for comparison")
     args = ap.parse_args()
+    if args.ceiling_sizes != "0" and not all(n.isdigit() and int(n) > 0 for n in args.ceiling_sizes.split(",")):
+        ap.error(f"--ceiling-sizes {args.ceiling_sizes!r}: chunk counts >= 1, comma-separated, or 0 to skip")
     retain = args.malloc == "retain"
     if retain:
         retain_freed_buffers(args.chunk_kib * 1024)  # as PrefillSide does: each chunk sent is a new buffer
