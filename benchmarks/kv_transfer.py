@@ -215,56 +215,51 @@ async def decode_side(spec: DecodeSpec, in_process: bool) -> DecodeSide | ChildD
     return side
 
 
-async def ceiling(export, repeats: int, chunk_bytes: int, window: int, device: str, in_process: bool,
-                  retain_buffers: bool) -> float:
-    """Median GB/s of prebuilt chunks through SendStream to `_AckOnly` on 127.0.0.1."""
+async def ack_only_seconds(streams: list[list[bytes]], repeats: int, chunk_bytes: int, window: int, device: str,
+                           in_process: bool, retain_buffers: bool) -> list[list[float]]:
+    """Seconds per stream of each list of prebuilt chunks through SendStream to `_AckOnly` on 127.0.0.1, `repeats`
+    times after one warm-up."""
     spec = DecodeSpec("bf16", 0, 0, device, chunk_bytes, ack_only=True, retain_buffers=retain_buffers)
     side = await decode_side(spec, in_process)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{side.port}", options=[
         ("grpc.max_send_message_length", chunk_bytes + 2**20)])
-    chunks = list(build_chunks("ceiling", export, chunk_bytes, True))
-    rates = []
+    seconds = []
     try:
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            await stream_chunks(channel, "ceiling", iter(chunks), window, 60.0)
-            if i:
-                rates.append(export.total_bytes / (time.perf_counter() - start) / 1e9)
+        for chunks in streams:
+            times = []
+            for i in range(repeats + 1):
+                start = time.perf_counter()
+                await stream_chunks(channel, "ceiling", iter(chunks), window, 60.0)
+                if i:
+                    times.append(time.perf_counter() - start)
+            seconds.append(times)
     finally:
         await channel.close()
         await side.close()
-    return statistics.median(rates)
+    return seconds
+
+
+async def ceiling(export, repeats: int, chunk_bytes: int, window: int, device: str, in_process: bool,
+                  retain_buffers: bool) -> float:
+    """Median GB/s of the export's chunks, prebuilt, through the ack-only servicer."""
+    chunks = list(build_chunks("ceiling", export, chunk_bytes, True))
+    [times] = await ack_only_seconds([chunks], repeats, chunk_bytes, window, device, in_process, retain_buffers)
+    return statistics.median(export.total_bytes / t / 1e9 for t in times)
 
 
 async def ceiling_by_size(counts: list[int], repeats: int, chunk_bytes: int, window: int, device: str,
                           in_process: bool, retain_buffers: bool) -> list[str]:
-    """Streams of n full chunks of random bytes for each n in counts, through SendStream to `_AckOnly`: table rows of
+    """Streams of n full chunks of random bytes for each n in counts, through the ack-only servicer: table rows of
     the median time per stream, and a least-squares line through them (fixed ms per stream + ms per MB)."""
-    spec = DecodeSpec("bf16", 0, 0, device, chunk_bytes, ack_only=True, retain_buffers=retain_buffers)
-    side = await decode_side(spec, in_process)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{side.port}", options=[
-        ("grpc.max_send_message_length", chunk_bytes + 2**20)])
     data = memoryview(os.urandom(chunk_bytes))
-    points, rows = [], []
-    try:
-        for n in counts:
-            chunks = [encode_chunk("sizes", i, [(0, i, 1, data)], i == n - 1) for i in range(n)]
-            times = []
-            for i in range(repeats + 1):
-                start = time.perf_counter()
-                await stream_chunks(channel, "sizes", iter(chunks), window, 60.0)
-                if i:
-                    times.append(time.perf_counter() - start)
-            mb, ms = n * chunk_bytes / 1e6, statistics.median(times) * 1e3
-            points.append((mb, ms))
-            rows.append(f"| {n} | {mb:,.1f} | {ms:.2f} | {mb / ms:.2f} |")
-    finally:
-        await channel.close()
-        await side.close()
-    if len(points) > 1:
-        mx, my = statistics.mean(p[0] for p in points), statistics.mean(p[1] for p in points)
-        slope = (sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points))
-        rows.append(f"| fit | | {my - slope * mx:.2f} ms + {slope:.3f} ms/MB | {1 / slope:.2f} (per byte) |")
+    streams = [[encode_chunk("ceiling", i, [(0, i, 1, data)], i == n - 1) for i in range(n)] for n in counts]
+    seconds = await ack_only_seconds(streams, repeats, chunk_bytes, window, device, in_process, retain_buffers)
+    mbs = [n * chunk_bytes / 1e6 for n in counts]
+    mss = [statistics.median(times) * 1e3 for times in seconds]
+    rows = [f"| {n} | {mb:,.1f} | {ms:.2f} | {mb / ms:.2f} |" for n, mb, ms in zip(counts, mbs, mss)]
+    if len(set(counts)) > 1:
+        slope, fixed = statistics.linear_regression(mbs, mss)
+        rows.append(f"| fit | | {fixed:.2f} ms + {slope:.3f} ms/MB | {1 / slope:.2f} (per byte) |")
     return rows
 
 
@@ -398,8 +393,10 @@ async def main() -> None:
                     help="retain: both ends keep freed chunk-sized buffers (cluster/host_memory.py), as the prefill "
                          "and decode workers do; default: glibc's own thresholds, for comparison")
     args = ap.parse_args()
-    if args.ceiling_sizes != "0" and not all(n.isdigit() and int(n) > 0 for n in args.ceiling_sizes.split(",")):
+    sizes = [] if args.ceiling_sizes == "0" else args.ceiling_sizes.split(",")
+    if not all(n.isdigit() and int(n) > 0 for n in sizes):
         ap.error(f"--ceiling-sizes {args.ceiling_sizes!r}: chunk counts >= 1, comma-separated, or 0 to skip")
+    sizes = [int(n) for n in sizes]
     retain = args.malloc == "retain"
     if retain:
         retain_freed_buffers(args.chunk_kib * 1024)  # as PrefillSide does: each chunk sent is a new buffer
@@ -434,9 +431,8 @@ async def main() -> None:
         report += "\n".join([
             "", f"- prompt: {args.tokens} tokens, chunks of {args.chunk_kib} KiB, window {args.window}, "
             f"median of {args.repeats} transfers after one warm-up", "", *rows, ""])
-    if args.ceiling_sizes != "0":
-        counts = [int(n) for n in args.ceiling_sizes.split(",")]
-        sized = await ceiling_by_size(counts, args.repeats, args.chunk_kib * 1024, args.window, args.device,
+    if sizes:
+        sized = await ceiling_by_size(sizes, args.repeats, args.chunk_kib * 1024, args.window, args.device,
                                       args.decode_in_process, retain)
         report += "\n".join([
             f"\n\n## Ceiling by stream size ({args.chunk_kib} KiB chunks of random bytes, window {args.window}, "
