@@ -1,6 +1,6 @@
 """KV migration cost per format: wire bytes per token, and gRPC KvTransfer throughput on loopback.
 
-    python benchmarks/kv_transfer.py [--tokens 1024] [--repeats 5] [--chunk-kib 4096] [--window 4]
+    python benchmarks/kv_transfer.py [--tokens 1024[,4096]] [--repeats 5] [--chunk-kib 4096] [--window 4]
         [--overlap-tokens 2048[,8192]] [--overlap-repeats 3] [--overlap-transports grpc[,same-gpu]]
         [--ceiling-sizes 2,4,8,16,32,64] [--decode-in-process] [--malloc retain|default] [--out FILE]
 
@@ -15,7 +15,10 @@ this process instead); one prompt of --tokens tokens is prefilled once, then its
 under new request ids through `send_kv` (Reserve, SendStream with acks, Commit, writes into the decode engine's
 cache included). GB/s is wire payload bytes over the time from Reserve to Commit, the median over repeats, one
 stream; Commit answers after the decode engine's first step, so the bytes alone are also timed from Reserve to
-the last ack.
+the last ack. Several prompt lengths (--tokens 2048,8192) give a row each and, per format, a line through the
+times to the last ack: what a transfer of that format costs beyond its bytes (Reserve, the first chunk's trip, the
+last ack, the receiver's checks and writes of the last chunks) and its rate per byte, which is what one stream
+moves once a prompt is long enough for the fixed part not to count.
 
 Overlap (--overlap-tokens N[,M...], 0 skips it): a random model (Llama-3-8B on CUDA; on CPU OVERLAP_SHAPE:
 Llama-3-8B's attention and KV shape, fewer and narrower layers so that a 2k-token prefill runs in seconds)
@@ -258,9 +261,14 @@ async def ceiling_by_size(counts: list[int], repeats: int, chunk_bytes: int, win
     mss = [statistics.median(times) * 1e3 for times in seconds]
     rows = [f"| {n} | {mb:,.1f} | {ms:.2f} | {mb / ms:.2f} |" for n, mb, ms in zip(counts, mbs, mss)]
     if len(set(counts)) > 1:
-        slope, fixed = statistics.linear_regression(mbs, mss)
-        rows.append(f"| fit | | {fixed:.2f} ms + {slope:.3f} ms/MB | {1 / slope:.2f} (per byte) |")
+        rows.append(f"| fit | | {fixed_and_rate(mbs, mss)} (per byte) |")
     return rows
+
+
+def fixed_and_rate(mbs: list[float], mss: list[float]) -> str:
+    """A least-squares line through (MB, ms) points, as table cells: "fixed ms + ms/MB | GB/s per byte"."""
+    slope, fixed = statistics.linear_regression(mbs, mss)
+    return f"{fixed:.2f} ms + {slope:.3f} ms/MB | {1 / slope:.2f}"
 
 
 async def throughput(name: str, tokens: int, repeats: int, chunk_bytes: int, window: int, device: str,
@@ -369,7 +377,8 @@ async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--tokens", default="1024",
+                    help="prompt lengths of the throughput rows, comma-separated; two or more add a line per format")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk-kib", type=int, default=4096)
     ap.add_argument("--window", type=int, default=4)
@@ -397,6 +406,10 @@ async def main() -> None:
     if not all(n.isdigit() and int(n) > 0 for n in sizes):
         ap.error(f"--ceiling-sizes {args.ceiling_sizes!r}: chunk counts >= 1, comma-separated, or 0 to skip")
     sizes = [int(n) for n in sizes]
+    token_counts = args.tokens.split(",")
+    if not all(n.isdigit() and int(n) > 0 for n in token_counts):
+        ap.error(f"--tokens {args.tokens!r}: prompt lengths >= 1, comma-separated")
+    token_counts = [int(n) for n in token_counts]
     retain = args.malloc == "retain"
     if retain:
         retain_freed_buffers(args.chunk_kib * 1024)  # as PrefillSide does: each chunk sent is a new buffer
@@ -408,17 +421,22 @@ async def main() -> None:
     else:
         shape = get_preset(args.overlap_model)
     bf16 = bytes_per_token("bf16")
-    rows = ["| format | bytes/token (Llama-3-8B KV) | vs bf16 | bytes moved for the prompt | loopback GB/s (1 stream) "
-            "| GB/s to the last ack | gRPC ceiling GB/s | share of ceiling |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| format | bytes/token (Llama-3-8B KV) | vs bf16 | prompt tokens | bytes moved for the prompt "
+            "| loopback GB/s (1 stream) | GB/s to the last ack | gRPC ceiling GB/s | share of ceiling |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    fits = []
     for name in filter(None, args.formats.split(",")):  # --formats '' skips the throughput rows
         per_token = bytes_per_token(name)
-        rate, streamed, top, moved = await throughput(name, args.tokens, args.repeats, args.chunk_kib * 1024,
-                                                      args.window, args.device, args.decode_in_process,
-                                                      retain)
-        rows.append(f"| {name} | {per_token:,.0f} | {bf16 / per_token:.2f}x fewer | {moved:,} | {rate:.2f} "
-                    f"| {streamed:.2f} | {top:.2f} | {streamed / top:.0%} |")
-        print(rows[-1], flush=True)
+        acked = []  # (MB moved, ms to the last ack) per prompt length
+        for tokens in token_counts:
+            rate, streamed, top, moved = await throughput(name, tokens, args.repeats, args.chunk_kib * 1024,
+                                                          args.window, args.device, args.decode_in_process, retain)
+            acked.append((moved / 1e6, moved / streamed / 1e6))
+            rows.append(f"| {name} | {per_token:,.0f} | {bf16 / per_token:.2f}x fewer | {tokens} | {moved:,} "
+                        f"| {rate:.2f} | {streamed:.2f} | {top:.2f} | {streamed / top:.0%} |")
+            print(rows[-1], flush=True)
+        if len(set(token_counts)) > 1:
+            fits.append(f"| {name} | {fixed_and_rate([mb for mb, _ in acked], [ms for _, ms in acked])} |")
     device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
     device += f", engines on {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ", no GPU"
     device += "; decode side in this process" if args.decode_in_process else "; decode side in a child process"
@@ -431,6 +449,10 @@ async def main() -> None:
         report += "\n".join([
             "", f"- prompt: {args.tokens} tokens, chunks of {args.chunk_kib} KiB, window {args.window}, "
             f"median of {args.repeats} transfers after one warm-up", "", *rows, ""])
+    if fits:
+        report += "\n".join([
+            "", "Time to the last ack against bytes moved, a line through the prompt lengths of each format:", "",
+            "| format | fixed ms per transfer + ms per MB | GB/s per byte |", "| --- | ---: | ---: |", *fits, ""])
     if sizes:
         sized = await ceiling_by_size(sizes, args.repeats, args.chunk_kib * 1024, args.window, args.device,
                                       args.decode_in_process, retain)
