@@ -80,7 +80,7 @@ FORMATS = ["bf16", "fp8", "int8", "int4", "kivi2", "kivi2:value_group_size=64"]
 LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128
 KV_SHAPE = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=256, intermediate_size=256,
                        num_layers=LAYERS, num_heads=KV_HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
-                       max_position_embeddings=4096, dtype="bfloat16", eos_token_ids=(1,), bos_token_id=0,
+                       max_position_embeddings=32768, dtype="bfloat16", eos_token_ids=(1,), bos_token_id=0,
                        name="llama3-8b-kv-shape")
 
 
