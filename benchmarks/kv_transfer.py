@@ -375,6 +375,14 @@ async def overlap(name: str, tokens: int, repeats: int, chunk_bytes: int, window
     return row
 
 
+def positive_ints(ap: argparse.ArgumentParser, flag: str, text: str, expected: str) -> list[int]:
+    """text's comma-separated integers, each >= 1; otherwise the parser's error naming flag and what it expects."""
+    items = text.split(",")
+    if not all(n.isdigit() and int(n) > 0 for n in items):
+        ap.error(f"{flag} {text!r}: {expected}")
+    return [int(n) for n in items]
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", default="1024",
@@ -402,14 +410,9 @@ async def main() -> None:
                     help="retain: both ends keep freed chunk-sized buffers (cluster/host_memory.py), as the prefill "
                          "and decode workers do; default: glibc's own thresholds, for comparison")
     args = ap.parse_args()
-    sizes = [] if args.ceiling_sizes == "0" else args.ceiling_sizes.split(",")
-    if not all(n.isdigit() and int(n) > 0 for n in sizes):
-        ap.error(f"--ceiling-sizes {args.ceiling_sizes!r}: chunk counts >= 1, comma-separated, or 0 to skip")
-    sizes = [int(n) for n in sizes]
-    token_counts = args.tokens.split(",")
-    if not all(n.isdigit() and int(n) > 0 for n in token_counts):
-        ap.error(f"--tokens {args.tokens!r}: prompt lengths >= 1, comma-separated")
-    token_counts = [int(n) for n in token_counts]
+    sizes = [] if args.ceiling_sizes == "0" else positive_ints(ap, "--ceiling-sizes", args.ceiling_sizes,
+                                                                "chunk counts >= 1, comma-separated, or 0 to skip")
+    token_counts = positive_ints(ap, "--tokens", args.tokens, "prompt lengths >= 1, comma-separated")
     retain = args.malloc == "retain"
     if retain:
         retain_freed_buffers(args.chunk_kib * 1024)  # as PrefillSide does: each chunk sent is a new buffer
@@ -427,16 +430,17 @@ async def main() -> None:
     fits = []
     for name in filter(None, args.formats.split(",")):  # --formats '' skips the throughput rows
         per_token = bytes_per_token(name)
-        acked = []  # (MB moved, ms to the last ack) per prompt length
+        mbs, mss = [], []  # MB moved, ms to the last ack, per prompt length
         for tokens in token_counts:
             rate, streamed, top, moved = await throughput(name, tokens, args.repeats, args.chunk_kib * 1024,
                                                           args.window, args.device, args.decode_in_process, retain)
-            acked.append((moved / 1e6, moved / streamed / 1e6))
+            mbs.append(moved / 1e6)
+            mss.append(moved / streamed / 1e6)
             rows.append(f"| {name} | {per_token:,.0f} | {bf16 / per_token:.2f}x fewer | {tokens} | {moved:,} "
                         f"| {rate:.2f} | {streamed:.2f} | {top:.2f} | {streamed / top:.0%} |")
             print(rows[-1], flush=True)
         if len(set(token_counts)) > 1:
-            fits.append(f"| {name} | {fixed_and_rate([mb for mb, _ in acked], [ms for _, ms in acked])} |")
+            fits.append(f"| {name} | {fixed_and_rate(mbs, mss)} |")
     device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
     device += f", engines on {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ", no GPU"
     device += "; decode side in this process" if args.decode_in_process else "; decode side in a child process"
