@@ -226,13 +226,15 @@ def import_payload(engine: Engine, seq: Sequence, num_tokens: int, layer: int, b
 def import_payloads(engine: Engine, seq: Sequence, num_tokens: int, payloads: list[Payload],
                     layout: KvLayout | None = None) -> None:
     """Writes payloads (layer, first block index, data) of the wire layout into seq's blocks (or its slot's
-    state): the block payloads of one layer in one batched write per cache part, since one small copy per
-    block is what made the receiver slow. data may be any bytes-like object (a view of a received message).
+    state): each payload's blocks in one indexed write per cache part, since one small copy per block is what
+    made the receiver slow. data may be any bytes-like object (a view of a received message).
     The caller has checked sizes against `kv_layout(engine)` (pass it as `layout` to skip recomputing it per
     call); a wrong size or index raises ValueError here too."""
     layout = layout or kv_layout(engine)
     n, width = layout.num_blocks(num_tokens), layout.bytes_per_block
-    by_layer: dict[int, list[tuple[int, np.ndarray]]] = {}
+    runs: list[np.ndarray] = []
+    block_ids: list[int] = []
+    spans: list[tuple[int, int, int]] = []  # (layer, first row, end row) of the runs' rows
     for layer, index, data in payloads:
         if not 0 <= layer < layout.num_layers:
             raise ValueError(f"payload (layer {layer}, block {index}): no such layer of {layout.num_layers}")
@@ -243,34 +245,38 @@ def import_payloads(engine: Engine, seq: Sequence, num_tokens: int, payloads: li
         if rest or not count or not 0 <= index <= n - count:
             raise ValueError(f"payload (layer {layer}, block {index}): {len(data)} bytes, expected whole blocks of "
                              f"{width} bytes within the {n} blocks")
-        by_layer.setdefault(layer, []).append((index, np.frombuffer(data, dtype=np.uint8).reshape(count, width)))
-    for layer, runs in by_layer.items():
-        ids = [seq.block_table[i] for index, rows in runs for i in range(index, index + len(rows))]
-        _write_blocks(engine, layer, ids, [rows for _, rows in runs])
+        runs.append(np.frombuffer(data, dtype=np.uint8).reshape(count, width))
+        block_ids.extend(seq.block_table[index:index + count])
+        spans.append((layer, len(block_ids) - count, len(block_ids)))
+    if runs:
+        _write_blocks(engine, spans, block_ids, runs)
 
 
-def _write_blocks(engine: Engine, layer: int, block_ids: list[int], runs: list[np.ndarray]) -> None:
-    """runs: [blocks, bytes_per_block] uint8 arrays on the host (maybe read-only), len(block_ids) rows in all,
-    written in order into those blocks of `layer`, one indexed copy per part. On the CPU through numpy, which
-    copies whole rows straight from the runs (torch's index_copy_ on uint8 moves one byte at a time: the
-    receiver's largest cost before). On CUDA through `_uploaded`."""
-    parts = layer_byte_rows(engine, layer)
-    device = parts[0].device
-    offset = 0
+def _write_blocks(engine: Engine, spans: list[tuple[int, int, int]], block_ids: list[int],
+                  runs: list[np.ndarray]) -> None:
+    """runs: [blocks, bytes_per_block] uint8 arrays on the host (maybe read-only), one per span (layer, a, b):
+    its rows go into blocks block_ids[a:b] of `layer`, one indexed copy per cache part. On the CPU through numpy,
+    which copies whole rows straight from the runs (torch's index_copy_ on uint8 moves one byte at a time: the
+    receiver's largest cost before). On CUDA all runs go up at once (`_uploaded`, one id copy): per layer, a
+    pinned buffer and two copies to queue cost more than the layer's indexed copies."""
+    device = layer_byte_rows(engine, spans[0][0])[0].device
     if device.type == "cpu":
         ids = np.asarray(block_ids)
-        rows = runs[0] if len(runs) == 1 else np.concatenate(runs)
-        for part in parts:
-            width = part.shape[1]
-            part.numpy()[ids] = rows[:, offset:offset + width]
-            offset += width
+        for (layer, a, b), rows in zip(spans, runs):
+            offset = 0
+            for part in layer_byte_rows(engine, layer):
+                width = part.shape[1]
+                part.numpy()[ids[a:b]] = rows[:, offset:offset + width]
+                offset += width
         return
     ids = device_ids(block_ids, device)
     source = _uploaded(runs, device)
-    for part in parts:
-        width = part.shape[1]
-        part.index_copy_(0, ids, source[:, offset:offset + width])
-        offset += width
+    for layer, a, b in spans:
+        offset = 0
+        for part in layer_byte_rows(engine, layer):
+            width = part.shape[1]
+            part.index_copy_(0, ids[a:b], source[a:b, offset:offset + width])
+            offset += width
 
 
 def layer_byte_rows(engine: Engine, layer: int) -> list[torch.Tensor]:
