@@ -45,7 +45,9 @@ byte, which a prompt's transfer approaches as it grows; a short prompt's rate is
 moves 44 MB for 2048 tokens).
 
 Both ends keep freed chunk-sized buffers in their heaps (`cluster/host_memory.py`, as the prefill and decode
-workers do, ceiling included); `--malloc default` leaves glibc's thresholds as they are, for comparison.
+workers do, ceiling included); `--malloc default` leaves glibc's thresholds as they are, for comparison. Both
+processes also freeze what they loaded out of garbage collection once their engines and servers are up, as
+workers do (`cluster/gc_freeze.py`: a full collection of an unfrozen process stalls it for about 90 ms).
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ import grpc
 import torch
 
 from partita.cluster.async_engine import AsyncEngine
+from partita.cluster.gc_freeze import freeze_startup_objects
 from partita.cluster.host_memory import retain_freed_buffers
 from partita.cluster.kv_stream_client import prefill_and_migrate
 from partita.cluster.kv_transfer_client import (build_chunks, migrate_or_resume, open_peer_cache, send_kv,
@@ -203,6 +206,7 @@ async def serve_decode_side(spec: DecodeSpec) -> None:
     """The child's main: the port on stdout, then an answer per line of stdin once idle, until stdin closes."""
     side = DecodeSide(spec)
     await side.start()
+    freeze_startup_objects()
     print(json.dumps({"port": side.port}), flush=True)
     loop = asyncio.get_running_loop()
     while await loop.run_in_executor(None, sys.stdin.readline):
@@ -215,6 +219,7 @@ async def decode_side(spec: DecodeSpec, in_process: bool) -> DecodeSide | ChildD
     """A started decode side, here or in a child process."""
     side = DecodeSide(spec) if in_process else ChildDecodeSide(spec)
     await side.start()
+    freeze_startup_objects()  # this process's engines are made by now
     return side
 
 

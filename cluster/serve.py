@@ -27,6 +27,7 @@ import ray
 
 from partita.cluster.controller import NAMESPACE, start_controller, stop_controller
 from partita.cluster.gateway import Gateway
+from partita.cluster.gc_freeze import freeze_startup_objects
 from partita.cluster.router import RayRouter
 from partita.cluster.spec import ClusterSpec
 
@@ -106,6 +107,7 @@ async def run_deployment(spec: ClusterSpec, *, started_ray: bool, out: TextIO = 
             return 130
         gateway = Gateway(router, spec.gateway)
         await gateway.start()
+        freeze_startup_objects()  # a full collection would stall every stream the gateway relays (gc_freeze.py)
         print(endpoints_text(spec, gateway, started_ray), file=out, flush=True)
         if on_ready is not None:
             on_ready(gateway)

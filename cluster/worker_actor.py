@@ -33,6 +33,7 @@ import ray
 
 from partita.cluster.async_engine import AsyncEngine
 from partita.cluster.gateway_engine import EngineUnavailableError, WorkerLoad
+from partita.cluster.gc_freeze import freeze_startup_objects
 from partita.cluster.pd_worker import DecodeSide, NotCommittedError, PrefillSide
 from partita.cluster.spec import ClusterSpec, KvTransferSpec, ModelSpec, SchedulerSpec, SpecError
 from partita.workers.errors import InvalidRequestError
@@ -133,6 +134,7 @@ class WorkerActor:
         info = self._engine.model_info
         context = ray.get_runtime_context()
         kv_address = await self._decode.start(self._kv_host) if self._decode else None
+        freeze_startup_objects()  # the loaded model and servers stay out of full collections (gc_freeze.py)
         return {"node_id": context.get_node_id(), "placement_group_id": context.get_placement_group_id(),
                 "kv_address": kv_address,
                 "model_name": info.model_name, "max_model_len": info.max_model_len,
