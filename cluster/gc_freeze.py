@@ -3,7 +3,7 @@
 CPython's full (generation 2) collection walks every container object the collector tracks, holding the GIL, so
 every thread of the process waits: in a decode worker, its decode steps and the KV stream it is receiving. A loaded
 worker tracks about 200k objects (torch, triton, gRPC, Ray, the model's modules) that live as long as the process,
-and one full collection of them took 85-95 ms on the 2-core CI machine; one that fell inside an 8192-token int4
+and one full collection of them took 85-95 ms on a 2-core machine like CI's; one that fell inside an 8192-token int4
 KV transfer made it 433 ms instead of about 365 (benchmarks/results/2026-12-07-kv-transfer-gc-pauses-cpu.md).
 Full collections come every so often from ordinary allocation churn (each chunk received makes tuples and sets).
 
