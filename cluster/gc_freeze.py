@@ -18,21 +18,14 @@ from __future__ import annotations
 
 import atexit
 import gc
-import threading
-
-_lock = threading.Lock()
-_unfreeze_registered = False
 
 
 def freeze_startup_objects() -> int:
     """Collects the garbage start-up left, then freezes every object alive now out of later collections (module
     docstring); returns how many objects are frozen in all. Call it once the process holds what it serves (the
     model loaded, the servers started); a later call also freezes what came since."""
-    global _unfreeze_registered
-    with _lock:
-        gc.collect()
-        gc.freeze()
-        if not _unfreeze_registered:
-            atexit.register(gc.unfreeze)
-            _unfreeze_registered = True
-        return gc.get_freeze_count()
+    gc.collect()
+    gc.freeze()
+    atexit.unregister(gc.unfreeze)  # one hand-back at exit however many calls
+    atexit.register(gc.unfreeze)
+    return gc.get_freeze_count()
