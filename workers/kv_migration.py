@@ -36,6 +36,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from partita.kernels.kv_base import use_triton
+from partita.kernels.scatter_copy import scatter_copy, word_dtype
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb
 from partita.workers.attention.kernel_paged import KernelPagedAttention
 from partita.workers.attention.torch_paged import TorchPagedAttention
@@ -224,12 +226,14 @@ def import_payload(engine: Engine, seq: Sequence, num_tokens: int, layer: int, b
 
 
 def import_payloads(engine: Engine, seq: Sequence, num_tokens: int, payloads: list[Payload],
-                    layout: KvLayout | None = None) -> None:
+                    layout: KvLayout | None = None, impl: str = "auto") -> None:
     """Writes payloads (layer, first block index, data) of the wire layout into seq's blocks (or its slot's
-    state): each payload's blocks in one indexed write per cache part, since one small copy per block is what
-    made the receiver slow. data may be any bytes-like object (a view of a received message).
+    state), all blocks of the call at once (`_write_blocks`), since one small copy per block, then one per layer
+    and part, is what made the receiver slow. data may be any bytes-like object (a view of a received message).
     The caller has checked sizes against `kv_layout(engine)` (pass it as `layout` to skip recomputing it per
-    call); a wrong size or index raises ValueError here too."""
+    call); a wrong size or index raises ValueError here too. impl: 'auto' (the Triton scatter on CUDA, numpy
+    on the CPU), 'triton' (also on the CPU, through Triton's interpreter) or 'torch' (numpy on the CPU, one
+    indexed copy per layer and part on CUDA)."""
     layout = layout or kv_layout(engine)
     n, width = layout.num_blocks(num_tokens), layout.bytes_per_block
     runs: list[np.ndarray] = []
@@ -249,46 +253,80 @@ def import_payloads(engine: Engine, seq: Sequence, num_tokens: int, payloads: li
         block_ids.extend(seq.block_table[index:index + count])
         spans.append((layer, len(block_ids) - count, len(block_ids)))
     if runs:
-        _write_blocks(engine, spans, block_ids, runs)
+        _write_blocks(engine, spans, block_ids, runs, impl)
 
 
 def _write_blocks(engine: Engine, spans: list[tuple[int, int, int]], block_ids: list[int],
-                  runs: list[np.ndarray]) -> None:
+                  runs: list[np.ndarray], impl: str) -> None:
     """runs: [blocks, bytes_per_block] uint8 arrays on the host (maybe read-only), one per span (layer, a, b):
-    its rows go into blocks block_ids[a:b] of `layer`, one indexed copy per cache part. On the CPU through numpy,
-    which copies whole rows straight from the runs (torch's index_copy_ on uint8 moves one byte at a time: the
-    receiver's largest cost before). On CUDA all runs go up at once (`_uploaded`, one id copy): per layer, a
-    pinned buffer and two copies to queue cost more than the layer's indexed copies."""
-    device = layer_byte_rows(engine, spans[0][0])[0].device
-    if device.type == "cpu":
+    its rows go into blocks block_ids[a:b] of `layer`, part by part. With Triton: one upload (a copy table, then
+    the rows) and one `scatter_copy` launch for every layer and part, so the engine thread gives the GIL up a
+    few times per chunk instead of some sixty (each torch call does), which the event loop receiving the next
+    chunk also wants. On the CPU otherwise through numpy, which copies whole rows straight from the runs
+    (torch's index_copy_ on uint8 moves one byte at a time); on CUDA otherwise one indexed copy per layer and
+    part."""
+    parts = {layer: _layer_parts(engine, layer) for layer, _, _ in spans}
+    some_part = parts[spans[0][0]][0]
+    if use_triton(impl, some_part):
+        _scatter_blocks(parts, spans, block_ids, runs, some_part.device)
+    elif some_part.device.type == "cpu":
         ids = np.asarray(block_ids)
         for (layer, a, b), rows in zip(spans, runs):
             offset = 0
-            for part in layer_byte_rows(engine, layer):
-                width = part.shape[1]
-                part.numpy()[ids[a:b]] = rows[:, offset:offset + width]
-                offset += width
-        return
-    ids = device_ids(block_ids, device)
-    source = _uploaded(runs, device)
+            for part in parts[layer]:
+                part = part.view(part.shape[0], -1).view(torch.uint8).numpy()
+                part[ids[a:b]] = rows[:, offset:offset + part.shape[1]]
+                offset += part.shape[1]
+    else:
+        ids = device_ids(block_ids, some_part.device)
+        source = _uploaded(runs, some_part.device)
+        for layer, a, b in spans:
+            offset = 0
+            for part in parts[layer]:
+                part = part.view(part.shape[0], -1).view(torch.uint8)
+                part.index_copy_(0, ids[a:b], source[a:b, offset:offset + part.shape[1]])
+                offset += part.shape[1]
+
+
+def _scatter_blocks(parts: dict[int, list[torch.Tensor]], spans: list[tuple[int, int, int]], block_ids: list[int],
+                    runs: list[np.ndarray], device: torch.device) -> None:
+    """`_write_blocks` through `scatter_copy`: the copy table (one entry per row and part: the part's block
+    address, where the row's piece starts, its length) is made with numpy, without a torch call per entry."""
+    widths = np.array([p.stride(0) * p.element_size() for p in next(iter(parts.values()))], dtype=np.int64)
+    width, rows = int(widths.sum()), len(block_ids)
+    if width != runs[0].shape[1]:
+        raise ValueError(f"the cache's parts hold {width} bytes per block, the payloads {runs[0].shape[1]}")
+    bases = {layer: np.array([p.data_ptr() for p in ps], dtype=np.int64) for layer, ps in parts.items()}
+    word = word_dtype([width, *widths, *np.concatenate(list(bases.values()))])
+    table = np.empty((rows, len(widths), 3), dtype=np.int64)
     for layer, a, b in spans:
-        offset = 0
-        for part in layer_byte_rows(engine, layer):
-            width = part.shape[1]
-            part.index_copy_(0, ids[a:b], source[a:b, offset:offset + width])
-            offset += width
+        table[a:b, :, 0] = bases[layer]
+    ids = np.asarray(block_ids, dtype=np.int64)
+    table[:, :, 0] += ids[:, None] * widths
+    table[:, :, 1] = (np.arange(rows)[:, None] * width + np.cumsum(widths) - widths) // word.itemsize
+    table[:, :, 2] = widths // word.itemsize
+    host = torch.empty(table.nbytes + rows * width, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    host_bytes = host.numpy()
+    host_bytes[:table.nbytes].view(np.int64)[:] = table.reshape(-1)
+    np.concatenate(runs, out=host_bytes[table.nbytes:].reshape(rows, width))
+    both = host.to(device, non_blocking=True)  # the pinned buffer is reused only once this copy is done
+    scatter_copy(both[table.nbytes:].view(word), both[:table.nbytes].view(torch.int64).view(-1, 3),
+                 int(widths.max()) // word.itemsize)
+
+
+def _layer_parts(engine: Engine, layer: int) -> list[torch.Tensor]:
+    """`layer`'s cache parts, each [num_blocks, ...] and contiguous, in wire order (the torch backend: keys then
+    values; the kernel backend: its format's parts, `export_blocks`'s order)."""
+    backend = engine.runner.backend
+    if isinstance(backend, TorchPagedAttention):
+        return [backend.k_caches[layer], backend.v_caches[layer]]
+    return list(backend.caches[layer].parts.values())
 
 
 def layer_byte_rows(engine: Engine, layer: int) -> list[torch.Tensor]:
     """Each part of `layer`'s cache as a [num_blocks, bytes of one block] uint8 view of its storage, in wire
-    order (the torch backend: keys then values; the kernel backend: its format's parts, `export_blocks`'s
-    order). Writing into a view writes the cache."""
-    backend = engine.runner.backend
-    if isinstance(backend, TorchPagedAttention):
-        parts = [backend.k_caches[layer], backend.v_caches[layer]]
-    else:
-        parts = list(backend.caches[layer].parts.values())
-    return [p.view(p.shape[0], -1).view(torch.uint8) for p in parts]
+    order (`_layer_parts`). Writing into a view writes the cache."""
+    return [p.view(p.shape[0], -1).view(torch.uint8) for p in _layer_parts(engine, layer)]
 
 
 def layer_state(engine: Engine, layer: int) -> list[torch.Tensor]:

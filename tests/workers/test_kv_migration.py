@@ -52,12 +52,13 @@ def cut_runs(payloads, bytes_per_block: int, num_blocks: int) -> list:
     return runs
 
 
-def migrate(src: Engine, dst: Engine, request_id: str, params: SamplingParams = GREEDY) -> None:
+def migrate(src: Engine, dst: Engine, request_id: str, params: SamplingParams = GREEDY, impl: str = "auto") -> None:
     export = export_request(src, request_id)
     kv_layout(dst).check_compatible(export.layout.to_proto())
     seq = dst.reserve_migrated(request_id, export.prompt_token_ids, params)
     num_blocks = export.layout.num_blocks(export.num_tokens)
-    import_payloads(dst, seq, export.num_tokens, cut_runs(export.payloads, export.layout.bytes_per_block, num_blocks))
+    import_payloads(dst, seq, export.num_tokens, cut_runs(export.payloads, export.layout.bytes_per_block, num_blocks),
+                    impl=impl)
     for layer, index, data in export.payloads:
         if index == num_blocks:
             import_payload(dst, seq, export.num_tokens, layer, index, data)
@@ -73,11 +74,14 @@ def assert_all_free(*engines: Engine) -> None:
         assert not e.scheduler.held and not e.requests
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device, impl", [("cpu", "auto"), ("cpu", "triton"), pytest.param("cuda", "auto", marks=pytest.mark.gpu),
+                                          pytest.param("cuda", "torch", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-moe"])
 @pytest.mark.parametrize("kv_format", FORMATS)
-def test_pd_equals_colocated(kv_format, model, device):
-    """On CUDA the blocks go through pinned memory and copies queued on the stream (`_write_blocks`)."""
+def test_pd_equals_colocated(kv_format, model, device, impl):
+    """Each call imports runs of several layers at once, cut and reordered. The receiver's write: numpy on the
+    CPU ('auto'), one Triton scatter launch ('triton' on the CPU through the interpreter, 'auto' on CUDA) or one
+    indexed copy per layer and part on CUDA ('torch')."""
     memory = {"kv_cache_memory_bytes": 2**26} if device == "cuda" else {}  # three engines on one GPU
     colocated = make_engine(kv_format, model, device, **memory)
     expected = {}
@@ -88,7 +92,7 @@ def test_pd_equals_colocated(kv_format, model, device):
     got = {}
     for i, p in enumerate(PROMPTS):
         got[f"r{i}"] = [prefill(src, f"r{i}", p)]
-        migrate(src, dst, f"r{i}")
+        migrate(src, dst, f"r{i}", impl=impl)
     for rid, toks in run_to_end(dst).items():
         got[rid].extend(toks)
     assert got == expected

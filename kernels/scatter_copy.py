@@ -1,0 +1,85 @@
+"""Many small copies in one launch: the decode side's write of received KV blocks (`workers.kv_migration`).
+
+Operation, for every entry e of `table`:
+    dst, offset, count = table[e]
+    the `count` words source[offset : offset + count]  ->  the `count` words starting at byte address dst
+A *word* is source's element: int64, int32, int16 or uint8 (`word_dtype` picks the widest one that every byte
+address, offset and size of a set of copies divides, so each copy moves whole 8-byte words where it can).
+
+Shapes and dtypes: source [N] (1-D, contiguous, a word dtype); table [E, 3] int64 (destination byte address,
+source offset in words, words to copy), on source's device. Destinations must be live memory of that device
+that nothing else writes meanwhile (the caller takes the addresses from its own tensors) and must not overlap
+source or each other; entries are copied in no particular order.
+
+Why: a received chunk of KV blocks spans a few layers, and each layer's cache has several parts (codes,
+scales, zero points); torch needs one indexed copy per (layer, part), each one a Python call that gives the
+GIL up and takes it back while the event loop receiving the next chunk wants it. One launch replaces them.
+
+Grid: (E, tiles); program (e, t) copies tiles t, t + tiles, ... of BLOCK words of entry e, so any count is
+copied whole whatever `max_words` said (it only sets how many programs share a long copy).
+`scatter_copy_reference` does the same with one host memmove per entry (CPU tensors only).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # words per tile
+_WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+@triton.jit
+def _scatter_copy_kernel(src_ptr, table_ptr, BLOCK: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    dst = tl.load(table_ptr + 3 * e).to(tl.pointer_type(src_ptr.dtype.element_ty))
+    offset = tl.load(table_ptr + 3 * e + 1)
+    count = tl.load(table_ptr + 3 * e + 2)
+    for start in range(t * BLOCK, count, tl.num_programs(1) * BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        mask = i < count
+        tl.store(dst + i, tl.load(src_ptr + offset + i, mask=mask), mask=mask)
+
+
+def word_dtype(byte_quantities) -> torch.dtype:
+    """The widest word (int64 down to uint8) whose size divides every address, offset and size given."""
+    size = 8
+    for q in byte_quantities:
+        while int(q) % size:
+            size //= 2
+    return _WORD_DTYPES[size]
+
+
+def _check(source: torch.Tensor, table: torch.Tensor) -> None:
+    if source.dim() != 1 or not source.is_contiguous() or source.dtype not in _WORD_DTYPES.values():
+        raise ValueError(f"source must be a contiguous 1-D tensor of {list(_WORD_DTYPES.values())}; got "
+                         f"shape {tuple(source.shape)}, {source.dtype}")
+    if table.dim() != 2 or table.shape[1] != 3 or table.dtype != torch.int64 or not table.is_contiguous():
+        raise ValueError(f"table must be a contiguous [E, 3] int64 tensor; got {tuple(table.shape)}, {table.dtype}")
+    if table.device != source.device:
+        raise ValueError(f"table is on {table.device}, source on {source.device}")
+
+
+def scatter_copy(source: torch.Tensor, table: torch.Tensor, max_words: int) -> None:
+    """Runs every copy of `table` (module docstring) in one launch; max_words: the largest count (or less), which
+    only sizes the grid. Needs CUDA tensors (or TRITON_INTERPRET=1)."""
+    _check(source, table)
+    if not table.shape[0]:
+        return
+    tiles = max(1, min(triton.cdiv(max_words, BLOCK), 64))
+    _scatter_copy_kernel[(table.shape[0], tiles)](source, table, BLOCK=BLOCK)
+
+
+def scatter_copy_reference(source: torch.Tensor, table: torch.Tensor) -> None:
+    """The same copies, one host memmove each; CPU tensors only."""
+    _check(source, table)
+    if source.device.type != "cpu":
+        raise ValueError("scatter_copy_reference copies host memory; source must be on the CPU")
+    word = source.element_size()
+    for dst, offset, count in table.tolist():
+        if offset < 0 or count < 0 or offset + count > source.numel():
+            raise ValueError(f"entry ({dst:#x}, {offset}, {count}) reads outside source's {source.numel()} words")
+        ctypes.memmove(dst, source.data_ptr() + offset * word, count * word)
