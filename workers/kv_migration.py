@@ -261,8 +261,8 @@ def _write_blocks(engine: Engine, spans: list[tuple[int, int, int]], block_ids: 
     """runs: [blocks, bytes_per_block] uint8 arrays on the host (maybe read-only), one per span (layer, a, b):
     its rows go into blocks block_ids[a:b] of `layer`, part by part. With Triton: one upload (a copy table, then
     the rows) and one `scatter_copy` launch for every layer and part, so the engine thread gives the GIL up a
-    few times per chunk instead of some sixty (each torch call does), which the event loop receiving the next
-    chunk also wants. On the CPU otherwise through numpy, which copies whole rows straight from the runs
+    few times per chunk instead of dozens (most torch calls do), and the event loop receiving the next chunk
+    wants it back each time. On the CPU otherwise through numpy, which copies whole rows straight from the runs
     (torch's index_copy_ on uint8 moves one byte at a time); on CUDA otherwise one indexed copy per layer and
     part."""
     parts = {layer: _layer_parts(engine, layer) for layer, _, _ in spans}
