@@ -1,5 +1,5 @@
 """The decode side's write of received KV chunks into its paged cache, alone: one Triton launch per chunk
-against one indexed copy per layer and cache part.
+against one indexed copy per layer and cache part, and the engine thread's share of it.
 
     python benchmarks/kv_write.py [--formats int4,kivi2,bf16] [--tokens 2048] [--chunk-kib 4096] [--rounds 8]
         [--device cuda|cpu] [--out FILE]
@@ -7,12 +7,14 @@ against one indexed copy per layer and cache part.
 
 A prompt of --tokens tokens of the Llama-3-8B KV shape (`kv_transfer.py`'s engines: tiny model, that cache) is
 prefilled and exported, its payloads packed into chunks as `send_kv` packs them (`ChunkPacker`, runs of blocks
-crossing layers), and each chunk is written into a reserved sequence of two other engines on the same device
-through `import_payloads`, one engine per write path: impl='triton' (`kernels/scatter_copy.py`, what CUDA uses)
-and impl='torch' (one `index_copy_` per layer and part on CUDA; numpy on the CPU). Rounds alternate the paths;
-each round times every chunk on the calling thread, nothing else running, the device synchronized before and
-after. Reported: the median over rounds 2.. of each round's median ms per chunk (and the range of those), and the
-median time of a whole round (all chunks, then a device synchronize). Both caches must end byte-equal.
+crossing layers), and each chunk is written into a reserved sequence of two other engines on the same device as
+the receiver writes it (`workers/kv_import.py`: `stage_payloads`, which a receiver runs on its checksum thread,
+then `write_staged`, which it runs on the engine thread), one engine per write path: impl='triton'
+(`kernels/scatter_copy.py`, what CUDA uses) and impl='torch' (one `index_copy_` per layer and part on CUDA, numpy
+on the CPU: all of it in `write_staged`). Rounds alternate the paths; each round times every chunk on the calling
+thread, nothing else running, the device synchronized before and after. Reported: the median over rounds 2.. of
+each round's median ms per chunk, whole and its engine-thread part (`write_staged`), with the range over rounds,
+and the median time of a whole round (all chunks, then a device synchronize). Both caches must end byte-equal.
 
 What this leaves out: under a live stream the write shares the GIL with the receiving event loop
 (`kv_transfer.py` measures that transfer as a whole).
@@ -33,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kv_transfer as kt  # noqa: E402  (the engines and KV shape of the transfer benchmark)
 
 from partita.cluster.kv_wire import ChunkPacker  # noqa: E402
-from partita.workers.kv_migration import import_payloads, kv_layout, layer_byte_rows  # noqa: E402
+from partita.workers.kv_import import cache_target, stage_payloads, write_staged  # noqa: E402
+from partita.workers.kv_migration import kv_layout, layer_byte_rows  # noqa: E402
 
 IMPLS = ("torch", "triton")
 
@@ -62,20 +65,27 @@ def measure(fmt: str, tokens: int, chunk_bytes: int, rounds: int, device: str) -
     chunks = chunks_of(export, layout, chunk_bytes, tokens)
     engines = {impl: kt.make_engine(spec) for impl in IMPLS}
     seqs = {impl: engine.reserve_migrated("r", prompt) for impl, engine in engines.items()}
+    targets = {impl: cache_target(engine) for impl, engine in engines.items()}
     per_chunk: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    on_engine: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     whole: dict[str, list[float]] = {impl: [] for impl in IMPLS}
     for r in range(rounds):
         for impl in IMPLS:
-            times = []
+            times, engine_times = [], []
             sync(device)
             start = time.perf_counter()
             for pieces in chunks:
                 t = time.perf_counter()
-                import_payloads(engines[impl], seqs[impl], tokens, pieces, layout, impl=impl)
-                times.append(time.perf_counter() - t)
+                staged = stage_payloads(targets[impl], seqs[impl].block_table, tokens, pieces, layout, impl)
+                t_staged = time.perf_counter()
+                write_staged(engines[impl], seqs[impl], staged)
+                t_end = time.perf_counter()
+                times.append(t_end - t)
+                engine_times.append(t_end - t_staged)
             sync(device)
             if r:  # the first round compiles and warms the allocators
                 per_chunk[impl].append(statistics.median(times) * 1e3)
+                on_engine[impl].append(statistics.median(engine_times) * 1e3)
                 whole[impl].append((time.perf_counter() - start) * 1e3)
     equal = all(torch.equal(a, b) for layer in range(layout.num_layers)
                 for a, b in zip(*(layer_byte_rows(engines[impl], layer) for impl in IMPLS)))
@@ -84,9 +94,10 @@ def measure(fmt: str, tokens: int, chunk_bytes: int, rounds: int, device: str) -
     pieces = statistics.median(len(c) for c in chunks)
     rows = []
     for impl in IMPLS:
-        xs = per_chunk[impl]
+        xs, es = per_chunk[impl], on_engine[impl]
         rows.append(f"| {fmt} | {impl} | {len(chunks)} | {pieces:g} | {statistics.median(xs):.3f} "
-                    f"({min(xs):.3f}-{max(xs):.3f}) | {statistics.median(whole[impl]):.1f} |")
+                    f"({min(xs):.3f}-{max(xs):.3f}) | {statistics.median(es):.3f} ({min(es):.3f}-{max(es):.3f}) | "
+                    f"{statistics.median(whole[impl]):.1f} |")
     del prefill, engines
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -112,7 +123,7 @@ def main() -> None:
              f"- device: {device}", f"- command: `python {' '.join(sys.argv)}`",
              f"- prompt {args.tokens} tokens, chunks of {args.chunk_kib} KiB, rounds {args.rounds} (first left out)",
              "", "| format | impl | chunks | pieces per chunk | ms per chunk, median (range over rounds) | "
-             "ms per round |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "of which on the engine thread | ms per round |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for fmt in args.formats.split(","):
         lines += measure(fmt, args.tokens, args.chunk_kib * 1024, args.rounds, args.device)
         print("\n".join(lines[-2:]), flush=True)

@@ -6,7 +6,8 @@ Per transfer (protos/partita/v1/kv_transfer.proto):
               blocks and a sequence slot on the engine thread (RESOURCE_EXHAUSTED when there is no room).
     Send /    chunks numbered 0, 1, ...; each payload (one block, a run of consecutive blocks of one layer, or a
     SendStream layer's state) checked (layer, block indexes, none seen before, exact size, crc32 on a worker
-              thread) and written into the reserved blocks on the engine thread. Any failure aborts the
+              thread, where the write is also staged: `workers/kv_import.py`) and written into the reserved
+              blocks on the engine thread. Any failure aborts the
               transfer and frees its blocks at once: a partial or corrupt transfer is never used.
               SendStream acknowledges every chunk, so the sender bounds what is in flight; a SendStream
               that ends before a chunk marked is_last (the sender died or cancelled) frees the transfer.
@@ -43,7 +44,8 @@ from partita.protos.partita.v1 import kv_transfer_pb2 as pb, kv_transfer_pb2_grp
 from partita.workers.engine.sequence import Sequence, Status
 from partita.workers.errors import InvalidRequestError, KvCapacityError
 from partita.workers.kv_ipc import device_uuid, share_cache
-from partita.workers.kv_migration import KvLayout, KvLayoutMismatch, import_payloads, kv_layout
+from partita.workers.kv_import import CacheTarget, cache_target, stage_payloads, write_staged
+from partita.workers.kv_migration import KvLayout, KvLayoutMismatch, kv_layout
 
 if TYPE_CHECKING:
     from partita.cluster.async_engine import AsyncEngine
@@ -71,6 +73,7 @@ class _Transfer:
     transfer_id: str
     request_id: str
     seq: Sequence  # read and written on the engine thread only
+    block_ids: list[int]  # seq's blocks, copied at Reserve, for staging writes off the engine thread
     num_tokens: int
     layout: KvLayout
     deadline: float
@@ -120,6 +123,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         self._max_ttl_s = max_ttl_s
         self._on_commit = on_commit or self._drain
         self._layout: KvLayout | None = None
+        self._target: CacheTarget | None = None
         self.transfers: dict[str, _Transfer] = {}
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
@@ -127,6 +131,12 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
 
     async def _run(self, fn: Callable[["Engine"], object]) -> object:
         return await asyncio.wrap_future(self._engine.submit(fn))
+
+    async def _cache_layout(self) -> KvLayout:
+        """The engine's KV layout and where its cache parts are, read once on the engine thread."""
+        if self._layout is None:
+            self._layout, self._target = await self._run(lambda e: (kv_layout(e), cache_target(e)))
+        return self._layout
 
     # --- Reserve --------------------------------------------------------------------------------------
     async def Reserve(self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext) -> pb.ReserveResponse:
@@ -137,9 +147,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
 
     async def _reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
         bad = grpc.StatusCode.INVALID_ARGUMENT
-        if self._layout is None:
-            self._layout = await self._run(kv_layout)
-        layout = self._layout
+        layout = await self._cache_layout()
         if self._model_name and request.model and request.model != self._model_name:
             raise TransferError(bad, f"model: this worker serves {self._model_name!r}, not {request.model!r}")
         try:
@@ -163,9 +171,10 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
 
         def reserve(engine: "Engine") -> tuple[_Transfer, pb.ReserveResponse]:
             seq = engine.reserve_migrated(request.request_id, prompt)
-            t = _Transfer(uuid.uuid4().hex, request.request_id, seq, n, layout, time.monotonic() + ttl)
+            block_ids = seq.block_table[:layout.num_blocks(n)]
+            t = _Transfer(uuid.uuid4().hex, request.request_id, seq, block_ids, n, layout, time.monotonic() + ttl)
             return t, pb.ReserveResponse(transfer_id=t.transfer_id, max_chunk_bytes=self.max_chunk_bytes,
-                                         block_ids=seq.block_table[:layout.num_blocks(n)], seq_slot=seq.kv_slot,
+                                         block_ids=block_ids, seq_slot=seq.kv_slot,
                                          accepts_block_runs=True)
 
         reserving = asyncio.wrap_future(self._engine.submit(reserve))
@@ -268,20 +277,32 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         return _Admitted(t, chunk.seq, blocks, t.bytes_received)
 
     async def _store(self, chunk: _Admitted) -> None:
-        """The second stage: the checksums on a worker thread, then the write into the reserved blocks on the
-        engine thread. Any failure aborts the transfer (TransferError)."""
+        """The second stage: on a worker thread the checksums, then the write staged (`stage_payloads`: the
+        host-side copies, off the engine thread, which also runs decode steps); then the write on the engine
+        thread. Any failure aborts the transfer (TransferError)."""
         t, seq = chunk.t, chunk.seq
-        bad = await asyncio.get_running_loop().run_in_executor(None, first_bad_crc, chunk.blocks)
+        payloads = [(layer, index, data) for layer, index, _, data, _ in chunk.blocks]
+
+        def check_and_stage():
+            bad = first_bad_crc(chunk.blocks)
+            if bad is not None:
+                return bad, None
+            return None, stage_payloads(self._target, t.block_ids, t.num_tokens, payloads, t.layout)
+
+        try:
+            bad, staged = await asyncio.get_running_loop().run_in_executor(None, check_and_stage)
+        except Exception as e:  # noqa: BLE001 - the transfer is dropped whatever went wrong
+            raise await self._fail(t, TransferError(grpc.StatusCode.INTERNAL,
+                                                    f"chunk {seq}: staging the KV write failed: {e}")) from None
         if bad is not None:
             raise await self._fail(t, TransferError(grpc.StatusCode.DATA_LOSS, f"transfer {t.transfer_id} chunk {seq}: "
                                                     f"crc32 mismatch in payload (layer {bad[0]}, block {bad[1]}); the "
                                                     f"transfer is aborted"))
-        payloads = [(layer, index, data) for layer, index, _, data, _ in chunk.blocks]
 
         def write(engine: "Engine") -> None:
             if t.seq.status is not Status.HELD or t.seq.kv_slot < 0:  # aborted meanwhile: its blocks are gone
                 raise RuntimeError(f"transfer {t.transfer_id} was aborted before its chunk {seq} was written")
-            import_payloads(engine, t.seq, t.num_tokens, payloads, self._layout)
+            write_staged(engine, t.seq, staged)
 
         try:
             await self._run(write)
@@ -329,10 +350,8 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
 
     # --- OpenCache (same-GPU fast path) -----------------------------------------------------------------
     async def OpenCache(self, request: pb.OpenCacheRequest, context: grpc.aio.ServicerContext) -> pb.OpenCacheResponse:
-        if self._layout is None:
-            self._layout = await self._run(kv_layout)
         try:
-            self._layout.check_compatible(request.format)
+            (await self._cache_layout()).check_compatible(request.format)
         except KvLayoutMismatch as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"format: {e}")
         mine = await self._run(device_uuid)

@@ -22,7 +22,7 @@ Export runs after prefill has finished (`export_request`: the whole prompt's KV 
 inside the forward pass of the step that completes the prefill (`stream_layers`, through `Engine.stream_kv`),
 so that a sender streams early layers while later ones compute (on CUDA the device-to-host copies run on a
 side stream and a copy thread, so the forward pass never waits for them). Every function here touches the
-engine's cache and must run on the engine's thread.
+engine's cache and must run on the engine's thread. The decode side's writes are in `workers/kv_import.py`.
 """
 from __future__ import annotations
 
@@ -33,11 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
-from partita.kernels.kv_base import use_triton
-from partita.kernels.scatter_copy import scatter_copy, word_dtype
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb
 from partita.workers.attention.kernel_paged import KernelPagedAttention
 from partita.workers.attention.torch_paged import TorchPagedAttention
@@ -219,102 +216,7 @@ class _DeviceToHost:
             log.exception("copying layer %d of a streamed KV export to the host failed", layer)
 
 
-def import_payload(engine: Engine, seq: Sequence, num_tokens: int, layer: int, block_index: int, data: bytes,
-                   layout: KvLayout | None = None) -> None:
-    """Writes one payload (layer, block_index) of the wire layout into seq's blocks (or its slot's state)."""
-    import_payloads(engine, seq, num_tokens, [(layer, block_index, data)], layout)
-
-
-def import_payloads(engine: Engine, seq: Sequence, num_tokens: int, payloads: list[Payload],
-                    layout: KvLayout | None = None, impl: str = "auto") -> None:
-    """Writes payloads (layer, first block index, data) of the wire layout into seq's blocks (or its slot's
-    state), all blocks of the call at once (`_write_blocks`), since one small copy per block, then one per layer
-    and part, is what made the receiver slow. data may be any bytes-like object (a view of a received message).
-    The caller has checked sizes against `kv_layout(engine)` (pass it as `layout` to skip recomputing it per
-    call); a wrong size or index raises ValueError here too. impl: 'auto' (the Triton scatter on CUDA, numpy
-    on the CPU), 'triton' (also on the CPU, through Triton's interpreter) or 'torch' (numpy on the CPU, one
-    indexed copy per layer and part on CUDA)."""
-    layout = layout or kv_layout(engine)
-    n, width = layout.num_blocks(num_tokens), layout.bytes_per_block
-    runs: list[np.ndarray] = []
-    block_ids: list[int] = []
-    spans: list[tuple[int, int, int]] = []  # (layer, first row, end row) of the runs' rows
-    for layer, index, data in payloads:
-        if not 0 <= layer < layout.num_layers:
-            raise ValueError(f"payload (layer {layer}, block {index}): no such layer of {layout.num_layers}")
-        if index == n:
-            _import_state(engine, seq, num_tokens, layer, data, layout)
-            continue
-        count, rest = divmod(len(data), width)
-        if rest or not count or not 0 <= index <= n - count:
-            raise ValueError(f"payload (layer {layer}, block {index}): {len(data)} bytes, expected whole blocks of "
-                             f"{width} bytes within the {n} blocks")
-        runs.append(np.frombuffer(data, dtype=np.uint8).reshape(count, width))
-        block_ids.extend(seq.block_table[index:index + count])
-        spans.append((layer, len(block_ids) - count, len(block_ids)))
-    if runs:
-        _write_blocks(engine, spans, block_ids, runs, impl)
-
-
-def _write_blocks(engine: Engine, spans: list[tuple[int, int, int]], block_ids: list[int],
-                  runs: list[np.ndarray], impl: str) -> None:
-    """runs: [blocks, bytes_per_block] uint8 arrays on the host (maybe read-only), one per span (layer, a, b):
-    its rows go into blocks block_ids[a:b] of `layer`, part by part. With Triton: one upload (a copy table, then
-    the rows) and one `scatter_copy` launch for every layer and part, so the engine thread gives the GIL up a
-    few times per chunk instead of dozens (most torch calls do), and the event loop receiving the next chunk
-    wants it back each time. On the CPU otherwise through numpy, which copies whole rows straight from the runs
-    (torch's index_copy_ on uint8 moves one byte at a time); on CUDA otherwise one indexed copy per layer and
-    part."""
-    parts = {layer: _layer_parts(engine, layer) for layer, _, _ in spans}
-    some_part = parts[spans[0][0]][0]
-    if use_triton(impl, some_part):
-        _scatter_blocks(parts, spans, block_ids, runs, some_part.device)
-    elif some_part.device.type == "cpu":
-        ids = np.asarray(block_ids)
-        for (layer, a, b), rows in zip(spans, runs):
-            offset = 0
-            for part in parts[layer]:
-                part = part.view(part.shape[0], -1).view(torch.uint8).numpy()
-                part[ids[a:b]] = rows[:, offset:offset + part.shape[1]]
-                offset += part.shape[1]
-    else:
-        ids = device_ids(block_ids, some_part.device)
-        source = _uploaded(runs, some_part.device)
-        for layer, a, b in spans:
-            offset = 0
-            for part in parts[layer]:
-                part = part.view(part.shape[0], -1).view(torch.uint8)
-                part.index_copy_(0, ids[a:b], source[a:b, offset:offset + part.shape[1]])
-                offset += part.shape[1]
-
-
-def _scatter_blocks(parts: dict[int, list[torch.Tensor]], spans: list[tuple[int, int, int]], block_ids: list[int],
-                    runs: list[np.ndarray], device: torch.device) -> None:
-    """`_write_blocks` through `scatter_copy`: the copy table (one entry per row and part: the part's block
-    address, where the row's piece starts, its length) is made with numpy, without a torch call per entry."""
-    widths = np.array([p.stride(0) * p.element_size() for p in next(iter(parts.values()))], dtype=np.int64)
-    width, rows = int(widths.sum()), len(block_ids)
-    if width != runs[0].shape[1]:
-        raise ValueError(f"the cache's parts hold {width} bytes per block, the payloads {runs[0].shape[1]}")
-    bases = {layer: np.array([p.data_ptr() for p in ps], dtype=np.int64) for layer, ps in parts.items()}
-    word = word_dtype([width, *widths, *np.concatenate(list(bases.values()))])
-    table = np.empty((rows, len(widths), 3), dtype=np.int64)
-    for layer, a, b in spans:
-        table[a:b, :, 0] = bases[layer]
-    ids = np.asarray(block_ids, dtype=np.int64)
-    table[:, :, 0] += ids[:, None] * widths
-    table[:, :, 1] = (np.arange(rows)[:, None] * width + np.cumsum(widths) - widths) // word.itemsize
-    table[:, :, 2] = widths // word.itemsize
-    host = torch.empty(table.nbytes + rows * width, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    host_bytes = host.numpy()
-    host_bytes[:table.nbytes].view(np.int64)[:] = table.reshape(-1)
-    np.concatenate(runs, out=host_bytes[table.nbytes:].reshape(rows, width))
-    both = host.to(device, non_blocking=True)  # the pinned buffer is reused only once this copy is done
-    scatter_copy(both[table.nbytes:].view(word), both[:table.nbytes].view(torch.int64).view(-1, 3),
-                 int(widths.max()) // word.itemsize)
-
-
-def _layer_parts(engine: Engine, layer: int) -> list[torch.Tensor]:
+def layer_parts(engine: Engine, layer: int) -> list[torch.Tensor]:
     """`layer`'s cache parts, each [num_blocks, ...] and contiguous, in wire order (the torch backend: keys then
     values; the kernel backend: its format's parts, `export_blocks`'s order)."""
     backend = engine.runner.backend
@@ -325,8 +227,8 @@ def _layer_parts(engine: Engine, layer: int) -> list[torch.Tensor]:
 
 def layer_byte_rows(engine: Engine, layer: int) -> list[torch.Tensor]:
     """Each part of `layer`'s cache as a [num_blocks, bytes of one block] uint8 view of its storage, in wire
-    order (`_layer_parts`). Writing into a view writes the cache."""
-    return [p.view(p.shape[0], -1).view(torch.uint8) for p in _layer_parts(engine, layer)]
+    order (`layer_parts`). Writing into a view writes the cache."""
+    return [p.view(p.shape[0], -1).view(torch.uint8) for p in layer_parts(engine, layer)]
 
 
 def layer_state(engine: Engine, layer: int) -> list[torch.Tensor]:
@@ -337,30 +239,6 @@ def layer_state(engine: Engine, layer: int) -> list[torch.Tensor]:
         return []
     state = backend.caches[layer].state
     return [state[name] for name in STATE_PARTS if name in state]
-
-
-def _uploaded(runs: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """The runs (uint8 arrays of one row width, maybe read-only views of a received message) concatenated into
-    a tensor of their own on `device`. On CUDA through pinned memory (torch's caching host allocator, which reuses
-    a buffer only once its copy is done): one host copy and a copy queued on the stream, where a copy to make the
-    bytes writable and then a pageable copy would wait for the GPU."""
-    host = torch.empty((sum(len(r) for r in runs), *runs[0].shape[1:]), dtype=torch.uint8,
-                       pin_memory=device.type == "cuda")
-    np.concatenate(runs, out=host.numpy())
-    return host.to(device, non_blocking=True)
-
-
-def _import_state(engine: Engine, seq: Sequence, num_tokens: int, layer: int, data: bytes,
-                  layout: KvLayout) -> None:
-    expected = layout.state_bytes(num_tokens)
-    if not expected or len(data) != expected:
-        raise ValueError(f"state payload of layer {layer}: {len(data)} bytes, expected {expected}")
-    r = num_tokens % layout.state_period
-    res_k, res_v = layer_state(engine, layer)
-    half = _uploaded([np.frombuffer(data, dtype=np.uint8)], res_k.device)
-    half = half.view(res_k.dtype).reshape(2, r, *res_k.shape[2:])
-    res_k[seq.kv_slot, :r] = half[0]
-    res_v[seq.kv_slot, :r] = half[1]
 
 
 @dataclass

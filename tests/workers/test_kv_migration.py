@@ -11,8 +11,8 @@ import pytest
 
 from partita.workers import Engine, EngineConfig, InvalidRequestError, SamplingParams
 from partita.workers.errors import KvCapacityError
-from partita.workers.kv_migration import (KvLayoutMismatch, export_request, import_payload, import_payloads,
-                                          kv_layout, stream_layers)
+from partita.workers.kv_import import import_payload, import_payloads
+from partita.workers.kv_migration import KvLayoutMismatch, export_request, kv_layout, stream_layers
 
 FORMATS = ["none", "fp8", "int8", "int4", "kivi2"]
 PROMPTS = [[(5 * i + 7 * j) % 500 + 2 for j in range(n)] for i, n in enumerate((3, 16, 45, 70))]
