@@ -11,8 +11,8 @@ from partita.workers.kv_migration import export_request, kv_layout, layer_byte_r
 from tests.workers.test_kv_migration import GREEDY, PROMPTS, assert_all_free, cut_runs, make_engine, prefill
 
 
-def exported(kv_format: str, prompt: list[int]):
-    src = make_engine(kv_format)
+def exported(kv_format: str, prompt: list[int], device: str = "cpu"):
+    src = make_engine(kv_format, device=device)
     prefill(src, "r", prompt)
     return src, export_request(src, "r")
 
@@ -22,16 +22,18 @@ def cache_bytes(engine, seq, num_tokens: int) -> list[torch.Tensor]:
     layout = kv_layout(engine)
     ids = torch.tensor(seq.block_table[:layout.num_blocks(num_tokens)])
     layers = range(engine.model_config.num_layers)
-    out = [part[ids].clone() for layer in layers for part in layer_byte_rows(engine, layer)]
+    out = [part[ids.to(part.device)].cpu() for layer in layers for part in layer_byte_rows(engine, layer)]
     rows = num_tokens % layout.state_period
-    return out + [s[seq.kv_slot, :rows].clone() for layer in layers for s in layer_state(engine, layer)]
+    return out + [s[seq.kv_slot, :rows].cpu() for layer in layers for s in layer_state(engine, layer)]
 
 
-@pytest.mark.parametrize("impl", ["auto", "triton"])
+@pytest.mark.parametrize("device, impl", [("cpu", "auto"), ("cpu", "triton"),
+                                          pytest.param("cuda", "auto", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
-def test_staged_on_another_thread_equals_the_senders_cache(kv_format, impl):
-    src, export = exported(kv_format, PROMPTS[2])  # 45 tokens: kivi2 sends residual rows as state payloads
-    dst = make_engine(kv_format)
+def test_staged_on_another_thread_equals_the_senders_cache(kv_format, device, impl):
+    """On CUDA the staging thread fills pinned memory that the engine's thread uploads."""
+    src, export = exported(kv_format, PROMPTS[2], device)  # 45 tokens: kivi2 sends residual rows as state payloads
+    dst = make_engine(kv_format, device=device)
     seq = dst.reserve_migrated("r", export.prompt_token_ids, GREEDY)
     target, block_table = cache_target(dst), list(seq.block_table)  # read on the engine's thread
     n = export.layout.num_blocks(export.num_tokens)
