@@ -11,8 +11,13 @@ from partita.workers.kv_migration import export_request, kv_layout, layer_byte_r
 from tests.workers.test_kv_migration import GREEDY, PROMPTS, assert_all_free, cut_runs, make_engine, prefill
 
 
+def engine_on(kv_format: str, device: str = "cpu"):
+    memory = {"kv_cache_memory_bytes": 2**26} if device == "cuda" else {}  # two engines on one GPU
+    return make_engine(kv_format, device=device, **memory)
+
+
 def exported(kv_format: str, prompt: list[int], device: str = "cpu"):
-    src = make_engine(kv_format, device=device)
+    src = engine_on(kv_format, device)
     prefill(src, "r", prompt)
     return src, export_request(src, "r")
 
@@ -33,7 +38,7 @@ def cache_bytes(engine, seq, num_tokens: int) -> list[torch.Tensor]:
 def test_staged_on_another_thread_equals_the_senders_cache(kv_format, device, impl):
     """On CUDA the staging thread fills pinned memory that the engine's thread uploads."""
     src, export = exported(kv_format, PROMPTS[2], device)  # 45 tokens: kivi2 sends residual rows as state payloads
-    dst = make_engine(kv_format, device=device)
+    dst = engine_on(kv_format, device)
     seq = dst.reserve_migrated("r", export.prompt_token_ids, GREEDY)
     target, block_table = cache_target(dst), list(seq.block_table)  # read on the engine's thread
     n = export.layout.num_blocks(export.num_tokens)
