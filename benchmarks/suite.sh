@@ -16,6 +16,7 @@
 #      attention  benchmarks/attention.py            paged decode attention per KV format (GPU)
 #      decode     benchmarks/decode_kernels.py       decode-step kernels vs cuBLAS / torch (GPU)
 #      transfer   benchmarks/kv_transfer.py          KV migration, when that benchmark exists
+#      write      benchmarks/kv_write.py             the decode side's KV write per received chunk (GPU)
 #      transport  deploy/ray/stream_transport_bench.py  token streams over Ray vs gRPC (Ray)
 #      gateway    benchmarks/gateway.py              gateway overhead vs the engine alone
 #      serving    benchmarks/sweep.py                `partita serve` deployments on all GPUs (colocated replicas;
@@ -155,6 +156,8 @@ gpu_step decode benchmarks/decode_kernels.py "" "${args[@]}"
 # transfers
 if [ -f benchmarks/kv_transfer.py ]; then gpu_step transfer benchmarks/kv_transfer.py ""
 else skip transfer "no KV-transfer benchmark yet (benchmarks/kv_transfer.py)"; fi
+args=(--out "$RAW/kv_write.md"); [ $QUICK = 1 ] && args+=(--rounds 4)
+gpu_step write benchmarks/kv_write.py "$RAW/kv_write.md" "${args[@]}"
 if [ "$HAS_RAY" = 0 ]; then skip transport "Ray is not importable (carry .whl/ from ../shared/tools/device-wheels)"
 elif [ -f deploy/ray/stream_transport_bench.py ]; then
   args=(--json "$RAW/transport.json"); [ $QUICK = 1 ] && args+=(--repeats 1)
@@ -219,7 +222,7 @@ steps whose JSON it knows."""
 import csv, json, os, platform, subprocess, sys, time
 
 raw, results, device, num_gpus = sys.argv[1], sys.argv[2], sys.argv[3].replace("_", " "), int(sys.argv[4])
-ORDER = ["offline", "moe", "attention", "decode", "transfer", "transport", "gateway", "serving"]
+ORDER = ["offline", "moe", "attention", "decode", "transfer", "write", "transport", "gateway", "serving"]
 
 
 def load(name):
