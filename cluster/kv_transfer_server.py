@@ -44,7 +44,7 @@ from partita.protos.partita.v1 import kv_transfer_pb2 as pb, kv_transfer_pb2_grp
 from partita.workers.engine.sequence import Sequence, Status
 from partita.workers.errors import InvalidRequestError, KvCapacityError
 from partita.workers.kv_ipc import device_uuid, share_cache
-from partita.workers.kv_import import CacheTarget, cache_target, stage_payloads, write_staged
+from partita.workers.kv_import import CacheTarget, cache_target, prepare_writes, stage_payloads, write_staged
 from partita.workers.kv_migration import KvLayout, KvLayoutMismatch, kv_layout
 
 if TYPE_CHECKING:
@@ -132,10 +132,11 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
     async def _run(self, fn: Callable[["Engine"], object]) -> object:
         return await asyncio.wrap_future(self._engine.submit(fn))
 
-    async def _cache_layout(self) -> KvLayout:
-        """The engine's KV layout and where its cache parts are, read once on the engine thread."""
+    async def cache_layout(self) -> KvLayout:
+        """The engine's KV layout and where its cache parts are, read once on the engine thread, which also
+        compiles the write's kernels then (`prepare_writes`)."""
         if self._layout is None:
-            self._layout, self._target = await self._run(lambda e: (kv_layout(e), cache_target(e)))
+            self._layout, self._target = await self._run(_layout_and_target)
         return self._layout
 
     # --- Reserve --------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
 
     async def _reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
         bad = grpc.StatusCode.INVALID_ARGUMENT
-        layout = await self._cache_layout()
+        layout = await self.cache_layout()
         if self._model_name and request.model and request.model != self._model_name:
             raise TransferError(bad, f"model: this worker serves {self._model_name!r}, not {request.model!r}")
         try:
@@ -351,7 +352,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
     # --- OpenCache (same-GPU fast path) -----------------------------------------------------------------
     async def OpenCache(self, request: pb.OpenCacheRequest, context: grpc.aio.ServicerContext) -> pb.OpenCacheResponse:
         try:
-            (await self._cache_layout()).check_compatible(request.format)
+            (await self.cache_layout()).check_compatible(request.format)
         except KvLayoutMismatch as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"format: {e}")
         mine = await self._run(device_uuid)
@@ -421,6 +422,12 @@ async def _prepend(first: "RequestOutput", rest: AsyncIterator["RequestOutput"])
                 yield out
 
 
+def _layout_and_target(engine: "Engine") -> tuple[KvLayout, CacheTarget]:
+    target = cache_target(engine)
+    prepare_writes(target)
+    return kv_layout(engine), target
+
+
 async def start_kv_transfer_server(engine: "AsyncEngine", *, host: str = "127.0.0.1", port: int = 0,
                                    reaper_interval_s: float = 1.0, api_key: str | None = None,
                                    retain_buffers: bool = True,
@@ -432,6 +439,7 @@ async def start_kv_transfer_server(engine: "AsyncEngine", *, host: str = "127.0.
     (`host_memory.retain_freed_buffers`, process-wide) rather than faulting fresh pages in for each. Stop with
     `await server.stop(grace)` then `servicer.close()`."""
     servicer = KvTransferServicer(engine, **servicer_kwargs)
+    await servicer.cache_layout()  # now, not in the first Reserve, which would wait for the kernel compiles
     limit = servicer.max_chunk_bytes + 2**16  # room for the chunk's framing beside its payload bytes
     if retain_buffers:
         retain_freed_buffers(limit)

@@ -73,6 +73,16 @@ def scatter_copy(source: torch.Tensor, table: torch.Tensor, max_words: int) -> N
     _scatter_copy_kernel[(table.shape[0], tiles)](source, table, BLOCK=BLOCK)
 
 
+def warm_up(word: torch.dtype, device: torch.device) -> None:
+    """Launches the kernel once with nothing to copy, from a source that starts on a 16-byte boundary and from
+    one that does not: Triton compiles a kernel for each on its first launch (on a GPU about a second), which
+    would otherwise fall inside the first transfer. Needs CUDA (or TRITON_INTERPRET=1)."""
+    buf = torch.zeros(32, dtype=torch.uint8, device=device)
+    table = torch.tensor([[buf.data_ptr(), 0, 0]], dtype=torch.int64, device=device)
+    for start in (0, 8):
+        scatter_copy(buf[start:start + 16].view(word), table, 1)
+
+
 def scatter_copy_reference(source: torch.Tensor, table: torch.Tensor) -> None:
     """The same copies, one host memmove each; CPU tensors only."""
     _check(source, table)

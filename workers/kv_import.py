@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from partita.kernels.kv_base import use_triton
-from partita.kernels.scatter_copy import scatter_copy, word_dtype
+from partita.kernels.scatter_copy import scatter_copy, warm_up, word_dtype
 from partita.workers.engine.engine import Engine
 from partita.workers.engine.sequence import Sequence
 from partita.workers.kv_migration import KvLayout, Payload, device_ids, kv_layout, layer_parts, layer_state
@@ -57,6 +57,13 @@ def cache_target(engine: Engine) -> CacheTarget:
     bases = np.array([[p.data_ptr() for p in ps] for ps in parts], dtype=np.int64)
     widths = np.array([p.stride(0) * p.element_size() for p in parts[0]], dtype=np.int64)
     return CacheTarget(parts, bases, widths)
+
+
+def prepare_writes(target: CacheTarget, impl: str = "auto") -> None:
+    """Compiles what `write_staged` will launch for this cache (Triton compiles on first use), so that the first
+    transfer does not stall the engine thread; on the engine's thread, before the first transfer."""
+    if use_triton(impl, target.parts[0][0]):
+        warm_up(word_dtype([*target.widths, *target.bases.ravel()]), target.device)
 
 
 @dataclass

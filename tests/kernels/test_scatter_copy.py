@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from partita.kernels.scatter_copy import BLOCK, scatter_copy, scatter_copy_reference, word_dtype
+from partita.kernels.scatter_copy import BLOCK, scatter_copy, scatter_copy_reference, warm_up, word_dtype
 
 
 def make_case(device: str, word: torch.dtype, seed: int = 0):
@@ -53,6 +53,11 @@ def test_byte_views_of_typed_tensors():
         assert torch.equal(part_a[block].view(torch.uint8), rows[r, :32])
         assert torch.equal(part_b[block], rows[r, 32:])
     assert not part_a[0].any() and not part_a[2].any() and not part_b[0].any() and not part_b[2].any()
+
+
+@pytest.mark.parametrize("word", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_warm_up_launches_at_both_alignments(word):
+    warm_up(word, torch.device("cpu"))  # a launch with nothing to copy; on a GPU it compiles both variants
 
 
 def test_word_dtype():
