@@ -1,4 +1,4 @@
-"""Many small copies in one launch: the decode side's write of received KV blocks (`workers.kv_migration`).
+"""Many small copies in one launch: the decode side's write of received KV blocks (`workers/kv_import.py`).
 
 Operation, for every entry e of `table`:
     dst, offset, count = table[e]
@@ -17,7 +17,8 @@ GIL up and takes it back while the event loop receiving the next chunk wants it.
 
 Grid: (E, tiles); program (e, t) copies tiles t, t + tiles, ... of BLOCK words of entry e, so any count is
 copied whole whatever `max_words` said (it only sets how many programs share a long copy).
-`scatter_copy_reference` does the same with one host memmove per entry (CPU tensors only).
+`scatter_copy_reference` does the same with one host memmove per entry (CPU tensors only). `warm_up` compiles
+the kernel ahead of its first use.
 """
 from __future__ import annotations
 
