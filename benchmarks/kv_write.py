@@ -6,13 +6,13 @@ against one indexed copy per layer and cache part, and the engine thread's share
     (on the CPU: TRITON_INTERPRET=1 python benchmarks/kv_write.py --device cpu --tokens 64 --rounds 2)
 
 A prompt of --tokens tokens of the Llama-3-8B KV shape (`kv_transfer.py`'s engines: tiny model, that cache) is
-prefilled and exported, its payloads packed into chunks as `send_kv` packs them (`ChunkPacker`, runs of blocks
-crossing layers), and each chunk is written into a reserved sequence of two other engines on the same device as
-the receiver writes it (`workers/kv_import.py`: `stage_payloads`, which a receiver runs on its checksum thread,
-then `write_staged`, which it runs on the engine thread), one engine per write path: impl='triton'
-(`kernels/scatter_copy.py`, what CUDA uses) and impl='torch' (one `index_copy_` per layer and part on CUDA, numpy
-on the CPU: all of it in `write_staged`). Rounds alternate the paths; each round times every chunk on the calling
-thread, nothing else running, the device synchronized before and after. Reported: the median over rounds 2.. of
+prefilled and exported, its payloads packed into chunks as `send_kv` packs them (`build_chunks`, runs of blocks
+crossing layers) and decoded as the receiver decodes them, and each chunk is written into a reserved sequence of
+two other engines on the same device as the receiver writes it (`workers/kv_import.py`: `stage_payloads`,
+which a receiver runs on its checksum thread, then `write_staged`, which it runs on the engine thread), one
+engine per write path: impl='triton' (`kernels/scatter_copy.py`, what CUDA uses) and impl='torch' (one
+`index_copy_` per layer and part on CUDA, numpy on the CPU: all of it in `write_staged`). Rounds alternate the
+paths; each round times every chunk on the calling thread, nothing else running, the device synchronized before and after. Reported: the median over rounds 2.. of
 each round's median ms per chunk, whole and its engine-thread part (`write_staged`), with the range over rounds,
 and the median time of a whole round (all chunks, then a device synchronize). Both caches must end byte-equal.
 
@@ -34,18 +34,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kv_transfer as kt  # noqa: E402  (the engines and KV shape of the transfer benchmark)
 
-from partita.cluster.kv_wire import ChunkPacker  # noqa: E402
+from partita.cluster.kv_transfer_client import build_chunks  # noqa: E402
+from partita.cluster.kv_wire import decode_chunk  # noqa: E402
 from partita.workers.kv_import import cache_target, stage_payloads, write_staged  # noqa: E402
 from partita.workers.kv_migration import kv_layout, layer_byte_rows  # noqa: E402
 
 IMPLS = ("torch", "triton")
 
 
-def chunks_of(export, layout, chunk_bytes: int, num_tokens: int) -> list[list[tuple[int, int, bytes]]]:
-    packer = ChunkPacker(chunk_bytes, layout.bytes_per_block, layout.num_blocks(num_tokens), True)
-    chunks = [pieces for layer, index, data in export.payloads for pieces in packer.add(layer, index, data)]
-    chunks.append(packer.take())
-    return [[(layer, index, bytes(data)) for layer, index, _, data in pieces] for pieces in chunks if pieces]
+def chunks_of(export, chunk_bytes: int) -> list[list[tuple[int, int, memoryview]]]:
+    """Each chunk's payloads as the receiver gets them: `send_kv`'s chunks in wire form, decoded."""
+    return [[(b.layer, b.block_index, b.data) for b in decode_chunk(raw).blocks]
+            for raw in build_chunks("kv-write", export, chunk_bytes, True)]
 
 
 def sync(device: str) -> None:
@@ -62,7 +62,7 @@ def measure(fmt: str, tokens: int, chunk_bytes: int, rounds: int, device: str) -
         prefill.step()
     export = kt.export_request(prefill, "p")
     layout = kv_layout(prefill)
-    chunks = chunks_of(export, layout, chunk_bytes, tokens)
+    chunks = chunks_of(export, chunk_bytes)
     engines = {impl: kt.make_engine(spec) for impl in IMPLS}
     seqs = {impl: engine.reserve_migrated("r", prompt) for impl, engine in engines.items()}
     targets = {impl: cache_target(engine) for impl, engine in engines.items()}

@@ -46,6 +46,7 @@ class CacheTarget:
     parts: tuple[tuple[torch.Tensor, ...], ...]  # per layer, `layer_parts`
     bases: np.ndarray  # [num_layers, num_parts] int64: each part's address
     widths: np.ndarray  # [num_parts] int64: bytes of one block in each part
+    word: torch.dtype  # the widest word every address and width divides (`scatter_copy.word_dtype`)
 
     @property
     def device(self) -> torch.device:
@@ -56,14 +57,14 @@ def cache_target(engine: Engine) -> CacheTarget:
     parts = tuple(tuple(layer_parts(engine, layer)) for layer in range(engine.model_config.num_layers))
     bases = np.array([[p.data_ptr() for p in ps] for ps in parts], dtype=np.int64)
     widths = np.array([p.stride(0) * p.element_size() for p in parts[0]], dtype=np.int64)
-    return CacheTarget(parts, bases, widths)
+    return CacheTarget(parts, bases, widths, word_dtype([*widths, *bases.ravel()]))
 
 
 def prepare_writes(target: CacheTarget, impl: str = "auto") -> None:
     """Compiles what `write_staged` will launch for this cache (Triton compiles on first use), so that the first
     transfer does not stall the engine thread; on the engine's thread, before the first transfer."""
     if use_triton(impl, target.parts[0][0]):
-        warm_up(word_dtype([*target.widths, *target.bases.ravel()]), target.device)
+        warm_up(target.word, target.device)
 
 
 @dataclass
@@ -135,9 +136,7 @@ def _staged_scatter(target: CacheTarget, spans: list[tuple[int, int, int]], bloc
     and part: the part's block address, where the row's piece starts, its length) is made with numpy and goes up
     with the rows, so the engine's thread makes a few torch calls per chunk instead of dozens (most of them give
     the GIL up and wait to take it back from the event loop receiving the next chunk)."""
-    widths, width, rows = target.widths, runs[0].shape[1], len(block_ids)
-    layers = sorted({layer for layer, _, _ in spans})
-    word = word_dtype([width, *widths, *target.bases[layers].ravel()])
+    widths, word, width, rows = target.widths, target.word, runs[0].shape[1], len(block_ids)
     table = np.empty((rows, len(widths), 3), dtype=np.int64)
     for layer, a, b in spans:
         table[a:b, :, 0] = target.bases[layer]
