@@ -12,9 +12,10 @@ two other engines on the same device as the receiver writes it (`workers/kv_impo
 which a receiver runs on its checksum thread, then `write_staged`, which it runs on the engine thread), one
 engine per write path: impl='triton' (`kernels/scatter_copy.py`, what CUDA uses) and impl='torch' (one
 `index_copy_` per layer and part on CUDA, numpy on the CPU: all of it in `write_staged`). Rounds alternate the
-paths; each round times every chunk on the calling thread, nothing else running, the device synchronized before and after. Reported: the median over rounds 2.. of
-each round's median ms per chunk, whole and its engine-thread part (`write_staged`), with the range over rounds,
-and the median time of a whole round (all chunks, then a device synchronize). Both caches must end byte-equal.
+paths; each round times every chunk on the calling thread, nothing else running, the device synchronized
+before and after. Reported: the median over rounds 2.. of each round's median ms per chunk, whole and its
+engine-thread part (`write_staged`), with the range over rounds, and the median time of a whole round (all
+chunks, then a device synchronize). Both caches must end byte-equal.
 
 What this leaves out: under a live stream the write shares the GIL with the receiving event loop
 (`kv_transfer.py` measures that transfer as a whole).
