@@ -32,7 +32,7 @@ import grpc
 from partita.cluster.kv_wire import ChunkPacker, encode_chunk, send_stream
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers.kv_ipc import PeerCache, copy_in_place, device_uuid, open_cache
-from partita.workers.kv_migration import KvExport, KvLayout, export_request, kv_layout
+from partita.workers.kv_migration import KvExport, KvLayout, begin_export, kv_layout
 
 if TYPE_CHECKING:
     from partita.cluster.async_engine import AsyncEngine
@@ -283,7 +283,8 @@ async def migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id:
         else:
             await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
             return result
-    export = await asyncio.wrap_future(prefill.submit(lambda e: export_request(e, request_id)))
+    exporting = await asyncio.wrap_future(prefill.submit(lambda e: begin_export(e, request_id)))
+    export = await asyncio.wrap_future(exporting)  # the copies to the host end off the engine thread
     result = await send_kv(channel, export, sampling, **send_kwargs)
     await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
     return result

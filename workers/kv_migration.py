@@ -18,7 +18,7 @@ block size, heads, head_dim, part order) plus a checksum of the per-layer state 
 ends (fp8's per-head scales: codes written under one scale and read under another are wrong). Both ends must
 have the same descriptor; converting between formats is refused (`KvLayoutMismatch`), not attempted.
 
-Export runs after prefill has finished (`export_request`: the whole prompt's KV at once), or layer by layer
+Export runs after prefill has finished (`begin_export`: the whole prompt's KV at once), or layer by layer
 inside the forward pass of the step that completes the prefill (`stream_layers`, through `Engine.stream_kv`),
 so that a sender streams early layers while later ones compute (on CUDA the device-to-host copies run on a
 side stream and a copy thread, so the forward pass never waits for them). Every function here touches the
@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -190,10 +190,11 @@ class _DeviceToHost:
     order and hands each layer's payloads to sink. The gathered device buffers are kept alive for the side
     stream (`record_stream`), so the prefill's blocks may be reused as soon as the gather has run."""
 
-    def __init__(self, device: torch.device, num_layers: int, sink: Callable[[list[Payload]], None]):
+    def __init__(self, device: torch.device, num_layers: int, sink: Callable[[list[Payload]], None],
+                 on_error: Callable[[BaseException], None] | None = None):
         self.stream = torch.cuda.Stream(device)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="kv-d2h")
-        self.num_layers, self.sink = num_layers, sink
+        self.num_layers, self.sink, self.on_error = num_layers, sink, on_error
 
     def submit(self, layer: int, gathered: list[torch.Tensor]) -> None:
         ready = torch.cuda.current_stream(gathered[0].device).record_event()
@@ -212,8 +213,11 @@ class _DeviceToHost:
         try:
             done.synchronize()
             self.sink(_payloads(layer, hosts))
-        except Exception:  # the receiver's deadline then fails the streamed attempt, which falls back
-            log.exception("copying layer %d of a streamed KV export to the host failed", layer)
+        except Exception as e:
+            if self.on_error is not None:
+                self.on_error(e)
+            else:  # the receiver's deadline then fails the streamed attempt, which falls back
+                log.exception("copying layer %d of a streamed KV export to the host failed", layer)
 
 
 def layer_parts(engine: Engine, layer: int) -> list[torch.Tensor]:
@@ -260,15 +264,47 @@ class KvExport:
         return sum(len(d) for _, _, d in self.payloads)
 
 
-def export_request(engine: Engine, request_id: str) -> KvExport:
-    """Every layer's payloads of a prefill-only request held after its first token (`Engine.prefilled_sequence`)."""
+def begin_export(engine: Engine, request_id: str) -> "Future[KvExport]":
+    """Every layer's payloads of a prefill-only request held after its first token (`Engine.prefilled_sequence`),
+    as a future. On CUDA only the gathers and their queueing run here, on the engine thread: the copies to pinned
+    host memory run on a side stream and the future is completed by a copy thread (`_DeviceToHost`), so that the
+    engine thread does not wait for them: no step runs while it waits, and a 1k-token prompt of Llama-3-8B holds
+    128 MiB of bf16 KV. Elsewhere the export is made here. The request must stay held until the future is done."""
     seq = engine.prefilled_sequence(request_id)
     n = seq.num_prompt_tokens
     rows = request_rows(engine, seq, n)
-    payloads = []
-    for layer in range(engine.model_config.num_layers):
-        payloads.extend(export_layer(engine, rows, layer))
-    return KvExport(request_id, seq.token_ids[:n], seq.token_ids[n], rows.layout, payloads)
+    num_layers = engine.model_config.num_layers
+    done: Future[KvExport] = Future()
+
+    def make(payloads: list[Payload]) -> KvExport:
+        return KvExport(request_id, seq.token_ids[:n], seq.token_ids[n], rows.layout, payloads)
+
+    if engine.device.type != "cuda":
+        done.set_result(make([p for layer in range(num_layers) for p in export_layer(engine, rows, layer)]))
+        return done
+    payloads: list[Payload] = []
+    layers_left = num_layers
+
+    def sink(layer_payloads: list[Payload]) -> None:  # called in layer order, by one thread
+        nonlocal layers_left
+        payloads.extend(layer_payloads)
+        layers_left -= 1
+        if layers_left == 0:
+            done.set_result(make(payloads))
+
+    def fail(e: BaseException) -> None:
+        if not done.done():
+            done.set_exception(e)
+
+    copier = _DeviceToHost(engine.device, num_layers, sink, fail)
+    for layer in range(num_layers):
+        copier.submit(layer, _gather_layer(engine, rows, layer))
+    return done
+
+
+def export_request(engine: Engine, request_id: str) -> KvExport:
+    """`begin_export`, waited for (on CUDA the engine thread then waits for the copies)."""
+    return begin_export(engine, request_id).result()
 
 
 def stream_layers(engine: Engine, request_id: str, sink: Callable[[list[Payload]], None]) -> None:

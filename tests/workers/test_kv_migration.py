@@ -12,7 +12,9 @@ import pytest
 from partita.workers import Engine, EngineConfig, InvalidRequestError, SamplingParams
 from partita.workers.errors import KvCapacityError
 from partita.workers.kv_import import import_payload, import_payloads
-from partita.workers.kv_migration import KvLayoutMismatch, export_request, kv_layout, stream_layers
+from partita.workers import kv_migration
+from partita.workers.kv_migration import (KvLayoutMismatch, begin_export, export_layer, export_request, kv_layout,
+                                         request_rows, stream_layers)
 
 FORMATS = ["none", "fp8", "int8", "int4", "kivi2"]
 PROMPTS = [[(5 * i + 7 * j) % 500 + 2 for j in range(n)] for i, n in enumerate((3, 16, 45, 70))]
@@ -20,7 +22,10 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
 def make_engine(kv_format: str = "none", model: str = "tiny-llama", device: str = "cpu", **config) -> Engine:
-    config = {"max_model_len": 128, "max_num_seqs": 4, "max_num_batched_tokens": 32, **config}
+    # On a GPU each engine gets a small KV budget: with the default (90% of the GPU) this process would keep that
+    # memory cached after the engine is gone, and the child processes of later tests would find none.
+    memory = {"kv_cache_memory_bytes": 2**26} if device == "cuda" else {}
+    config = {"max_model_len": 128, "max_num_seqs": 4, "max_num_batched_tokens": 32, **memory, **config}
     return Engine(model, device=device, kv_format=kv_format, config=EngineConfig(**config))
 
 
@@ -82,13 +87,12 @@ def test_pd_equals_colocated(kv_format, model, device, impl):
     """Each call imports runs of several layers at once, cut and reordered. The receiver's write: numpy on the
     CPU ('auto'), one Triton scatter launch ('triton' on the CPU through the interpreter, 'auto' on CUDA) or one
     indexed copy per layer and part on CUDA ('torch')."""
-    memory = {"kv_cache_memory_bytes": 2**26} if device == "cuda" else {}  # three engines on one GPU
-    colocated = make_engine(kv_format, model, device, **memory)
+    colocated = make_engine(kv_format, model, device)
     expected = {}
     for i, p in enumerate(PROMPTS):  # one at a time, so each prompt is chunked as the prefill engine chunks it
         colocated.add_request(f"r{i}", p, GREEDY)
         expected.update(run_to_end(colocated))
-    src, dst = make_engine(kv_format, model, device, **memory), make_engine(kv_format, model, device, **memory)
+    src, dst = make_engine(kv_format, model, device), make_engine(kv_format, model, device)
     got = {}
     for i, p in enumerate(PROMPTS):
         got[f"r{i}"] = [prefill(src, f"r{i}", p)]
@@ -201,5 +205,42 @@ def test_streamed_layers_equal_the_export(device, kv_format):
     assert order == list(range(num_layers))
     export = export_request(engine, "r")
     assert got == {(layer, i): data for layer, i, data in export.payloads}
+    engine.release_prefilled("r")
+    assert_all_free(engine)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
+def test_begun_export_equals_copies_made_on_the_engine_thread(device, kv_format):
+    """begin_export's payloads (on CUDA copied to the host on a side stream and completed from a copy thread,
+    while the engine decodes another request) are the bytes of synchronous copies of each layer, kivi2's residual
+    included."""
+    engine = make_engine(kv_format, device=device, max_num_batched_tokens=128)
+    first = prefill(engine, "r", PROMPTS[3])
+    pending = begin_export(engine, "r")
+    engine.add_request("other", PROMPTS[2], GREEDY)
+    assert len(run_to_end(engine)["other"]) == GREEDY.max_tokens
+    export = pending.result(timeout=60)
+    seq = engine.prefilled_sequence("r")
+    rows = request_rows(engine, seq, len(PROMPTS[3]))
+    expected = [p for layer in range(engine.model_config.num_layers) for p in export_layer(engine, rows, layer)]
+    assert [(layer, i, bytes(d)) for layer, i, d in export.payloads] == [
+        (layer, i, bytes(d)) for layer, i, d in expected]
+    assert (export.prompt_token_ids, export.first_token_id) == (PROMPTS[3], first)
+    engine.release_prefilled("r")
+    assert_all_free(engine)
+
+
+@pytest.mark.gpu
+def test_failed_copy_fails_the_begun_export(monkeypatch):
+    engine = make_engine("int4", device="cuda", max_num_batched_tokens=128)
+    prefill(engine, "r", PROMPTS[3])
+
+    def broken(layer, hosts):
+        raise RuntimeError(f"layer {layer} lost")
+
+    monkeypatch.setattr(kv_migration, "_payloads", broken)
+    with pytest.raises(RuntimeError, match="layer 0 lost"):
+        begin_export(engine, "r").result(timeout=60)
     engine.release_prefilled("r")
     assert_all_free(engine)
