@@ -22,7 +22,10 @@ for variable lengths; `benchmarks/attention.py` measures both.
 
 Decode is CUDA-graph capturable: the grid and the split count depend only on shapes, the SM
 count and the caller's `max_context_len` bound (pass it; without it the launcher reads
-context_lens.max() on the host). Split count: `decode_num_splits`.
+context_lens.max() on the host). Split count: `decode_num_splits`. The split count and the
+block tables' row stride are runtime arguments that Triton does not specialize on, so the
+kernels compiled for one batch serve the next; `compile_decode` compiles every variant a
+decode can pick before the first request (the engine does, when it starts).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import torch
 import triton
 
 from partita.kernels.kv_base import PagedKVCache, use_triton
-from partita.kernels.paged_attention_common import combine_splits
+from partita.kernels.paged_attention_common import combine_splits, combine_tiling
 from partita.kernels.paged_attention_dense import dense_attention_kernel, dense_cache_args
 from partita.kernels.paged_attention_int4 import (int4_attention_kernel, int4_cache_args,
                                                   int4_decode_args, int4_decode_kernel)
@@ -205,10 +208,10 @@ def _launch_token_rows(kernel, cache_args, meta, q, cache, block_tables, context
     kernel[(num_seqs, num_splits, hkv)](
         out, q, block_tables, context_lens, context_lens if seq_slots is None else seq_slots,
         part_acc, part_ml, scale * math.log2(math.e),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_splits,
         *cache_args,
         NUM_KV_HEADS=hkv, HEAD_DIM=cache.head_dim, BLOCK_SIZE=cache.block_size, GQ=gq,
-        GQ_PAD=triton.next_power_of_2(gq), NUM_SPLITS=num_splits, **meta,
+        GQ_PAD=triton.next_power_of_2(gq), SPLIT=num_splits > 1, **meta,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
     if num_splits > 1:
@@ -239,11 +242,11 @@ def _launch(q, cache, block_tables, context_lens, cu_seqlens_q, seq_slots, scale
         context_lens if cu_seqlens_q is None else cu_seqlens_q,
         context_lens if seq_slots is None else seq_slots,
         part_acc, part_ml, scale * math.log2(math.e),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_splits,
         *cache_args,
         NUM_KV_HEADS=hkv, HEAD_DIM=d, BLOCK_SIZE=cache.block_size, GQ=gq, GQ_PAD=gq_pad,
         BLOCK_Q=1 if is_decode else block_m // gq_pad, BLOCK_M=block_m, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, IS_DECODE=is_decode, **meta,
+        SPLIT=num_splits > 1, IS_DECODE=is_decode, **meta,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if num_splits > 1:
         combine_splits(out, part_acc, part_ml)
@@ -278,6 +281,48 @@ def paged_decode_attention(q: torch.Tensor, cache: PagedKVCache, block_tables: t
     _launch(q, cache, block_tables, context_lens, None, seq_slots, scale, out, is_decode=True,
             num_splits=num_splits, grid_q=1, cfg=cfg)
     return out
+
+
+def decode_launches(cache: PagedKVCache, num_q_heads: int, max_num_seqs: int,
+                    max_context_len: int) -> list[tuple[int, int, int]]:
+    """(num_seqs, max_context_len, num_splits): one `paged_decode_attention` launch for each kernel
+    variant its defaults can pick for up to max_num_seqs sequences of up to max_context_len tokens.
+    A variant is what Triton compiles anew: the config (`attention_config`, from the split count
+    and the split length), split or not, and the combine's tiling (`combine_tiling`). The split
+    count and length are runtime arguments, so batch sizes 1..max_num_seqs at contexts of 2^k and
+    2^k + 1 tokens reach every variant (the configs' thresholds are powers of two)."""
+    lens = sorted({min(c, max_context_len) for k in range(max_context_len.bit_length())
+                   for c in (1 << k, (1 << k) + 1)} | {max_context_len})
+    variants: dict[tuple, tuple[int, int, int]] = {}
+    for b in range(1, max_num_seqs + 1):
+        for n in lens:
+            key = decode_variant(cache, num_q_heads, b, n)
+            if key not in variants:
+                variants[key] = (b, n, decode_num_splits(cache, b, n))
+    return list(variants.values())
+
+
+def decode_variant(cache: PagedKVCache, num_q_heads: int, num_seqs: int, max_context_len: int) -> tuple:
+    """What `paged_decode_attention` compiles for this batch with its default split count: equal
+    values, one compiled variant (see `decode_launches`)."""
+    d = cache.head_dim
+    s = decode_num_splits(cache, num_seqs, max_context_len)
+    return (attention_config(cache.fmt.name, d, True, s, triton.cdiv(max_context_len, s)), s > 1,
+            combine_tiling(num_seqs * num_q_heads, s, d) if s > 1 else None)
+
+
+def compile_decode(cache: PagedKVCache, num_q_heads: int, max_num_seqs: int, max_context_len: int) -> int:
+    """Launches every variant of `decode_launches` once over one-token contexts (block 0, output
+    discarded), so that Triton compiles them now rather than at their first use; returns how many.
+    Reads the cache, writes nothing to it."""
+    launches = decode_launches(cache, num_q_heads, max_num_seqs, max_context_len)
+    dev = cache.device
+    for b, n, s in launches:
+        q = torch.zeros(b, num_q_heads, cache.head_dim, dtype=cache.dtype, device=dev)
+        ones = torch.ones(b, dtype=torch.int32, device=dev)
+        paged_decode_attention(q, cache, torch.zeros(b, 1, dtype=torch.int32, device=dev), ones, 1.0,
+                               max_context_len=n, seq_slots=ones - 1, num_splits=s)
+    return len(launches)
 
 
 def paged_prefill_attention(q: torch.Tensor, cache: PagedKVCache, cu_seqlens_q: torch.Tensor,

@@ -1,7 +1,7 @@
 """Pieces shared by the paged-attention kernels of every KV format.
 
 Work split. One program handles one kv head of one sequence for a tile of query rows, and, in
-decode, one of `NUM_SPLITS` slices of the context (FlashDecoding). A row is (query token, query
+decode, one of `num_splits` slices of the context (FlashDecoding). A row is (query token, query
 head of the kv head's GQA group): row r -> token r // GQ_PAD, head r % GQ_PAD. Decode has one
 token per sequence, so its rows are the GQA group (padded to the 16 rows a tensor-core dot
 needs) and every K/V byte is read once for all query heads of the group. Prefill tiles take
@@ -30,10 +30,10 @@ NEG_BIG = tl.constexpr(-1.0e30)  # initial reference max: finite, so exp2(m - m_
 
 
 @triton.jit
-def split_range(kv_end, split, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """Context slice [lo, hi) of split `split` of tokens [0, kv_end): NUM_SPLITS slices of whole
+def split_range(kv_end, split, BLOCK_N: tl.constexpr, num_splits):
+    """Context slice [lo, hi) of split `split` of tokens [0, kv_end): num_splits slices of whole
     BLOCK_N tiles (FlashDecoding)."""
-    chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     return lo, tl.minimum(kv_end, lo + chunk)
 
@@ -41,7 +41,7 @@ def split_range(kv_end, split, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
 @triton.jit
 def program_rows(context_lens_ptr, cu_seqlens_q_ptr,
                  GQ: tl.constexpr, GQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, num_splits,
                  IS_DECODE: tl.constexpr):
     """This program's sequence, rows and context slice (see the module docstring)."""
     b = tl.program_id(0)
@@ -64,7 +64,7 @@ def program_rows(context_lens_ptr, cu_seqlens_q_ptr,
     head = tl.program_id(2) * GQ + r % GQ_PAD
     first_pos = ctx_len - q_len + q_tile * BLOCK_Q
     pos = first_pos + i
-    lo, hi = split_range(tl.minimum(ctx_len, first_pos + BLOCK_Q), split, BLOCK_N, NUM_SPLITS)
+    lo, hi = split_range(tl.minimum(ctx_len, first_pos + BLOCK_Q), split, BLOCK_N, num_splits)
     visible = tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0)
     full_hi = lo + visible // BLOCK_N * BLOCK_N
     is_done = q_tile * BLOCK_Q >= q_len
@@ -72,12 +72,12 @@ def program_rows(context_lens_ptr, cu_seqlens_q_ptr,
 
 
 @triton.jit
-def decode_slice(context_lens_ptr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+def decode_slice(context_lens_ptr, BLOCK_N: tl.constexpr, num_splits):
     """Decode kernels with tokens as rows: this program's sequence, split and context slice
     [lo, hi) (the split of `program_rows`); tiles below `full_hi` need no mask."""
     b = tl.program_id(0)
     split = tl.program_id(1)
-    lo, hi = split_range(tl.load(context_lens_ptr + b), split, BLOCK_N, NUM_SPLITS)
+    lo, hi = split_range(tl.load(context_lens_ptr + b), split, BLOCK_N, num_splits)
     full_hi = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
     return b, split, lo, full_hi, hi
 
@@ -276,9 +276,10 @@ def quantize_rows(x, row_scale, INT8: tl.constexpr):
 
 @triton.jit
 def store_output(acc, l_b, ch, out_rows, part_rows, mask, out_ptr, part_acc_ptr,
-                 NUM_SPLITS: tl.constexpr):
-    """Normalized output, or the unnormalized split partial. acc any shape; the rest broadcast."""
-    if NUM_SPLITS == 1:
+                 SPLIT: tl.constexpr):
+    """Normalized output, or (SPLIT) the unnormalized split partial. acc any shape; the rest
+    broadcast."""
+    if not SPLIT:
         tl.store(out_ptr + out_rows + ch, (acc / l_b).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(part_acc_ptr + part_rows + ch, acc, mask=mask)
@@ -286,29 +287,30 @@ def store_output(acc, l_b, ch, out_rows, part_rows, mask, out_ptr, part_acc_ptr,
 
 @triton.jit
 def store_split_stats(m, l, b, head, split, row_valid, part_ml_ptr,
-                      NUM_Q_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    if NUM_SPLITS > 1:
-        idx = ((b * NUM_Q_HEADS + head) * NUM_SPLITS + split) * 2
+                      NUM_Q_HEADS: tl.constexpr, num_splits, SPLIT: tl.constexpr):
+    if SPLIT:
+        idx = ((b * NUM_Q_HEADS + head) * num_splits + split) * 2
         tl.store(part_ml_ptr + idx, m, mask=row_valid)
         tl.store(part_ml_ptr + idx + 1, l, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_splits"])
 def _combine_kernel(
     # output [B, Hq, D]; split partials acc [B, Hq, S, D] and (m, l) [B, Hq, S, 2], float32
     out_ptr, part_acc_ptr, part_ml_ptr,
-    # strides of the output, in elements; rows are (sequence, query head) pairs, B * Hq of them
-    stride_ot, stride_oh, num_rows,
+    # strides of the output, in elements; rows are (sequence, query head) pairs, B * Hq of them;
+    # S = num_splits <= SPLITS_PAD
+    stride_ot, stride_oh, num_rows, num_splits,
     # shapes and tiling: ROWS rows x BLOCK_D channels per program, all splits at once
-    NUM_Q_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     s = tl.arange(0, SPLITS_PAD)
     r_ok = r < num_rows
-    ok = r_ok[:, None] & (s < NUM_SPLITS)[None, :]  # [ROWS, SPLITS_PAD]
-    base = r[:, None] * NUM_SPLITS + s[None, :]
+    ok = r_ok[:, None] & (s < num_splits)[None, :]  # [ROWS, SPLITS_PAD]
+    base = r[:, None] * num_splits + s[None, :]
     m = tl.load(part_ml_ptr + base * 2, mask=ok, other=-1.0e30)
     l = tl.load(part_ml_ptr + base * 2 + 1, mask=ok, other=0.0)
     w = tl.where(ok, tl.exp2(m - tl.max(m, 1)[:, None]), 0.0)  # empty splits have l = 0: weight 0
@@ -327,13 +329,20 @@ def _combine_kernel(
 _COMBINE_TILE = 4096
 
 
+def combine_tiling(num_rows: int, num_splits: int, head_dim: int) -> tuple[int, int, int]:
+    """(SPLITS_PAD, BLOCK_D, ROWS) of the combine of num_rows = B x Hq rows: its constexprs, so one
+    compiled variant per distinct triple."""
+    splits_pad = triton.next_power_of_2(num_splits)
+    block_d = min(head_dim, max(16, _COMBINE_TILE // splits_pad))  # all channels while they fit
+    rows = min(triton.next_power_of_2(num_rows), max(1, _COMBINE_TILE // (splits_pad * block_d)))
+    return splits_pad, block_d, rows
+
+
 def combine_splits(out, part_acc, part_ml) -> None:
     """out [B, Hq, D] from split partials [B, Hq, S, D] and [B, Hq, S, 2]."""
     b, hq, s, d = part_acc.shape
-    splits_pad = triton.next_power_of_2(s)
-    block_d = min(d, max(16, _COMBINE_TILE // splits_pad))  # all channels while they fit
-    rows = min(triton.next_power_of_2(b * hq), max(1, _COMBINE_TILE // (splits_pad * block_d)))
+    splits_pad, block_d, rows = combine_tiling(b * hq, s, d)
     _combine_kernel[(triton.cdiv(b * hq, rows), triton.cdiv(d, block_d))](
-        out, part_acc, part_ml, out.stride(0), out.stride(1), b * hq,
-        NUM_Q_HEADS=hq, NUM_SPLITS=s, SPLITS_PAD=splits_pad, HEAD_DIM=d, ROWS=rows,
+        out, part_acc, part_ml, out.stride(0), out.stride(1), b * hq, s,
+        NUM_Q_HEADS=hq, SPLITS_PAD=splits_pad, HEAD_DIM=d, ROWS=rows,
         BLOCK_D=block_d, num_warps=4)

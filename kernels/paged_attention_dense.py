@@ -78,26 +78,26 @@ def _dense_tile(q, qsum, m, l, acc, corr, start, hi, pos, bt_row, h_kv, sm_scale
     return m, l, acc, corr
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def dense_attention_kernel(
     # common: output, queries, paging, split scratch
     out_ptr, q_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, seq_slots_ptr,
     part_acc_ptr, part_ml_ptr,
     sm_scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_splits,
     # cache: data [num_blocks, B, H, D]; int8 meta [num_blocks, B, H, 2]; fp8 scales [2, H]
     k_ptr, v_ptr, kmeta_ptr, vmeta_ptr, scales_ptr,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     # shapes and tiling
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     GQ: tl.constexpr, GQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_DECODE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IS_DECODE: tl.constexpr,
     # format: 0 none, 1 fp8, 2 int8; DOT_F32: bf16 dots in float32 (Triton's CPU interpreter
     # multiplies bf16 as raw integers)
     FORMAT: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     b, split, is_done, row_valid, tok, head, pos, lo, full_hi, hi = program_rows(
-        context_lens_ptr, cu_seqlens_q_ptr, GQ, GQ_PAD, BLOCK_Q, BLOCK_M, BLOCK_N, NUM_SPLITS,
+        context_lens_ptr, cu_seqlens_q_ptr, GQ, GQ_PAD, BLOCK_Q, BLOCK_M, BLOCK_N, num_splits,
         IS_DECODE)
     if is_done:
         return
@@ -132,10 +132,10 @@ def dense_attention_kernel(
         acc = acc * tl.load(scales_ptr + NUM_KV_HEADS + h_kv)  # value scale of this head
     NUM_Q_HEADS: tl.constexpr = NUM_KV_HEADS * GQ
     out_rows = (tok * stride_ot + head * stride_oh)[:, None]
-    part_rows = (((b * NUM_Q_HEADS + head) * NUM_SPLITS + split) * HEAD_DIM)[:, None]
+    part_rows = (((b * NUM_Q_HEADS + head) * num_splits + split) * HEAD_DIM)[:, None]
     store_output(acc, l[:, None], d[None, :], out_rows, part_rows, row_valid[:, None], out_ptr,
-                 part_acc_ptr, NUM_SPLITS)
-    store_split_stats(m, l, b, head, split, row_valid, part_ml_ptr, NUM_Q_HEADS, NUM_SPLITS)
+                 part_acc_ptr, SPLIT)
+    store_split_stats(m, l, b, head, split, row_valid, part_ml_ptr, NUM_Q_HEADS, num_splits, SPLIT)
 
 
 def dense_cache_args(cache) -> tuple[list, dict]:

@@ -145,25 +145,25 @@ def _int4_tile(q_lo, q_hi, q_scale, qsum, s_init, m, l, acc_lo, acc_hi, corr, st
     return m, l, acc_lo, acc_hi, corr
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def int4_attention_kernel(
     # common: output, queries, paging, split scratch
     out_ptr, q_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, seq_slots_ptr,
     part_acc_ptr, part_ml_ptr,
     sm_scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_splits,
     # cache (contiguous): k codes [num_blocks, B, H, D/2], v codes [num_blocks, H, D/2, B],
     # meta [num_blocks, B, H, D/G, 2]
     k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
     # shapes and tiling
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     GQ: tl.constexpr, GQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_DECODE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IS_DECODE: tl.constexpr,
     # format
     G: tl.constexpr, K_INT8: tl.constexpr, V_INT8: tl.constexpr, PACKED: tl.constexpr,
 ):
     b, split, is_done, row_valid, tok, head, pos, lo, full_hi, hi = program_rows(
-        context_lens_ptr, cu_seqlens_q_ptr, GQ, GQ_PAD, BLOCK_Q, BLOCK_M, BLOCK_N, NUM_SPLITS,
+        context_lens_ptr, cu_seqlens_q_ptr, GQ, GQ_PAD, BLOCK_Q, BLOCK_M, BLOCK_N, num_splits,
         IS_DECODE)
     if is_done:
         return
@@ -209,14 +209,14 @@ def int4_attention_kernel(
             NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, BLOCK_N, G, K_INT8, V_INT8, PACKED, True)
     NUM_Q_HEADS: tl.constexpr = NUM_KV_HEADS * GQ
     out_rows = (tok * stride_ot + head * stride_oh)[:, None]
-    part_rows = (((b * NUM_Q_HEADS + head) * NUM_SPLITS + split) * HEAD_DIM)[:, None]
+    part_rows = (((b * NUM_Q_HEADS + head) * num_splits + split) * HEAD_DIM)[:, None]
     l_b = l[:, None]
     corr_b = corr[:, None]
     store_output(acc_lo + corr_b, l_b, ch_lo, out_rows, part_rows, q_ok, out_ptr, part_acc_ptr,
-                 NUM_SPLITS)
+                 SPLIT)
     store_output(acc_hi + corr_b, l_b, ch_lo + W, out_rows, part_rows, q_ok, out_ptr,
-                 part_acc_ptr, NUM_SPLITS)
-    store_split_stats(m, l, b, head, split, row_valid, part_ml_ptr, NUM_Q_HEADS, NUM_SPLITS)
+                 part_acc_ptr, SPLIT)
+    store_split_stats(m, l, b, head, split, row_valid, part_ml_ptr, NUM_Q_HEADS, num_splits, SPLIT)
 
 
 @triton.jit
@@ -307,24 +307,24 @@ def _int4_decode_tile(qt_lo, qt_hi, bias, qsum, m, l, acc_lo, acc_hi, corr, pbia
     return m, l, acc_lo, acc_hi, corr, pbias
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def int4_decode_kernel(
     # output and queries [B, Hq, D], paging (seq_slots unused: the launcher's common signature),
     # split scratch (as `int4_attention_kernel`)
     out_ptr, q_ptr, block_tables_ptr, context_lens_ptr, seq_slots_ptr, part_acc_ptr, part_ml_ptr,
     sm_scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_splits,
     # cache (contiguous, one (scale, zero) group per head): k [num_blocks, B, H, D/2],
     # v [num_blocks, H, D/2, B], meta [num_blocks, B, H, 1, 2]
     k_ptr, kmeta_ptr, v_ptr, vmeta_ptr,
     # shapes and tiling
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    GQ: tl.constexpr, GQ_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    GQ: tl.constexpr, GQ_PAD: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HALVES: tl.constexpr, PACKED: tl.constexpr,
 ):
     """Decode with tokens as the dots' M dimension (see the module docstring): one program per
     (sequence, split, kv head); its GQA group is the dots' N columns."""
-    b, split, lo, full_hi, hi = decode_slice(context_lens_ptr, BLOCK_N, NUM_SPLITS)
+    b, split, lo, full_hi, hi = decode_slice(context_lens_ptr, BLOCK_N, num_splits)
     h_kv = tl.program_id(2)
     HALF: tl.constexpr = HEAD_DIM // 2
     hh = tl.arange(0, GQ_PAD)
@@ -364,13 +364,13 @@ def int4_decode_kernel(
     out_hi = (acc_hi - vbias) * 0.0625 + corr[None, :]
     NUM_Q_HEADS: tl.constexpr = NUM_KV_HEADS * GQ
     out_cols = (b * stride_ot + head * stride_oh)[None, :]
-    part_cols = (((b * NUM_Q_HEADS + head) * NUM_SPLITS + split) * HEAD_DIM)[None, :]
+    part_cols = (((b * NUM_Q_HEADS + head) * num_splits + split) * HEAD_DIM)[None, :]
     l_b = l[None, :]
     ok = valid[None, :]
-    store_output(out_lo, l_b, col, out_cols, part_cols, ok, out_ptr, part_acc_ptr, NUM_SPLITS)
+    store_output(out_lo, l_b, col, out_cols, part_cols, ok, out_ptr, part_acc_ptr, SPLIT)
     store_output(out_hi, l_b, col + HALF, out_cols, part_cols, ok, out_ptr, part_acc_ptr,
-                 NUM_SPLITS)
-    store_split_stats(m, l, b, head, split, valid, part_ml_ptr, NUM_Q_HEADS, NUM_SPLITS)
+                 SPLIT)
+    store_split_stats(m, l, b, head, split, valid, part_ml_ptr, NUM_Q_HEADS, num_splits, SPLIT)
 
 
 def int4_decode_args(cache, block_n: int, halves: bool) -> tuple[list, dict]:

@@ -161,25 +161,25 @@ def _residual_tile(q0, q1, q2, q3, m, l, a0, a1, a2, a3, corr, start, lo, hi, po
     return m, l, a0, a1, a2, a3, corr
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def kivi_attention_kernel(
     # common: output, queries, paging, split scratch
     out_ptr, q_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, seq_slots_ptr,
     part_acc_ptr, part_ml_ptr,
     sm_scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_splits,
     # cache (contiguous, layout in kv_kivi) and residual [S, R, H, D]
     k_ptr, kmeta_ptr, v_ptr, vmeta_ptr, res_k_ptr, res_v_ptr,
     # shapes and tiling (BLOCK_N is the key group size G)
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     GQ: tl.constexpr, GQ_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_DECODE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IS_DECODE: tl.constexpr,
     # format
     R: tl.constexpr, GV: tl.constexpr, K_INT8: tl.constexpr, V_INT8: tl.constexpr,
     PACKED: tl.constexpr,
 ):
     b, split, is_done, row_valid, tok, head, pos, lo, full_hi, hi = program_rows(
-        context_lens_ptr, cu_seqlens_q_ptr, GQ, GQ_PAD, BLOCK_Q, BLOCK_M, BLOCK_N, NUM_SPLITS,
+        context_lens_ptr, cu_seqlens_q_ptr, GQ, GQ_PAD, BLOCK_Q, BLOCK_M, BLOCK_N, num_splits,
         IS_DECODE)
     if is_done:
         return
@@ -222,19 +222,19 @@ def kivi_attention_kernel(
             NUM_KV_HEADS, HEAD_DIM, R, GV)
     NUM_Q_HEADS: tl.constexpr = NUM_KV_HEADS * GQ
     out_rows = (tok * stride_ot + head * stride_oh)[:, None]
-    part_rows = (((b * NUM_Q_HEADS + head) * NUM_SPLITS + split) * HEAD_DIM)[:, None]
+    part_rows = (((b * NUM_Q_HEADS + head) * num_splits + split) * HEAD_DIM)[:, None]
     l_b = l[:, None]
     ok = row_valid[:, None]
     corr_b = corr[:, None]
     ch = (c // (GV // 4) * GV + c % (GV // 4))  # channel of slice 0's column c
-    store_output(a0 + corr_b, l_b, ch, out_rows, part_rows, ok, out_ptr, part_acc_ptr, NUM_SPLITS)
+    store_output(a0 + corr_b, l_b, ch, out_rows, part_rows, ok, out_ptr, part_acc_ptr, SPLIT)
     store_output(a1 + corr_b, l_b, ch + GV // 4, out_rows, part_rows, ok, out_ptr, part_acc_ptr,
-                 NUM_SPLITS)
+                 SPLIT)
     store_output(a2 + corr_b, l_b, ch + GV // 2, out_rows, part_rows, ok, out_ptr, part_acc_ptr,
-                 NUM_SPLITS)
+                 SPLIT)
     store_output(a3 + corr_b, l_b, ch + 3 * GV // 4, out_rows, part_rows, ok, out_ptr,
-                 part_acc_ptr, NUM_SPLITS)
-    store_split_stats(m, l, b, head, split, row_valid, part_ml_ptr, NUM_Q_HEADS, NUM_SPLITS)
+                 part_acc_ptr, SPLIT)
+    store_split_stats(m, l, b, head, split, row_valid, part_ml_ptr, NUM_Q_HEADS, num_splits, SPLIT)
 
 
 KEY_EXP = tl.constexpr(18)  # key dots run at 2**-18 of the scores (subnormal codes, see below)
@@ -372,17 +372,17 @@ def _residual_rows(qr0, qr1, qr2, qr3, m, l, a0, a1, a2, a3, corr, start, lo, hi
     return m_new, l, a0, a1, a2, a3, corr * alpha
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def kivi_decode_kernel(
     # output and queries [B, Hq, D], paging, split scratch (as `kivi_attention_kernel`)
     out_ptr, q_ptr, block_tables_ptr, context_lens_ptr, seq_slots_ptr, part_acc_ptr, part_ml_ptr,
     sm_scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, num_splits,
     # cache (contiguous, layout in kv_kivi; one value group per head) and residual [S, R, H, D]
     k_ptr, kmeta_ptr, v_ptr, vmeta_ptr, res_k_ptr, res_v_ptr,
     # shapes and tiling: tiles are key groups of G tokens
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    GQ: tl.constexpr, GQ_PAD: tl.constexpr, G: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    GQ: tl.constexpr, GQ_PAD: tl.constexpr, G: tl.constexpr, SPLIT: tl.constexpr,
     R: tl.constexpr, PACKED: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """Decode with tokens as the dots' M dimension: one program per (sequence, split, kv head),
@@ -390,7 +390,7 @@ def kivi_decode_kernel(
     plane p carries 2**(2p - 24) per code, so each group's scaled query plane is taken
     * 2**(24 - 2p - KEY_EXP) (in float16 range while |q * scale| <= 2**10 per channel) and the
     dots give scores * 2**-KEY_EXP; value plane p accumulates outputs * 2**(2p - 24)."""
-    b, split, lo, full_hi, hi = decode_slice(context_lens_ptr, G, NUM_SPLITS)
+    b, split, lo, full_hi, hi = decode_slice(context_lens_ptr, G, num_splits)
     h_kv = tl.program_id(2)
     Q: tl.constexpr = HEAD_DIM // 4
     hh = tl.arange(0, GQ_PAD)
@@ -446,18 +446,18 @@ def kivi_decode_kernel(
             NUM_KV_HEADS, HEAD_DIM, R)
     NUM_Q_HEADS: tl.constexpr = NUM_KV_HEADS * GQ
     out_cols = (b * stride_ot + head * stride_oh)[None, :]
-    part_cols = (((b * NUM_Q_HEADS + head) * NUM_SPLITS + split) * HEAD_DIM)[None, :]
+    part_cols = (((b * NUM_Q_HEADS + head) * num_splits + split) * HEAD_DIM)[None, :]
     l_b = l[None, :]
     ok = valid[None, :]
     corr_b = corr[None, :]
-    store_output(a0 + corr_b, l_b, c, out_cols, part_cols, ok, out_ptr, part_acc_ptr, NUM_SPLITS)
+    store_output(a0 + corr_b, l_b, c, out_cols, part_cols, ok, out_ptr, part_acc_ptr, SPLIT)
     store_output(a1 + corr_b, l_b, c + Q, out_cols, part_cols, ok, out_ptr, part_acc_ptr,
-                 NUM_SPLITS)
+                 SPLIT)
     store_output(a2 + corr_b, l_b, c + 2 * Q, out_cols, part_cols, ok, out_ptr, part_acc_ptr,
-                 NUM_SPLITS)
+                 SPLIT)
     store_output(a3 + corr_b, l_b, c + 3 * Q, out_cols, part_cols, ok, out_ptr, part_acc_ptr,
-                 NUM_SPLITS)
-    store_split_stats(m, l, b, head, split, valid, part_ml_ptr, NUM_Q_HEADS, NUM_SPLITS)
+                 SPLIT)
+    store_split_stats(m, l, b, head, split, valid, part_ml_ptr, NUM_Q_HEADS, num_splits, SPLIT)
 
 
 def kivi_decode_args(cache, pairs: bool) -> tuple[list, dict]:

@@ -18,7 +18,9 @@ import torch
 
 from partita.kernels.kv_formats import get_kv_format
 from partita.kernels.kv_testing import make_paged_batch, outlier_kv
-from partita.kernels.paged_attention import AttentionConfig, attention_config, paged_decode_attention
+from partita.kernels import paged_attention
+from partita.kernels.paged_attention import (AttentionConfig, attention_config, compile_decode, decode_launches,
+                                             decode_variant, paged_decode_attention)
 from partita.kernels.paged_attention_ref import paged_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,3 +138,54 @@ def test_decode_is_cuda_graph_capturable():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("spec", ["none", "int4", "kivi2"])
+def test_decode_launches_reach_every_variant(spec, monkeypatch):
+    """The launches compile_decode makes (batch sizes 1..N at contexts of 2^k and 2^k + 1 tokens) reach
+    every kernel variant of every batch up to N sequences of up to L tokens, checked against all of
+    them; the split counts of an H100's 132 SMs."""
+    def on_132_sms(cache, num_seqs, max_context_len):
+        waves, min_tokens, max_splits = paged_attention._SPLITS.get(cache.fmt.name, (2, 256, 64))
+        return paged_attention.choose_num_splits(num_seqs, cache.num_kv_heads, max_context_len, 132,
+                                                 min_tokens_per_split=min_tokens, waves=waves,
+                                                 pow2=waves > 2, max_splits=max_splits)
+
+    monkeypatch.setattr(paged_attention, "decode_num_splits", on_132_sms)
+    cache = get_kv_format(spec).allocate(4, 32, 8, 128, torch.bfloat16, "cpu", max_num_seqs=4)
+    max_seqs, max_len = 24, 5000
+    launches = decode_launches(cache, 32, max_seqs, max_len)
+    every = {decode_variant(cache, 32, b, n) for b in range(1, max_seqs + 1) for n in range(1, max_len + 1)}
+    reached = {decode_variant(cache, 32, b, n) for b, n, _ in launches}
+    assert reached == every and len(launches) == len(every)
+    assert all(s == on_132_sms(cache, b, n) and b <= max_seqs and n <= max_len for b, n, s in launches)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["none", "int4", "kivi2"])
+def test_no_decode_compiles_after_compile_decode(spec):
+    """After compile_decode, decode batches of any size and context length up to the bounds given
+    launch only compiled kernels (Triton's compile hook sees none)."""
+    triton = pytest.importorskip("triton")
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None or not hasattr(knobs.runtime, "jit_post_compile_hook"):
+        pytest.skip("this Triton has no compile hook")
+    num_blocks, max_seqs, max_len = 2048, 48, 6000
+    cache = get_kv_format(spec).allocate(num_blocks, 32, 8, 128, torch.bfloat16, DEVICE, max_num_seqs=max_seqs)
+    compile_decode(cache, 32, max_seqs, max_len)
+    compiled = []
+    knobs.runtime.jit_post_compile_hook = lambda **kw: compiled.append(kw["fn"].name)
+    try:
+        g = torch.Generator().manual_seed(secrets.randbits(32))
+        for b in list(range(1, max_seqs + 1, 3)) + [max_seqs]:
+            for n in (1, 17, 100, 255, 256, 257, 700, 1025, 2049, 4097, max_len):
+                lens = torch.randint(1, n + 1, (b,), generator=g, dtype=torch.int32)
+                lens[0] = n
+                tables = torch.randint(0, num_blocks, (b, -(-n // 32)), generator=g, dtype=torch.int32)
+                q = torch.randn(b, 32, 128, generator=g).to(torch.bfloat16)
+                paged_decode_attention(q.to(DEVICE), cache, tables.to(DEVICE), lens.to(DEVICE), 0.1,
+                                       max_context_len=n, seq_slots=torch.arange(b, dtype=torch.int32, device=DEVICE))
+        torch.cuda.synchronize()
+    finally:
+        knobs.runtime.jit_post_compile_hook = None
+    assert compiled == []

@@ -77,3 +77,8 @@ class AttentionBackend(Protocol):
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 scale: float, sliding_window: int | None) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] of the new tokens -> attention output [T, Hq, D]."""
+
+    def compile_decode(self, num_q_heads: int, max_num_seqs: int, max_context_len: int) -> int:
+        """Compiles every variant of the decode kernels that batches of up to max_num_seqs sequences of up
+        to max_context_len tokens can launch (once the cache is allocated); returns how many launches that
+        took (0 where nothing compiles)."""

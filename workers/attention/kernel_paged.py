@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from partita.kernels.kv_base import KVFormat, PagedKVCache
-from partita.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from partita.kernels.paged_attention import compile_decode, paged_decode_attention, paged_prefill_attention
 from partita.workers.attention.backend import AttentionMetadata
 
 
@@ -47,6 +47,12 @@ class KernelPagedAttention:
         probe = self.fmt.allocate(0, block_size, num_kv_heads, head_dim, cache_dtype(dtype), "meta",
                                   max_num_seqs=self.max_num_seqs)
         return sum(t.numel() * t.element_size() for t in probe.state.values())
+
+    def compile_decode(self, num_q_heads: int, max_num_seqs: int, max_context_len: int) -> int:
+        cache = self.caches[0]
+        if cache.device.type != "cuda":
+            return 0  # torch references: nothing to compile
+        return compile_decode(cache, num_q_heads, max_num_seqs, max_context_len)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 scale: float, sliding_window: int | None) -> torch.Tensor:

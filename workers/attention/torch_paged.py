@@ -31,6 +31,9 @@ class TorchPagedAttention:
     def fixed_bytes(self, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()  # scratch
 
+    def compile_decode(self, num_q_heads: int, max_num_seqs: int, max_context_len: int) -> int:
+        return 0  # torch operators: nothing to compile
+
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 scale: float, sliding_window: int | None) -> torch.Tensor:
         k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]

@@ -1,12 +1,14 @@
 """Builds the model on its device, sizes and allocates the KV cache, and runs one step over a batch.
 
 A step's tokens are laid out flat (prefill chunks, then decodes) into a ForwardBatch. Decode-only steps on
-CUDA replay CUDA graphs captured per (padded batch size, block-table width), captured lazily on first use.
+CUDA replay CUDA graphs captured per (padded batch size, block-table width), captured lazily on first use; the
+Triton kernels every step may launch are compiled when the runner is built (`ModelRunner._compile_kernels`).
 """
 from __future__ import annotations
 
 import gc
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,6 +65,32 @@ class ModelRunner:
         self.graph_pool = None
         self.use_graphs = (device.type == "cuda" and not engine_config.enforce_eager
                            and (not model_config.is_moe or self.ops.name != "torch"))
+        if device.type == "cuda":
+            self._compile_kernels()
+
+    @torch.inference_mode()
+    def _compile_kernels(self) -> None:
+        """Compiles the Triton kernel variants steps can launch, now rather than at their first launch, which
+        runs on the engine thread while it serves: under load, a PD decode worker's engine thread spent 45% of a
+        10 s window compiling decode-attention variants for split counts it had not met yet (py-spy, 2026-12-07).
+        Decode attention: every variant its split heuristic can pick (`compile_decode`). The rest: decode steps
+        of 1, 2 and 16 sequences and prefills of as many tokens, since Triton also compiles apart integer
+        arguments equal to 1 or divisible by 16. Padding slots (-1): nothing is written to the cache."""
+        start = time.perf_counter()
+        ecfg, bs = self.engine_config, self.block_size
+        launches = self.backend.compile_decode(self.config.num_heads, ecfg.max_num_seqs, self.max_model_len)
+        for n in sorted({min(n, ecfg.max_num_seqs) for n in (1, 2, 16)}):
+            meta = self._metadata([-1] * n, [], [(1, [0], 0)] * n)
+            zeros = torch.zeros(n, dtype=torch.long, device=self.device)
+            self.model.compute_logits(self.model(ForwardBatch(zeros, zeros, meta)))
+        for n in sorted({min(n, ecfg.max_num_batched_tokens, self.max_model_len) for n in (1, 2, 16)}):
+            meta = self._metadata([-1] * n, [(0, n, n, [0] * -(-n // bs), 0)], [])
+            hidden = self.model(ForwardBatch(torch.zeros(n, dtype=torch.long, device=self.device),
+                                             torch.arange(n, device=self.device), meta))
+            self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize(self.device)
+        log.info("kernels compiled in %.1f s (%d decode-attention launches)", time.perf_counter() - start,
+                 launches)
 
     def _tune_linear_kernels(self) -> None:
         """Times small_m_linear's configs for every weight shape at the decode batch sizes it serves, now,
