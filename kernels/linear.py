@@ -32,8 +32,10 @@ next one's first loads, which is worth ~1.5 µs per kernel inside a CUDA graph.
 
 Config choice: `configs(M, dtype)` lists the candidates; the first eager CUDA call for an (M, N, K,
 dtype, device, pdl) times them as a CUDA graph of calls over rotating weight copies (L2-cold, as in
-decode), rejects any whose output disagrees with torch, and caches the fastest; `warmup` does the same
-ahead of time, `set_config` pins one. A call during graph capture never times anything: it uses the
+decode), rejects any whose output disagrees with torch, and caches the fastest for every M of its row
+tile (`tile_rows`: M = 1, or 2..16, 17..32, 33..64, which run the same tiles); `warmup` does the same
+ahead of time, `set_config` pins one. The engine tunes at start and never times while it serves: M = 3
+then takes M = 2's tuned config, not `default_config`, and so also its compiled kernel. A call during graph capture never times anything: it uses the
 cached choice, or `default_config`. Under Triton's interpreter one pinned config per kernel is used.
 The cache of chosen configs is the one piece of module state, like `triton.autotune`'s own cache.
 This file is a little over 400 lines because the tuner belongs with the configs it tunes.
@@ -291,17 +293,23 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y:
         raise ValueError(f"unknown kernel {config.kernel!r}; expected 'gemv' or 'dot'")
 
 
-# (M, N, K, dtype, device index, pdl) -> the fastest config measured for it.
+# (tile_rows(M), N, K, dtype, device index, pdl) -> the fastest config measured for it.
 _tuned: dict[tuple[int, int, int, torch.dtype, int, bool], LinearConfig] = {}
 _TUNE_BYTES = 256 << 20  # weight copies rotated while timing add up to at least this (L2: 50-60 MB)
 _TUNE_MAX_COPIES = 16  # ... but no more copies than this (a tiny weight stays in L2 whatever we do)
 _TUNE_CALLS = 40
 
 
+def tile_rows(M: int) -> int:
+    """The rows an M-row product computes: 1 (the gemv kernel) or BLOCK_M (the dot kernel pads x's rows to
+    it with masked loads). Products of one tile_rows run the same tiles, so one timing serves them all."""
+    return 1 if M == 1 else _block_m(M)
+
+
 def _key(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device | str, pdl: bool) -> tuple:
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return (M, N, K, dtype, index, pdl)
+    return (tile_rows(M), N, K, dtype, index, pdl)
 
 
 def graph_time_us(fns: list, calls: int, replays: int = 5) -> float:

@@ -144,3 +144,22 @@ def test_warmup_then_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert _rel_err(y, _ref64(x, w, b)) < TOL[torch.bfloat16]
+
+
+def test_row_tiles():
+    from partita.kernels.linear import tile_rows
+    assert [tile_rows(m) for m in (1, 2, 3, 15, 16, 17, 32, 33, 64)] == [1, 16, 16, 16, 16, 32, 32, 64, 64]
+
+
+@pytest.mark.gpu
+def test_one_tuned_config_serves_its_row_tile():
+    """A config tuned (here pinned) for M = 2 is the one M = 3..16 take, where they once fell back to
+    default_config (and compiled it while serving); M = 1 and M = 17 keep their own."""
+    from partita.kernels.linear import cached_config, default_config, set_config
+    N, K = 1008, 512  # a shape no other test tunes
+    pinned = LinearConfig("dot", 16, 64, 4, 2)
+    assert pinned != default_config(3, N, K, torch.bfloat16)
+    set_config(2, N, K, torch.bfloat16, "cuda", pinned)
+    assert all(cached_config(m, N, K, torch.bfloat16, torch.device("cuda")) == pinned for m in range(2, 17))
+    assert cached_config(1, N, K, torch.bfloat16, torch.device("cuda")) != pinned
+    assert cached_config(17, N, K, torch.bfloat16, torch.device("cuda")) != pinned

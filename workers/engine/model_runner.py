@@ -93,19 +93,20 @@ class ModelRunner:
                  launches)
 
     def _tune_linear_kernels(self) -> None:
-        """Times small_m_linear's configs for every weight shape at the decode batch sizes it serves, now,
-        while the memory its timing borrows (a few weight copies) is still free of KV cache."""
+        """Times small_m_linear's configs for every weight shape at every row count it serves (decode batches,
+        short prefill steps; one timing per row tile, `tile_rows`), now, while the memory its timing borrows (a
+        few weight copies) is still free of KV cache. Steps never time anything (`ops.linear` takes the cached
+        config)."""
         if self.ops.name != "triton" or self.dtype not in (torch.float16, torch.bfloat16):
             return
-        from partita.kernels.linear import use_small_m_linear, warmup
+        from partita.kernels.linear import MAX_M, use_small_m_linear, warmup
         from partita.workers.models.layers import Linear
 
-        sizes = [m for m in self.engine_config.cuda_graph_batch_sizes if m <= self.engine_config.max_num_seqs]
         weights = {tuple(m.weight.shape): m.weight for m in self.model.modules() if isinstance(m, Linear)}
         for (n, k), weight in weights.items():
-            for m in sizes:
+            for m in range(1, MAX_M + 1):
                 if use_small_m_linear(m, n, k):
-                    warmup(m, n, k, self.dtype, self.device, weight)
+                    warmup(m, n, k, self.dtype, self.device, weight)  # times once per row tile
 
     # --- capacity -------------------------------------------------------------------------------------
     def _plan_num_blocks(self) -> int:
