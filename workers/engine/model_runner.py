@@ -75,7 +75,9 @@ class ModelRunner:
         10 s window compiling decode-attention variants for split counts it had not met yet (py-spy, 2026-12-07).
         Decode attention: every variant its split heuristic can pick (`compile_decode`). The rest: decode steps
         of 1, 2 and 16 sequences and prefills of as many tokens, since Triton also compiles apart integer
-        arguments equal to 1 or divisible by 16. Padding slots (-1): nothing is written to the cache."""
+        arguments equal to 1 or divisible by 16; MoE models also prefill 2^k and 2^k + 1 tokens, since the fused
+        MoE autotunes (and routes) per power-of-two bucket of token-expert pairs. Padding slots (-1): nothing is
+        written to the cache."""
         start = time.perf_counter()
         ecfg, bs = self.engine_config, self.block_size
         launches = self.backend.compile_decode(self.config.num_heads, ecfg.max_num_seqs, self.max_model_len)
@@ -83,7 +85,11 @@ class ModelRunner:
             meta = self._metadata([-1] * n, [], [(1, [0], 0)] * n)
             zeros = torch.zeros(n, dtype=torch.long, device=self.device)
             self.model.compute_logits(self.model(ForwardBatch(zeros, zeros, meta)))
-        for n in sorted({min(n, ecfg.max_num_batched_tokens, self.max_model_len) for n in (1, 2, 16)}):
+        most = min(ecfg.max_num_batched_tokens, self.max_model_len)
+        sizes = {1, 2, 16}
+        if self.config.is_moe:
+            sizes |= {n for k in range(most.bit_length()) for n in (1 << k, (1 << k) + 1)}
+        for n in sorted({min(n, most) for n in sizes}):
             meta = self._metadata([-1] * n, [(0, n, n, [0] * -(-n // bs), 0)], [])
             hidden = self.model(ForwardBatch(torch.zeros(n, dtype=torch.long, device=self.device),
                                              torch.arange(n, device=self.device), meta))
