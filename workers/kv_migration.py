@@ -274,10 +274,11 @@ def begin_export(engine: Engine, request_id: str) -> "Future[KvExport]":
     n = seq.num_prompt_tokens
     rows = request_rows(engine, seq, n)
     num_layers = engine.model_config.num_layers
+    prompt, first_token = seq.token_ids[:n], seq.token_ids[n]  # read here: the copy thread reads no engine state
     done: Future[KvExport] = Future()
 
     def make(payloads: list[Payload]) -> KvExport:
-        return KvExport(request_id, seq.token_ids[:n], seq.token_ids[n], rows.layout, payloads)
+        return KvExport(request_id, prompt, first_token, rows.layout, payloads)
 
     if engine.device.type != "cuda":
         done.set_result(make([p for layer in range(num_layers) for p in export_layer(engine, rows, layer)]))

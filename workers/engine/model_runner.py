@@ -80,7 +80,8 @@ class ModelRunner:
         written to the cache."""
         start = time.perf_counter()
         ecfg, bs = self.engine_config, self.block_size
-        launches = self.backend.compile_decode(self.config.num_heads, ecfg.max_num_seqs, self.max_model_len)
+        # graphs pass their tables' width in tokens as the bound, up to max_model_len rounded up to whole blocks
+        launches = self.backend.compile_decode(self.config.num_heads, ecfg.max_num_seqs, self.max_blocks_per_seq * bs)
         for n in sorted({min(n, ecfg.max_num_seqs) for n in (1, 2, 16)}):
             meta = self._metadata([-1] * n, [], [(1, [0], 0)] * n)
             zeros = torch.zeros(n, dtype=torch.long, device=self.device)
