@@ -269,11 +269,11 @@ async def _attempt_in_place(prefill: "AsyncEngine", stub, request_id: str, peer:
 
 async def migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str,
                   sampling: inference_pb2.SamplingParams | None = None, *, peer: PeerCache | None = None,
-                  **send_kwargs) -> TransferResult:
+                  exports: asyncio.Semaphore | None = None, **send_kwargs) -> TransferResult:
     """For a prefill-only request held on `prefill` after its first token: moves its KV to the decode worker behind
     `channel` (in place when `peer` maps its cache, else exported and sent in chunks) and releases it here. Raises
     KvTransferFailed when that failed; the request is then still held, for another decode worker or for
-    `resume_prefilled`."""
+    `resume_prefilled`. exports: held from the export to the end of the send (host memory), when given."""
     if peer is not None:
         stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
         try:
@@ -283,9 +283,11 @@ async def migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id:
         else:
             await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
             return result
-    exporting = await asyncio.wrap_future(prefill.submit(lambda e: begin_export(e, request_id)))
-    export = await asyncio.wrap_future(exporting)  # the copies to the host end off the engine thread
-    result = await send_kv(channel, export, sampling, **send_kwargs)
+    async with exports if exports is not None else contextlib.nullcontext():
+        exporting = await asyncio.wrap_future(prefill.submit(lambda e: begin_export(e, request_id)))
+        export = await asyncio.wrap_future(exporting)  # the copies to the host end off the engine thread
+        result = await send_kv(channel, export, sampling, **send_kwargs)
+        del export, exporting  # the host copies go with the permit, not when this frame ends
     await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
     return result
 

@@ -72,10 +72,12 @@ class PrefillSide:
     KV format's name, for the router's migration metrics."""
 
     def __init__(self, engine: "AsyncEngine", worker_id: str, model_name: str, kv_format: str, *,
-                 auth_token: str | None = None, stream_layers: bool = False, same_gpu: bool = True):
+                 auth_token: str | None = None, stream_layers: bool = False, same_gpu: bool = True,
+                 max_exports: int = 4):
         self._engine = engine
         self._stream_layers = stream_layers
         self._same_gpu = same_gpu
+        self._exports = asyncio.Semaphore(max_exports)  # KvTransferSpec.max_exports
         self._peers: dict[str, "PeerCache | None"] = {}  # decode address -> its cache mapped here (same GPU)
         self._worker_id = worker_id
         self._model_name = model_name
@@ -123,8 +125,8 @@ class PrefillSide:
         for address in addresses:
             try:
                 result = await migrate(self._engine, self._channel(address), request_id, sampling_to_proto(params),
-                                       peer=await self._peer(address), model=self._model_name,
-                                       sender_id=self._worker_id)
+                                       peer=await self._peer(address), exports=self._exports,
+                                       model=self._model_name, sender_id=self._worker_id)
             except KvTransferFailed as e:
                 log.warning("%s: %s", self._worker_id, e)
                 continue

@@ -275,18 +275,24 @@ class KvTransferSpec:
     same_gpu: a prefill worker whose decode peer sits on its own GPU (fractional `gpus_per_worker`) maps the
         peer's KV cache over CUDA IPC and copies the blocks device to device (workers/kv_ipc.py); gRPC then
         carries only the reservation and the commit. Peers on other GPUs always get chunks over gRPC.
+    max_exports: requests a prefill worker exports to host memory and sends over gRPC at once (each holds its
+        whole KV there until sent: 128 MiB for 1k tokens of Llama-3-8B in bf16); later ones wait with their KV
+        still on the GPU, so host memory stays bounded and a backlog reaches the prefill's admission through its
+        KV cache. Same-GPU copies and layer streaming are not counted.
     """
 
     host: str = "127.0.0.1"
     auth_token: str | None = None
     stream_layers: bool = False
     same_gpu: bool = True
+    max_exports: int = 4
 
     def __post_init__(self) -> None:
         _require(bool(self.host) and not any(c.isspace() for c in self.host), "host",
                  f"{self.host!r} is not an address; use 127.0.0.1, node, or an IP")
         _require(self.auth_token is None or len(self.auth_token) >= 16, "auth_token",
                  "must be at least 16 characters (or unset: a random one per deployment)")
+        _positive("max_exports", self.max_exports)
 
 
 def _default_pools() -> tuple[PoolSpec, ...]:

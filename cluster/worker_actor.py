@@ -120,7 +120,7 @@ class WorkerActor:
         self._kv_host = ray.util.get_node_ip_address() if kv.host == "node" else kv.host
         self._prefill = PrefillSide(self._engine, worker_id, model_name, engine.kv_format.name,
                                     auth_token=kv.auth_token, stream_layers=kv.stream_layers,
-                                    same_gpu=kv.same_gpu) \
+                                    same_gpu=kv.same_gpu, max_exports=kv.max_exports) \
             if role == "prefill" else None
         self._decode = DecodeSide(self._engine, worker_id, model_name, auth_token=kv.auth_token) \
             if role == "decode" else None

@@ -85,3 +85,45 @@ def test_when_no_decode_worker_takes_the_kv_the_prefill_worker_decodes(stream_la
     assert not any(isinstance(x, Migrated) for x in items)
     assert [t for o in items for t in o.new_token_ids] == colocated("int4")
     assert items[-1].finished
+
+
+def test_exports_in_host_memory_are_bounded(monkeypatch):
+    """max_exports: of six requests migrating at once, at most two hold their export (from export to the end of
+    the send) at a time; the others wait with their KV on the prefill engine, and every one completes as the
+    colocated engine does."""
+    from partita.cluster import kv_transfer_client
+
+    held, most = 0, 0
+    real_send = kv_transfer_client.send_kv
+
+    async def slow_send(*args, **kwargs):
+        nonlocal held, most
+        held += 1
+        most = max(most, held)
+        try:
+            await asyncio.sleep(0.05)  # a long transfer: the others pile up behind the bound
+            return await real_send(*args, **kwargs)
+        finally:
+            held -= 1
+
+    monkeypatch.setattr(kv_transfer_client, "send_kv", slow_send)
+
+    async def main():
+        async with Pair("int4", num_kv_blocks=64) as pair:
+            side = PrefillSide(pair.prefill, "prefill-0", "tiny-llama", "int4", max_exports=2)
+            try:
+                results = await asyncio.gather(*[collect(side, f"r{i}", pair) for i in range(6)])
+            finally:
+                await side.close()
+            await pair.assert_all_free()
+            return results
+
+    async def collect(side: PrefillSide, request_id: str, pair: Pair) -> list[int]:
+        items = [item async for item in side.run(request_id, PROMPT, GREEDY, [pair.address])]
+        *outputs, migrated = items
+        assert isinstance(migrated, Migrated)
+        return [t for o in outputs for t in o.new_token_ids] + await pair.outputs[request_id]
+
+    results = asyncio.run(main())
+    assert results == [colocated("int4")] * 6
+    assert most == 2

@@ -74,6 +74,8 @@ def test_round_trip_through_plain_data():
     ({"kv_transfer": {"auth_token": "short"}}, "kv_transfer.auth_token", "at least 16"),
     ({"kv_transfer": {"host": "a b"}}, "kv_transfer.host", "not an address"),
     ({"kv_transfer": {"port": 1}}, "kv_transfer.port", "unknown"),
+    ({"kv_transfer": {"max_exports": 0}}, "kv_transfer.max_exports", "must be > 0"),
+    ({"kv_transfer": {"max_exports": "4"}}, "kv_transfer.max_exports", "integer"),
 ])
 def test_errors_name_the_path_the_value_and_what_is_allowed(data, path, words):
     error = error_of(data)
