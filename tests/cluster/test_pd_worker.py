@@ -101,7 +101,7 @@ def test_exports_in_host_memory_are_bounded(monkeypatch):
         held += 1
         most = max(most, held)
         try:
-            await asyncio.sleep(0.05)  # a long transfer: the others pile up behind the bound
+            await asyncio.sleep(0.3)  # a long transfer: the others pile up behind the bound
             return await real_send(*args, **kwargs)
         finally:
             held -= 1
