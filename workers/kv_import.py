@@ -20,7 +20,7 @@ from partita.kernels.kv_base import use_triton
 from partita.kernels.scatter_copy import scatter_copy, warm_up, word_dtype
 from partita.workers.engine.engine import Engine
 from partita.workers.engine.sequence import Sequence
-from partita.workers.kv_migration import KvLayout, Payload, device_ids, kv_layout, layer_parts, layer_state
+from partita.workers.kv_migration import KvLayout, Payload, device_ids, kv_layout, layer_byte_rows, layer_state
 
 
 def import_payload(engine: Engine, seq: Sequence, num_tokens: int, layer: int, block_index: int, data: bytes,
@@ -43,27 +43,32 @@ class CacheTarget:
     """Where an engine's cache parts are, read once on its thread (they are allocated with the engine and never
     move), so that writes can be staged on other threads without touching the engine."""
 
-    parts: tuple[tuple[torch.Tensor, ...], ...]  # per layer, `layer_parts`
+    rows: tuple[tuple[torch.Tensor, ...], ...]  # per layer, `layer_byte_rows`: [num_blocks, width] uint8 per part
     bases: np.ndarray  # [num_layers, num_parts] int64: each part's address
     widths: np.ndarray  # [num_parts] int64: bytes of one block in each part
     word: torch.dtype  # the widest word every address and width divides (`scatter_copy.word_dtype`)
 
     @property
     def device(self) -> torch.device:
-        return self.parts[0][0].device
+        return self.rows[0][0].device
+
+    @property
+    def starts(self) -> np.ndarray:
+        """[num_parts] int64: where each part's bytes start in a wire block."""
+        return np.cumsum(self.widths) - self.widths
 
 
 def cache_target(engine: Engine) -> CacheTarget:
-    parts = tuple(tuple(layer_parts(engine, layer)) for layer in range(engine.model_config.num_layers))
-    bases = np.array([[p.data_ptr() for p in ps] for ps in parts], dtype=np.int64)
-    widths = np.array([p.stride(0) * p.element_size() for p in parts[0]], dtype=np.int64)
-    return CacheTarget(parts, bases, widths, word_dtype([*widths, *bases.ravel()]))
+    rows = tuple(tuple(layer_byte_rows(engine, layer)) for layer in range(engine.model_config.num_layers))
+    bases = np.array([[r.data_ptr() for r in rs] for rs in rows], dtype=np.int64)
+    widths = np.array([r.shape[1] for r in rows[0]], dtype=np.int64)
+    return CacheTarget(rows, bases, widths, word_dtype([*widths, *bases.ravel()]))
 
 
 def prepare_writes(target: CacheTarget, impl: str = "auto") -> None:
     """Compiles what `write_staged` will launch for this cache (Triton compiles on first use), so that the first
     transfer does not stall the engine thread; on the engine's thread, before the first transfer."""
-    if use_triton(impl, target.parts[0][0]):
+    if use_triton(impl, target.rows[0][0]):
         warm_up(target.word, target.device)
 
 
@@ -114,7 +119,7 @@ def stage_payloads(target: CacheTarget, block_table: list[int], num_tokens: int,
     if runs:
         if int(target.widths.sum()) != width:
             raise ValueError(f"the cache's parts hold {int(target.widths.sum())} bytes per block, the layout {width}")
-        if use_triton(impl, target.parts[0][0]):
+        if use_triton(impl, target.rows[0][0]):
             write_blocks = _staged_scatter(target, spans, block_ids, runs)
         else:
             write_blocks = lambda: _write_runs(target, spans, block_ids, runs)  # noqa: E731
@@ -141,7 +146,7 @@ def _staged_scatter(target: CacheTarget, spans: list[tuple[int, int, int]], bloc
     for layer, a, b in spans:
         table[a:b, :, 0] = target.bases[layer]
     table[:, :, 0] += np.asarray(block_ids, dtype=np.int64)[:, None] * widths
-    table[:, :, 1] = (np.arange(rows)[:, None] * width + np.cumsum(widths) - widths) // word.itemsize
+    table[:, :, 1] = (np.arange(rows)[:, None] * width + target.starts) // word.itemsize
     table[:, :, 2] = widths // word.itemsize
     device = target.device
     host = torch.empty(table.nbytes + rows * width, dtype=torch.uint8, pin_memory=device.type == "cuda")
@@ -161,23 +166,18 @@ def _write_runs(target: CacheTarget, spans: list[tuple[int, int, int]], block_id
     """Without Triton: on the CPU through numpy, which copies whole rows straight from the runs (torch's
     index_copy_ on uint8 moves one byte at a time); on CUDA one upload, then one indexed copy per layer and
     part."""
+    columns = [(int(s), int(s + w)) for s, w in zip(target.starts, target.widths)]
     if target.device.type == "cpu":
         ids = np.asarray(block_ids)
-        for (layer, a, b), rows in zip(spans, runs):
-            offset = 0
-            for part in target.parts[layer]:
-                part = part.view(part.shape[0], -1).view(torch.uint8).numpy()
-                part[ids[a:b]] = rows[:, offset:offset + part.shape[1]]
-                offset += part.shape[1]
+        for (layer, a, b), run in zip(spans, runs):
+            for part, (start, end) in zip(target.rows[layer], columns):
+                part.numpy()[ids[a:b]] = run[:, start:end]
         return
     ids = device_ids(block_ids, target.device)
     source = _uploaded(runs, target.device)
     for layer, a, b in spans:
-        offset = 0
-        for part in target.parts[layer]:
-            part = part.view(part.shape[0], -1).view(torch.uint8)
-            part.index_copy_(0, ids[a:b], source[a:b, offset:offset + part.shape[1]])
-            offset += part.shape[1]
+        for part, (start, end) in zip(target.rows[layer], columns):
+            part.index_copy_(0, ids[a:b], source[a:b, start:end])
 
 
 def _uploaded(runs: list[np.ndarray], device: torch.device) -> torch.Tensor:

@@ -220,19 +220,16 @@ class _DeviceToHost:
                 log.exception("copying layer %d of a streamed KV export to the host failed", layer)
 
 
-def layer_parts(engine: Engine, layer: int) -> list[torch.Tensor]:
-    """`layer`'s cache parts, each [num_blocks, ...] and contiguous, in wire order (the torch backend: keys then
-    values; the kernel backend: its format's parts, `export_blocks`'s order)."""
-    backend = engine.runner.backend
-    if isinstance(backend, TorchPagedAttention):
-        return [backend.k_caches[layer], backend.v_caches[layer]]
-    return list(backend.caches[layer].parts.values())
-
-
 def layer_byte_rows(engine: Engine, layer: int) -> list[torch.Tensor]:
     """Each part of `layer`'s cache as a [num_blocks, bytes of one block] uint8 view of its storage, in wire
-    order (`layer_parts`). Writing into a view writes the cache."""
-    return [p.view(p.shape[0], -1).view(torch.uint8) for p in layer_parts(engine, layer)]
+    order (the torch backend: keys then values; the kernel backend: its format's parts, `export_blocks`'s
+    order). Writing into a view writes the cache."""
+    backend = engine.runner.backend
+    if isinstance(backend, TorchPagedAttention):
+        parts = [backend.k_caches[layer], backend.v_caches[layer]]
+    else:
+        parts = list(backend.caches[layer].parts.values())
+    return [p.view(p.shape[0], -1).view(torch.uint8) for p in parts]
 
 
 def layer_state(engine: Engine, layer: int) -> list[torch.Tensor]:
