@@ -34,6 +34,7 @@ import ray
 from partita.cluster.async_engine import AsyncEngine
 from partita.cluster.gateway_engine import EngineUnavailableError, WorkerLoad
 from partita.cluster.gc_freeze import freeze_startup_objects
+from partita.cluster.gil_switch import shorten_gil_switch_interval
 from partita.cluster.pd_worker import DecodeSide, NotCommittedError, PrefillSide
 from partita.cluster.spec import ClusterSpec, KvTransferSpec, ModelSpec, SchedulerSpec, SpecError
 from partita.workers.errors import InvalidRequestError
@@ -108,6 +109,7 @@ class WorkerActor:
 
         from partita.workers import Engine
 
+        shorten_gil_switch_interval()  # the engine thread gets the GIL back sooner from the event loop (gil_switch.py)
         if device == "cpu":
             torch.set_num_threads(max(1, num_threads))
         model_spec = ModelSpec.parse(model)
