@@ -1,24 +1,30 @@
-"""Many small copies in one launch: the decode side's write of received KV blocks (`workers/kv_import.py`).
+"""Many small copies in one launch, in either direction: the decode side's write of received KV blocks
+(`scatter_copy`, `workers/kv_import.py`) and the prefill side's gather of a request's KV for export (`gather_copy`,
+`workers/kv_migration.py`).
 
-Operation, for every entry e of `table`:
+Operation of `scatter_copy`, for every entry e of `table`:
     dst, offset, count = table[e]
     the `count` words source[offset : offset + count]  ->  the `count` words starting at byte address dst
-A *word* is source's element: int64, int32, int16 or uint8 (`word_dtype` picks the widest one that every byte
-address, offset and size of a set of copies divides, so each copy moves whole 8-byte words where it can).
+Operation of `gather_copy`, for every entry e of `table`:
+    src, offset, count = table[e]
+    the `count` words starting at byte address src  ->  dest[offset : offset + count]
+A *word* is the contiguous tensor's element: int64, int32, int16 or uint8 (`word_dtype` picks the widest one that
+every byte address, offset and size of a set of copies divides, so each copy moves whole 8-byte words where it
+can).
 
-Shapes and dtypes: source [N] (1-D, contiguous, a word dtype); table [E, 3] int64 (destination byte address,
-source offset in words, words to copy), on source's device. Destinations must be live memory of that device
-that nothing else writes meanwhile (the caller takes the addresses from its own tensors) and must not overlap
-source or each other; entries are copied in no particular order.
+Shapes and dtypes: source / dest [N] (1-D, contiguous, a word dtype); table [E, 3] int64 (byte address, offset in
+words into source / dest, words to copy), on the same device. Addresses must be live memory of that device that
+nothing else writes meanwhile (the caller takes them from its own tensors); a scatter's destinations must not
+overlap source or each other, a gather's sources must not overlap dest; entries are copied in no particular order.
 
-Why: a received chunk of KV blocks spans a few layers, and each layer's cache has several parts (codes,
-scales, zero points); torch needs one indexed copy per (layer, part), each one a Python call that gives the
-GIL up and takes it back while the event loop receiving the next chunk wants it. One launch replaces them.
+Why: a chunk of KV blocks spans a few layers, and each layer's cache has several parts (codes, scales, zero
+points); torch needs one indexed copy per (layer, part), each one a Python call that gives the GIL up and takes
+it back while the event loop receiving or sending chunks wants it. One launch replaces them.
 
 Grid: (E, tiles); program (e, t) copies tiles t, t + tiles, ... of BLOCK words of entry e, so any count is
 copied whole whatever `max_words` said (it only sets how many programs share a long copy).
-`scatter_copy_reference` does the same with one host memmove per entry (CPU tensors only). `warm_up` compiles
-the kernel ahead of its first use.
+`scatter_copy_reference` and `gather_copy_reference` do the same with one host memmove per entry (CPU tensors
+only). `warm_up` and `warm_up_gather` compile the kernels ahead of their first use.
 """
 from __future__ import annotations
 
@@ -45,6 +51,19 @@ def _scatter_copy_kernel(src_ptr, table_ptr, BLOCK: tl.constexpr):
         tl.store(dst + i, tl.load(src_ptr + offset + i, mask=mask), mask=mask)
 
 
+@triton.jit
+def _gather_copy_kernel(dst_ptr, table_ptr, BLOCK: tl.constexpr):
+    e = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    src = tl.load(table_ptr + 3 * e).to(tl.pointer_type(dst_ptr.dtype.element_ty))
+    offset = tl.load(table_ptr + 3 * e + 1)
+    count = tl.load(table_ptr + 3 * e + 2)
+    for start in range(t * BLOCK, count, tl.num_programs(1) * BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        mask = i < count
+        tl.store(dst_ptr + offset + i, tl.load(src + i, mask=mask), mask=mask)
+
+
 def word_dtype(byte_quantities) -> torch.dtype:
     """The widest word (int64 down to uint8) whose size divides every address, offset and size given."""
     size = 8
@@ -54,14 +73,18 @@ def word_dtype(byte_quantities) -> torch.dtype:
     return _WORD_DTYPES[size]
 
 
-def _check(source: torch.Tensor, table: torch.Tensor) -> None:
-    if source.dim() != 1 or not source.is_contiguous() or source.dtype not in _WORD_DTYPES.values():
-        raise ValueError(f"source must be a contiguous 1-D tensor of {list(_WORD_DTYPES.values())}; got "
-                         f"shape {tuple(source.shape)}, {source.dtype}")
+def _check(words: torch.Tensor, table: torch.Tensor, name: str = "source") -> None:
+    if words.dim() != 1 or not words.is_contiguous() or words.dtype not in _WORD_DTYPES.values():
+        raise ValueError(f"{name} must be a contiguous 1-D tensor of {list(_WORD_DTYPES.values())}; got "
+                         f"shape {tuple(words.shape)}, {words.dtype}")
     if table.dim() != 2 or table.shape[1] != 3 or table.dtype != torch.int64 or not table.is_contiguous():
         raise ValueError(f"table must be a contiguous [E, 3] int64 tensor; got {tuple(table.shape)}, {table.dtype}")
-    if table.device != source.device:
-        raise ValueError(f"table is on {table.device}, source on {source.device}")
+    if table.device != words.device:
+        raise ValueError(f"table is on {table.device}, {name} on {words.device}")
+
+
+def _tiles(max_words: int) -> int:
+    return max(1, min(triton.cdiv(max_words, BLOCK), 64))
 
 
 def scatter_copy(source: torch.Tensor, table: torch.Tensor, max_words: int) -> None:
@@ -70,8 +93,15 @@ def scatter_copy(source: torch.Tensor, table: torch.Tensor, max_words: int) -> N
     _check(source, table)
     if not table.shape[0]:
         return
-    tiles = max(1, min(triton.cdiv(max_words, BLOCK), 64))
-    _scatter_copy_kernel[(table.shape[0], tiles)](source, table, BLOCK=BLOCK)
+    _scatter_copy_kernel[(table.shape[0], _tiles(max_words))](source, table, BLOCK=BLOCK)
+
+
+def gather_copy(dest: torch.Tensor, table: torch.Tensor, max_words: int) -> None:
+    """Runs every copy of `table` into dest (module docstring) in one launch; max_words: the largest count (or
+    less), which only sizes the grid. Needs CUDA tensors (or TRITON_INTERPRET=1)."""
+    _check(dest, table, "dest")
+    if table.shape[0]:
+        _gather_copy_kernel[(table.shape[0], _tiles(max_words))](dest, table, BLOCK=BLOCK)
 
 
 def warm_up(word: torch.dtype, device: torch.device) -> None:
@@ -94,3 +124,22 @@ def scatter_copy_reference(source: torch.Tensor, table: torch.Tensor) -> None:
         if offset < 0 or count < 0 or offset + count > source.numel():
             raise ValueError(f"entry ({dst:#x}, {offset}, {count}) reads outside source's {source.numel()} words")
         ctypes.memmove(dst, source.data_ptr() + offset * word, count * word)
+
+
+def warm_up_gather(word: torch.dtype, device: torch.device) -> None:
+    """Launches `gather_copy` once with nothing to copy into a fresh (aligned) buffer, as exports gather into,
+    so that Triton compiles it before the first export. Needs CUDA (or TRITON_INTERPRET=1)."""
+    buf = torch.zeros(2, dtype=word, device=device)
+    gather_copy(buf, torch.tensor([[buf.data_ptr(), 0, 0]], dtype=torch.int64, device=device), 1)
+
+
+def gather_copy_reference(dest: torch.Tensor, table: torch.Tensor) -> None:
+    """The same copies as `gather_copy`, one host memmove each; CPU tensors only."""
+    _check(dest, table, "dest")
+    if dest.device.type != "cpu":
+        raise ValueError("gather_copy_reference copies host memory; dest must be on the CPU")
+    word = dest.element_size()
+    for src, offset, count in table.tolist():
+        if offset < 0 or count < 0 or offset + count > dest.numel():
+            raise ValueError(f"entry ({src:#x}, {offset}, {count}) writes outside dest's {dest.numel()} words")
+        ctypes.memmove(dest.data_ptr() + offset * word, src, count * word)

@@ -1,8 +1,10 @@
-"""scatter_copy (Triton; on CPU through the interpreter) against plain slice assignment and the memmove reference."""
+"""scatter_copy and gather_copy (Triton; on CPU through the interpreter) against plain slice assignment and the
+memmove references."""
 import pytest
 import torch
 
-from partita.kernels.scatter_copy import BLOCK, scatter_copy, scatter_copy_reference, warm_up, word_dtype
+from partita.kernels.scatter_copy import (BLOCK, gather_copy, gather_copy_reference, scatter_copy, scatter_copy_reference,
+                                         warm_up, warm_up_gather, word_dtype)
 
 
 def make_case(device: str, word: torch.dtype, seed: int = 0):
@@ -92,3 +94,60 @@ def test_cuda_equals_slice_assignment(word):
     scatter_copy(source, table, longest)
     for got, want in zip(dests, expected):
         torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
+def make_gather_case(device: str, word: torch.dtype, seed: int = 0):
+    """Sources of several sizes, a destination, and a table reading pieces of the sources into it; returns the
+    destination (pre-filled, so untouched words are checked), sources, table, max count and the expected
+    destination (slice assignment)."""
+    g = torch.Generator().manual_seed(seed)
+    sources = [torch.randint(-100, 100, (n,), generator=g).to(word) for n in (9, 2 * BLOCK + 300, 5, 3 * BLOCK)]
+    dest = torch.full((5 * BLOCK + 400,), 7, dtype=word)
+    end = 2 * BLOCK + 330  # pieces after the long one
+    pieces = [(0, 2, 7, 1), (1, 0, 2 * BLOCK + 300, 20), (2, 1, 4, end), (3, 5, 3 * BLOCK - 5, end + 10),
+              (0, 0, 0, 3)]  # (source, first word, count, offset in dest)
+    expected = dest.clone()
+    for src, at, count, offset in pieces:
+        expected[offset:offset + count] = sources[src][at:at + count]
+    sources = [t.to(device) for t in sources]
+    dest = dest.to(device)
+    size = dest.element_size()
+    table = torch.tensor([[sources[src].data_ptr() + at * size, offset, count] for src, at, count, offset in pieces],
+                         dtype=torch.int64, device=device)
+    return dest, sources, table, max(p[2] for p in pieces), expected
+
+
+@pytest.mark.parametrize("word", [torch.int64, torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize("max_words", [None, 1])
+def test_gather_equals_slice_assignment_and_reference(word, max_words):
+    dest, sources, table, longest, expected = make_gather_case("cpu", word)
+    gather_copy(dest, table, longest if max_words is None else max_words)
+    torch.testing.assert_close(dest, expected, rtol=0, atol=0)
+    ref_dest, ref_sources, ref_table, _, _ = make_gather_case("cpu", word)
+    gather_copy_reference(ref_dest, ref_table)
+    torch.testing.assert_close(ref_dest, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("word", [torch.int64, torch.uint8])
+def test_warm_up_gather(word):
+    warm_up_gather(word, torch.device("cpu"))
+
+
+def test_gather_bad_inputs_name_the_problem():
+    source = torch.arange(8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="dest must be"):
+        gather_copy(torch.zeros(2, 4, dtype=torch.int64), torch.zeros(1, 3, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="table must be"):
+        gather_copy(torch.zeros(8, dtype=torch.int64), torch.zeros(1, 3, dtype=torch.int32), 1)
+    dest = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="writes outside"):
+        gather_copy_reference(dest, torch.tensor([[source.data_ptr(), 2, 4]]))
+    assert not dest.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("word", [torch.int64, torch.uint8])
+def test_cuda_gather_equals_slice_assignment(word):
+    dest, sources, table, longest, expected = make_gather_case("cuda", word, seed=1)
+    gather_copy(dest, table, longest)
+    torch.testing.assert_close(dest.cpu(), expected, rtol=0, atol=0)
