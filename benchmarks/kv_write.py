@@ -37,8 +37,8 @@ import kv_transfer as kt  # noqa: E402  (the engines and KV shape of the transfe
 
 from partita.cluster.kv_transfer_client import build_chunks  # noqa: E402
 from partita.cluster.kv_wire import decode_chunk  # noqa: E402
-from partita.workers.kv_import import cache_target, stage_payloads, write_staged  # noqa: E402
-from partita.workers.kv_migration import kv_layout, layer_byte_rows  # noqa: E402
+from partita.workers.kv_import import stage_payloads, write_staged  # noqa: E402
+from partita.workers.kv_migration import cache_target, kv_layout, layer_byte_rows  # noqa: E402
 
 IMPLS = ("torch", "triton")
 

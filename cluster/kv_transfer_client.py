@@ -32,7 +32,7 @@ import grpc
 from partita.cluster.kv_wire import ChunkPacker, encode_chunk, send_stream
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers.kv_ipc import PeerCache, copy_in_place, device_uuid, open_cache
-from partita.workers.kv_migration import KvExport, KvLayout, begin_export, kv_layout
+from partita.workers.kv_migration import CacheTarget, KvExport, KvLayout, begin_export, kv_layout
 
 if TYPE_CHECKING:
     from partita.cluster.async_engine import AsyncEngine
@@ -269,11 +269,13 @@ async def _attempt_in_place(prefill: "AsyncEngine", stub, request_id: str, peer:
 
 async def migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str,
                   sampling: inference_pb2.SamplingParams | None = None, *, peer: PeerCache | None = None,
-                  exports: asyncio.Semaphore | None = None, **send_kwargs) -> TransferResult:
+                  exports: asyncio.Semaphore | None = None, source: CacheTarget | None = None,
+                  **send_kwargs) -> TransferResult:
     """For a prefill-only request held on `prefill` after its first token: moves its KV to the decode worker behind
     `channel` (in place when `peer` maps its cache, else exported and sent in chunks) and releases it here. Raises
     KvTransferFailed when that failed; the request is then still held, for another decode worker or for
-    `resume_prefilled`. exports: held from the export to the end of the send (host memory), when given."""
+    `resume_prefilled`. exports: held from the export to the end of the send (host memory), when given. source:
+    `cache_target` of the prefill engine, read once (else per export)."""
     if peer is not None:
         stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
         try:
@@ -284,7 +286,7 @@ async def migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id:
             await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
             return result
     async with exports if exports is not None else contextlib.nullcontext():
-        exporting = await asyncio.wrap_future(prefill.submit(lambda e: begin_export(e, request_id)))
+        exporting = await asyncio.wrap_future(prefill.submit(lambda e: begin_export(e, request_id, source)))
         export = await asyncio.wrap_future(exporting)  # the copies to the host end off the engine thread
         result = await send_kv(channel, export, sampling, **send_kwargs)
         del export, exporting  # the host copies go with the permit, not when this frame ends

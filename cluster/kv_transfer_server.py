@@ -44,8 +44,8 @@ from partita.protos.partita.v1 import kv_transfer_pb2 as pb, kv_transfer_pb2_grp
 from partita.workers.engine.sequence import Sequence, Status
 from partita.workers.errors import InvalidRequestError, KvCapacityError
 from partita.workers.kv_ipc import device_uuid, share_cache
-from partita.workers.kv_import import CacheTarget, cache_target, prepare_writes, stage_payloads, write_staged
-from partita.workers.kv_migration import KvLayout, KvLayoutMismatch, kv_layout
+from partita.workers.kv_import import prepare_writes, stage_payloads, write_staged
+from partita.workers.kv_migration import CacheTarget, KvLayout, KvLayoutMismatch, cache_target, kv_layout
 
 if TYPE_CHECKING:
     from partita.cluster.async_engine import AsyncEngine

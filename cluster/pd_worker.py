@@ -39,11 +39,12 @@ from partita.cluster.kv_transfer_client import (DEFAULT_CHUNK_BYTES, KvTransferF
                                                 open_peer_cache)
 from partita.cluster.kv_transfer_server import start_kv_transfer_server
 from partita.workers.errors import InvalidRequestError
+from partita.workers.kv_migration import CacheTarget, cache_target, prepare_exports
 
 if TYPE_CHECKING:
     from partita.cluster.async_engine import AsyncEngine
     from partita.workers.kv_ipc import PeerCache
-    from partita.workers import RequestOutput, SamplingParams
+    from partita.workers import Engine, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,17 @@ class PrefillSide:
         self._kv_format = kv_format
         self._interceptors = bearer_token_interceptors(auth_token) if auth_token else []
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._source: CacheTarget | None = None  # where the engine's cache is, read once by `start`
         retain_freed_buffers(DEFAULT_CHUNK_BYTES)  # each chunk sent is a new joined buffer of that size
+
+    async def start(self) -> None:
+        """Reads where the engine's cache is and compiles the exports' gather, on the engine thread, before the
+        first request (otherwise the first export compiles it, and every export reads the cache's layout)."""
+        def prepare(engine: "Engine") -> CacheTarget:
+            target = cache_target(engine)
+            prepare_exports(target)
+            return target
+        self._source = await asyncio.wrap_future(self._engine.submit(prepare))
 
     async def run(self, request_id: str, prompt: str | list[int], params: "SamplingParams",
                   decode_addresses: list[str]) -> AsyncIterator["RequestOutput | Migrated"]:
@@ -125,7 +136,7 @@ class PrefillSide:
         for address in addresses:
             try:
                 result = await migrate(self._engine, self._channel(address), request_id, sampling_to_proto(params),
-                                       peer=await self._peer(address), exports=self._exports,
+                                       peer=await self._peer(address), exports=self._exports, source=self._source,
                                        model=self._model_name, sender_id=self._worker_id)
             except KvTransferFailed as e:
                 log.warning("%s: %s", self._worker_id, e)

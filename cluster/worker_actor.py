@@ -136,6 +136,8 @@ class WorkerActor:
         info = self._engine.model_info
         context = ray.get_runtime_context()
         kv_address = await self._decode.start(self._kv_host) if self._decode else None
+        if self._prefill is not None:
+            await self._prefill.start()
         freeze_startup_objects()  # the loaded model and servers stay out of full collections (gc_freeze.py)
         return {"node_id": context.get_node_id(), "placement_group_id": context.get_placement_group_id(),
                 "kv_address": kv_address,

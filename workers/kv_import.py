@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from partita.kernels.kv_base import use_triton
-from partita.kernels.scatter_copy import scatter_copy, warm_up, word_dtype
+from partita.kernels.scatter_copy import scatter_copy, warm_up
 from partita.workers.engine.engine import Engine
 from partita.workers.engine.sequence import Sequence
-from partita.workers.kv_migration import KvLayout, Payload, device_ids, kv_layout, layer_byte_rows, layer_state
+from partita.workers.kv_migration import (CacheTarget, KvLayout, Payload, cache_target, device_ids, kv_layout,
+                                         layer_state)
 
 
 def import_payload(engine: Engine, seq: Sequence, num_tokens: int, layer: int, block_index: int, data: bytes,
@@ -36,33 +37,6 @@ def import_payloads(engine: Engine, seq: Sequence, num_tokens: int, payloads: li
     layout = layout or kv_layout(engine)
     staged = stage_payloads(cache_target(engine), seq.block_table, num_tokens, payloads, layout, impl)
     write_staged(engine, seq, staged)
-
-
-@dataclass(frozen=True)
-class CacheTarget:
-    """Where an engine's cache parts are, read once on its thread (they are allocated with the engine and never
-    move), so that writes can be staged on other threads without touching the engine."""
-
-    rows: tuple[tuple[torch.Tensor, ...], ...]  # per layer, `layer_byte_rows`: [num_blocks, width] uint8 per part
-    bases: np.ndarray  # [num_layers, num_parts] int64: each part's address
-    widths: np.ndarray  # [num_parts] int64: bytes of one block in each part
-    word: torch.dtype  # the widest word every address and width divides (`scatter_copy.word_dtype`)
-
-    @property
-    def device(self) -> torch.device:
-        return self.rows[0][0].device
-
-    @property
-    def starts(self) -> np.ndarray:
-        """[num_parts] int64: where each part's bytes start in a wire block."""
-        return np.cumsum(self.widths) - self.widths
-
-
-def cache_target(engine: Engine) -> CacheTarget:
-    rows = tuple(tuple(layer_byte_rows(engine, layer)) for layer in range(engine.model_config.num_layers))
-    bases = np.array([[r.data_ptr() for r in rs] for rs in rows], dtype=np.int64)
-    widths = np.array([r.shape[1] for r in rows[0]], dtype=np.int64)
-    return CacheTarget(rows, bases, widths, word_dtype([*widths, *bases.ravel()]))
 
 
 def prepare_writes(target: CacheTarget, impl: str = "auto") -> None:

@@ -18,11 +18,12 @@ block size, heads, head_dim, part order) plus a checksum of the per-layer state 
 ends (fp8's per-head scales: codes written under one scale and read under another are wrong). Both ends must
 have the same descriptor; converting between formats is refused (`KvLayoutMismatch`), not attempted.
 
-Export runs after prefill has finished (`begin_export`: the whole prompt's KV at once), or layer by layer
+Export runs after prefill has finished (`begin_export`: the whole prompt's KV at once, on CUDA gathered into one
+buffer by one launch that `export_plan` lays out from the cache's addresses, `CacheTarget`), or layer by layer
 inside the forward pass of the step that completes the prefill (`stream_layers`, through `Engine.stream_kv`),
 so that a sender streams early layers while later ones compute (on CUDA the device-to-host copies run on a
-side stream and a copy thread, so the forward pass never waits for them). Every function here touches the
-engine's cache and must run on the engine's thread. The decode side's writes are in `workers/kv_import.py`.
+side stream and a copy thread, so the forward pass never waits for them). The functions that take the engine
+touch its cache and must run on the engine's thread. The decode side's writes are in `workers/kv_import.py`.
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
+from partita.kernels.scatter_copy import gather_copy, warm_up_gather, word_dtype
 from partita.protos.partita.v1 import kv_transfer_pb2 as pb
 from partita.workers.attention.kernel_paged import KernelPagedAttention
 from partita.workers.attention.torch_paged import TorchPagedAttention
@@ -185,18 +188,20 @@ def export_layer(engine: Engine, rows: RequestRows, layer: int) -> list[Payload]
 
 
 class _DeviceToHost:
-    """Streams gathered layers to the host without stalling the forward pass: each layer's copy into pinned
-    memory runs on a side stream after the compute stream's gather, and one thread waits for the copies in
-    order and hands each layer's payloads to sink. The gathered device buffers are kept alive for the side
-    stream (`record_stream`), so the prefill's blocks may be reused as soon as the gather has run."""
+    """Copies gathered KV to the host without stalling the forward pass: each copy into pinned memory runs on a
+    side stream after the compute stream's gather, and one thread waits for the copies in order and hands each
+    one's host tensors to deliver(index, hosts), index 0, 1, ... in submission order. The gathered device
+    buffers are kept alive for the side stream (`record_stream`), so the prefill's blocks may be reused as soon
+    as the gather has run."""
 
-    def __init__(self, device: torch.device, num_layers: int, sink: Callable[[list[Payload]], None],
+    def __init__(self, device: torch.device, num_copies: int,
+                 deliver: Callable[[int, list[torch.Tensor]], None],
                  on_error: Callable[[BaseException], None] | None = None):
         self.stream = torch.cuda.Stream(device)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="kv-d2h")
-        self.num_layers, self.sink, self.on_error = num_layers, sink, on_error
+        self.num_copies, self.deliver, self.on_error = num_copies, deliver, on_error
 
-    def submit(self, layer: int, gathered: list[torch.Tensor]) -> None:
+    def submit(self, index: int, gathered: list[torch.Tensor]) -> None:
         ready = torch.cuda.current_stream(gathered[0].device).record_event()
         hosts = []
         with torch.cuda.stream(self.stream):
@@ -205,19 +210,122 @@ class _DeviceToHost:
                 hosts.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True))
                 t.record_stream(self.stream)
             done = self.stream.record_event()
-        self.pool.submit(self._deliver, layer, done, hosts)
-        if layer == self.num_layers - 1:
+        self.pool.submit(self._deliver, index, done, hosts)
+        if index == self.num_copies - 1:
             self.pool.shutdown(wait=False)
 
-    def _deliver(self, layer: int, done: torch.cuda.Event, hosts: list[torch.Tensor]) -> None:
+    def _deliver(self, index: int, done: torch.cuda.Event, hosts: list[torch.Tensor]) -> None:
         try:
             done.synchronize()
-            self.sink(_payloads(layer, hosts))
+            self.deliver(index, hosts)
         except Exception as e:
             if self.on_error is not None:
                 self.on_error(e)
             else:  # the receiver's deadline then fails the streamed attempt, which falls back
-                log.exception("copying layer %d of a streamed KV export to the host failed", layer)
+                log.exception("copying part %d of a streamed KV export to the host failed", index)
+
+
+@dataclass(frozen=True)
+class CacheTarget:
+    """Where an engine's cache parts and per-sequence state are, read once on its thread (they are allocated with
+    the engine and never move), so that exports can be planned and writes staged without touching the engine."""
+
+    rows: tuple[tuple[torch.Tensor, ...], ...]  # per layer, `layer_byte_rows`: [num_blocks, width] uint8 per part
+    bases: np.ndarray  # [num_layers, num_parts] int64: each part's address
+    widths: np.ndarray  # [num_parts] int64: bytes of one block in each part
+    state_bases: np.ndarray  # [num_layers, num_states] int64: each state tensor's address (`layer_state`)
+    state_slot_bytes: np.ndarray  # [num_states] int64: bytes from one sequence slot to the next
+    state_row_bytes: np.ndarray  # [num_states] int64: bytes of one token row of a slot
+    word: torch.dtype  # the widest word every address, width, stride and row divides (`scatter_copy.word_dtype`)
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows[0][0].device
+
+    @property
+    def starts(self) -> np.ndarray:
+        """[num_parts] int64: where each part's bytes start in a wire block."""
+        return np.cumsum(self.widths) - self.widths
+
+
+def cache_target(engine: Engine) -> CacheTarget:
+    num_layers = engine.model_config.num_layers
+    rows = tuple(tuple(layer_byte_rows(engine, layer)) for layer in range(num_layers))
+    bases = np.array([[r.data_ptr() for r in rs] for rs in rows], dtype=np.int64)
+    widths = np.array([r.shape[1] for r in rows[0]], dtype=np.int64)
+    states = [layer_state(engine, layer) for layer in range(num_layers)]
+    state_bases = np.array([[s.data_ptr() for s in ss] for ss in states], dtype=np.int64).reshape(num_layers, -1)
+    slot = np.array([s.stride(0) * s.element_size() for s in states[0]], dtype=np.int64)
+    row = np.array([s[0, 0].numel() * s.element_size() for s in states[0]], dtype=np.int64)
+    word = word_dtype([*widths, *bases.ravel(), *state_bases.ravel(), *slot, *row])
+    return CacheTarget(rows, bases, widths, state_bases, slot, row, word)
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """One request's KV gathered into one buffer in wire order by one `gather_copy` launch (`export_plan`)."""
+
+    table: np.ndarray  # [E, 3] int64: source byte address, offset in words in the buffer, words
+    word: torch.dtype
+    total_bytes: int
+    max_words: int
+    spans: list[tuple[int, int, int, int]]  # per payload: layer, first block index, first and end byte
+
+
+def export_plan(target: CacheTarget, layout: KvLayout, block_ids: list[int], num_tokens: int,
+                kv_slot: int) -> ExportPlan:
+    """The table that gathers a request's KV (its blocks `block_ids`, its state in slot `kv_slot`) into one
+    buffer laid out as its payloads in wire order: per layer the block rows [num_blocks, bytes_per_block] (each
+    row the parts of one block, in `layer_byte_rows`' order), then the state rows (if the layout has state). One
+    entry per block and part, and one per state tensor. Plain numpy: touches no engine state."""
+    ids, n, width = np.asarray(block_ids, dtype=np.int64), len(block_ids), layout.bytes_per_block
+    state_rows = num_tokens % layout.state_period if layout.state_bytes(num_tokens) else 0
+    if int(target.widths.sum()) != width or n != layout.num_blocks(num_tokens):
+        raise ValueError(f"{n} blocks of {int(target.widths.sum())} bytes for {num_tokens} tokens do not match the "
+                         f"layout's {layout.num_blocks(num_tokens)} blocks of {width}")
+    per_layer = n * width + state_rows * int(target.state_row_bytes.sum())
+    table = np.empty((layout.num_layers, n * len(target.widths) + (len(target.state_row_bytes) if state_rows
+                                                                      else 0), 3), dtype=np.int64)
+    blocks = table[:, :n * len(target.widths)].reshape(layout.num_layers, n, len(target.widths), 3)
+    firsts = np.arange(layout.num_layers, dtype=np.int64)[:, None, None] * per_layer
+    blocks[..., 0] = target.bases[:, None, :] + ids[None, :, None] * target.widths
+    blocks[..., 1] = firsts + np.arange(n, dtype=np.int64)[:, None] * width + target.starts
+    blocks[..., 2] = target.widths
+    spans = [(layer, 0, layer * per_layer, layer * per_layer + n * width) for layer in range(layout.num_layers)]
+    if state_rows:
+        sizes = state_rows * target.state_row_bytes
+        states = table[:, n * len(target.widths):]
+        states[..., 0] = target.state_bases + kv_slot * target.state_slot_bytes
+        states[..., 1] = firsts[:, :, 0] + n * width + (np.cumsum(sizes) - sizes)
+        states[..., 2] = sizes
+        spans += [(layer, n, layer * per_layer + n * width, (layer + 1) * per_layer)
+                  for layer in range(layout.num_layers)]
+        spans.sort()
+    table = table.reshape(-1, 3)
+    size = torch.empty((), dtype=target.word).element_size()
+    if int(np.bitwise_or.reduce(table, axis=None)) % size:
+        raise ValueError(f"an export of this cache does not divide into {target.word} words")
+    table[:, 1:] //= size
+    return ExportPlan(table, target.word, layout.num_layers * per_layer, int(table[:, 2].max()), spans)
+
+
+def gather_export(plan: ExportPlan, device: torch.device) -> torch.Tensor:
+    """The plan's buffer [total_bytes] uint8 on `device`, gathered by one launch queued on the current stream
+    (the table goes up through pinned memory, so the host does not wait for the GPU)."""
+    table = torch.from_numpy(plan.table)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    words = torch.empty(plan.total_bytes // torch.empty((), dtype=plan.word).element_size(), dtype=plan.word,
+                        device=device)
+    gather_copy(words, table, plan.max_words)
+    return words.view(torch.uint8)
+
+
+def prepare_exports(target: CacheTarget) -> None:
+    """Compiles what `begin_export` launches on CUDA (Triton compiles on first use), so that the first export does
+    not stall the engine thread; on the engine's thread, before the first export. Nothing to do elsewhere."""
+    if target.device.type == "cuda":
+        warm_up_gather(target.word, target.device)
 
 
 def layer_byte_rows(engine: Engine, layer: int) -> list[torch.Tensor]:
@@ -261,42 +369,41 @@ class KvExport:
         return sum(len(d) for _, _, d in self.payloads)
 
 
-def begin_export(engine: Engine, request_id: str) -> "Future[KvExport]":
+def begin_export(engine: Engine, request_id: str, target: CacheTarget | None = None) -> "Future[KvExport]":
     """Every layer's payloads of a prefill-only request held after its first token (`Engine.prefilled_sequence`),
-    as a future. On CUDA only the gathers and their queueing run here, on the engine thread: the copies to pinned
-    host memory run on a side stream and the future is completed by a copy thread (`_DeviceToHost`), so that the
-    engine thread does not wait for them: no step runs while it waits, and a 1k-token prompt of Llama-3-8B holds
-    128 MiB of bf16 KV. Elsewhere the export is made here. The request must stay held until the future is done."""
+    as a future. On CUDA only one gather (`export_plan`: every layer's blocks and state into one buffer in wire
+    order, one launch) and its queueing run here, on the engine thread: the copy to pinned host memory runs on a
+    side stream and the future is completed by a copy thread (`_DeviceToHost`), so that the engine thread does not
+    wait for it: no step runs while it waits, and a 1k-token prompt of Llama-3-8B holds 128 MiB of bf16 KV. A
+    gather and a copy per layer made the engine thread give the GIL up and take it back hundreds of times per
+    export, each time behind the event loop sending chunks (py-spy, 2026-12-07: 47% of a loaded prefill worker's
+    engine thread). Elsewhere the export is made here, layer by layer. target: `cache_target(engine)`, read once
+    by the caller (else here). The request must stay held until the future is done."""
     seq = engine.prefilled_sequence(request_id)
     n = seq.num_prompt_tokens
-    rows = request_rows(engine, seq, n)
-    num_layers = engine.model_config.num_layers
+    layout = kv_layout(engine)
     prompt, first_token = seq.token_ids[:n], seq.token_ids[n]  # read here: the copy thread reads no engine state
     done: Future[KvExport] = Future()
 
     def make(payloads: list[Payload]) -> KvExport:
-        return KvExport(request_id, prompt, first_token, rows.layout, payloads)
+        return KvExport(request_id, prompt, first_token, layout, payloads)
 
     if engine.device.type != "cuda":
-        done.set_result(make([p for layer in range(num_layers) for p in export_layer(engine, rows, layer)]))
+        rows = request_rows(engine, seq, n, layout)
+        done.set_result(make([p for layer in range(layout.num_layers) for p in export_layer(engine, rows, layer)]))
         return done
-    payloads: list[Payload] = []
-    layers_left = num_layers
+    plan = export_plan(target or cache_target(engine), layout, seq.block_table[:layout.num_blocks(n)], n,
+                       seq.kv_slot)
 
-    def sink(layer_payloads: list[Payload]) -> None:  # called in layer order, by one thread
-        nonlocal layers_left
-        payloads.extend(layer_payloads)
-        layers_left -= 1
-        if layers_left == 0:
-            done.set_result(make(payloads))
+    def deliver(_: int, hosts: list[torch.Tensor]) -> None:
+        view = _bytes_view(hosts[0])
+        done.set_result(make([(layer, index, view[a:b]) for layer, index, a, b in plan.spans]))
 
     def fail(e: BaseException) -> None:
         if not done.done():
             done.set_exception(e)
 
-    copier = _DeviceToHost(engine.device, num_layers, sink, fail)
-    for layer in range(num_layers):
-        copier.submit(layer, _gather_layer(engine, rows, layer))
+    _DeviceToHost(engine.device, 1, deliver, fail).submit(0, [gather_export(plan, engine.device)])
     return done
 
 
@@ -319,7 +426,8 @@ def stream_layers(engine: Engine, request_id: str, sink: Callable[[list[Payload]
         return made[0]
 
     if engine.device.type == "cuda":
-        copier = _DeviceToHost(engine.device, engine.model_config.num_layers, sink)
+        copier = _DeviceToHost(engine.device, engine.model_config.num_layers,
+                               lambda layer, hosts: sink(_payloads(layer, hosts)))
 
         def on_layer(seq: Sequence, layer: int) -> None:
             copier.submit(layer, _gather_layer(engine, rows_of(seq), layer))

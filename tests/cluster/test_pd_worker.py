@@ -40,6 +40,7 @@ def test_the_next_decode_worker_takes_the_kv_when_the_first_does_not(first, stre
         async with Pair("int4") as pair, Pair("int4", num_kv_blocks=8) as full:
             await fill(full)
             side = PrefillSide(pair.prefill, "prefill-0", "tiny-llama", "int4", stream_layers=stream_layers)
+            await side.start()  # as the worker does: exports read the cache's layout read here
             try:
                 items = await run(side, [dead_address() if first == "dead" else full.address, pair.address])
             finally:

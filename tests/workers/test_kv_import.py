@@ -6,8 +6,8 @@ import threading
 import pytest
 import torch
 
-from partita.workers.kv_import import cache_target, prepare_writes, stage_payloads, write_staged
-from partita.workers.kv_migration import export_request, kv_layout, layer_byte_rows, layer_state
+from partita.workers.kv_import import prepare_writes, stage_payloads, write_staged
+from partita.workers.kv_migration import cache_target, export_request, kv_layout, layer_byte_rows, layer_state
 from tests.workers.test_kv_migration import GREEDY, PROMPTS, assert_all_free, cut_runs, make_engine, prefill
 
 

@@ -8,13 +8,15 @@ pool on both sides, through commit, abort and release alike.
 import threading
 
 import pytest
+import torch
 
 from partita.workers import Engine, EngineConfig, InvalidRequestError, SamplingParams
 from partita.workers.errors import KvCapacityError
 from partita.workers.kv_import import import_payload, import_payloads
 from partita.workers import kv_migration
-from partita.workers.kv_migration import (KvLayoutMismatch, begin_export, export_layer, export_request, kv_layout,
-                                         request_rows, stream_layers)
+from partita.kernels.scatter_copy import gather_copy_reference
+from partita.workers.kv_migration import (KvLayoutMismatch, begin_export, cache_target, export_layer, export_plan,
+                                         export_request, gather_export, kv_layout, request_rows, stream_layers)
 
 FORMATS = ["none", "fp8", "int8", "int4", "kivi2"]
 PROMPTS = [[(5 * i + 7 * j) % 500 + 2 for j in range(n)] for i, n in enumerate((3, 16, 45, 70))]
@@ -236,11 +238,53 @@ def test_failed_copy_fails_the_begun_export(monkeypatch):
     engine = make_engine("int4", device="cuda", max_num_batched_tokens=128)
     prefill(engine, "r", PROMPTS[3])
 
-    def broken(layer, hosts):
-        raise RuntimeError(f"layer {layer} lost")
+    def broken(host):
+        raise RuntimeError("host copy lost")
 
-    monkeypatch.setattr(kv_migration, "_payloads", broken)
-    with pytest.raises(RuntimeError, match="layer 0 lost"):
+    monkeypatch.setattr(kv_migration, "_bytes_view", broken)
+    with pytest.raises(RuntimeError, match="host copy lost"):
         begin_export(engine, "r").result(timeout=60)
     engine.release_prefilled("r")
     assert_all_free(engine)
+
+
+@pytest.mark.parametrize("gather", ["kernel", "reference"])
+@pytest.mark.parametrize("prompt_len", [70, 64])  # kivi2: 6 residual rows, none
+@pytest.mark.parametrize("kv_format", FORMATS)
+def test_planned_gather_equals_the_layers_copies(kv_format, prompt_len, gather):
+    """The CUDA export's one gather (`export_plan`, run here by the kernel under the interpreter or by the memmove
+    reference) lays out every payload byte for byte as the per-layer copies do, state rows included, for a request
+    whose blocks do not start at the cache's first block."""
+    engine = make_engine(kv_format, max_num_batched_tokens=128)
+    prefill(engine, "before", PROMPTS[2])
+    prompt = [(3 * j) % 500 + 2 for j in range(prompt_len)]
+    prefill(engine, "r", prompt)
+    seq = engine.prefilled_sequence("r")
+    rows = request_rows(engine, seq, prompt_len)
+    target = cache_target(engine)
+    plan = export_plan(target, rows.layout, seq.block_table[:rows.layout.num_blocks(prompt_len)], prompt_len,
+                       seq.kv_slot)
+    if gather == "kernel":
+        buffer = gather_export(plan, engine.device)
+    else:
+        buffer = torch.zeros(plan.total_bytes, dtype=torch.uint8)
+        gather_copy_reference(buffer.view(plan.word), torch.from_numpy(plan.table))
+    expected = [p for layer in range(engine.model_config.num_layers) for p in export_layer(engine, rows, layer)]
+    assert [(layer, i, bytes(buffer[a:b].numpy())) for layer, i, a, b in plan.spans] == [
+        (layer, i, bytes(d)) for layer, i, d in expected]
+    assert plan.total_bytes == rows.layout.total_bytes(prompt_len)
+    has_state = kv_format == "kivi2" and prompt_len % rows.layout.state_period != 0
+    assert len(plan.spans) == engine.model_config.num_layers * (2 if has_state else 1)
+    for name in ("before", "r"):
+        engine.release_prefilled(name)
+    assert_all_free(engine)
+
+
+def test_export_plan_refuses_a_table_that_does_not_fit_the_layout():
+    engine = make_engine("int4", max_num_batched_tokens=128)
+    prefill(engine, "r", PROMPTS[3])
+    seq = engine.prefilled_sequence("r")
+    layout = kv_layout(engine)
+    with pytest.raises(ValueError, match="do not match the layout"):
+        export_plan(cache_target(engine), layout, seq.block_table[:2], len(PROMPTS[3]), seq.kv_slot)
+    engine.release_prefilled("r")
