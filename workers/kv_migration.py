@@ -283,30 +283,33 @@ def export_plan(target: CacheTarget, layout: KvLayout, block_ids: list[int], num
     if int(target.widths.sum()) != width or n != layout.num_blocks(num_tokens):
         raise ValueError(f"{n} blocks of {int(target.widths.sum())} bytes for {num_tokens} tokens do not match the "
                          f"layout's {layout.num_blocks(num_tokens)} blocks of {width}")
+    num_layers, num_parts = layout.num_layers, len(target.widths)
+    num_states = len(target.state_row_bytes) if state_rows else 0
     per_layer = n * width + state_rows * int(target.state_row_bytes.sum())
-    table = np.empty((layout.num_layers, n * len(target.widths) + (len(target.state_row_bytes) if state_rows
-                                                                      else 0), 3), dtype=np.int64)
-    blocks = table[:, :n * len(target.widths)].reshape(layout.num_layers, n, len(target.widths), 3)
-    firsts = np.arange(layout.num_layers, dtype=np.int64)[:, None, None] * per_layer
+    firsts = np.arange(num_layers, dtype=np.int64)[:, None] * per_layer  # [num_layers, 1]: each layer's first byte
+    table = np.empty((num_layers, n * num_parts + num_states, 3), dtype=np.int64)
+    blocks = table[:, :n * num_parts].reshape(num_layers, n, num_parts, 3)
     blocks[..., 0] = target.bases[:, None, :] + ids[None, :, None] * target.widths
-    blocks[..., 1] = firsts + np.arange(n, dtype=np.int64)[:, None] * width + target.starts
+    blocks[..., 1] = firsts[:, :, None] + np.arange(n, dtype=np.int64)[:, None] * width + target.starts
     blocks[..., 2] = target.widths
-    spans = [(layer, 0, layer * per_layer, layer * per_layer + n * width) for layer in range(layout.num_layers)]
+    spans = []
+    for layer in range(num_layers):
+        first = layer * per_layer
+        spans.append((layer, 0, first, first + n * width))
+        if state_rows:
+            spans.append((layer, n, first + n * width, first + per_layer))
     if state_rows:
         sizes = state_rows * target.state_row_bytes
-        states = table[:, n * len(target.widths):]
+        states = table[:, n * num_parts:]
         states[..., 0] = target.state_bases + kv_slot * target.state_slot_bytes
-        states[..., 1] = firsts[:, :, 0] + n * width + (np.cumsum(sizes) - sizes)
+        states[..., 1] = firsts + n * width + (np.cumsum(sizes) - sizes)
         states[..., 2] = sizes
-        spans += [(layer, n, layer * per_layer + n * width, (layer + 1) * per_layer)
-                  for layer in range(layout.num_layers)]
-        spans.sort()
     table = table.reshape(-1, 3)
     size = torch.empty((), dtype=target.word).element_size()
     if int(np.bitwise_or.reduce(table, axis=None)) % size:
         raise ValueError(f"an export of this cache does not divide into {target.word} words")
     table[:, 1:] //= size
-    return ExportPlan(table, target.word, layout.num_layers * per_layer, int(table[:, 2].max()), spans)
+    return ExportPlan(table, target.word, num_layers * per_layer, int(table[:, 2].max()), spans)
 
 
 def gather_export(plan: ExportPlan, device: torch.device) -> torch.Tensor:
@@ -374,10 +377,10 @@ def begin_export(engine: Engine, request_id: str, target: CacheTarget | None = N
     as a future. On CUDA only one gather (`export_plan`: every layer's blocks and state into one buffer in wire
     order, one launch) and its queueing run here, on the engine thread: the copy to pinned host memory runs on a
     side stream and the future is completed by a copy thread (`_DeviceToHost`), so that the engine thread does not
-    wait for it: no step runs while it waits, and a 1k-token prompt of Llama-3-8B holds 128 MiB of bf16 KV. A
-    gather and a copy per layer made the engine thread give the GIL up and take it back hundreds of times per
-    export, each time behind the event loop sending chunks (py-spy, 2026-12-07: 47% of a loaded prefill worker's
-    engine thread). Elsewhere the export is made here, layer by layer. target: `cache_target(engine)`, read once
+    wait for it: no step runs while it waits, and a 1k-token prompt of Llama-3-8B holds 128 MiB of bf16 KV. With
+    a gather and a copy per layer (some ten torch calls each, every one giving the GIL up and taking it back
+    behind the event loop that sends chunks) a loaded prefill worker's engine thread spent 47% of its time here
+    (py-spy, 2026-12-07). Elsewhere the export is made here, layer by layer. target: `cache_target(engine)`, read once
     by the caller (else here). The request must stay held until the future is done."""
     seq = engine.prefilled_sequence(request_id)
     n = seq.num_prompt_tokens
