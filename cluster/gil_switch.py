@@ -1,10 +1,12 @@
 """Lets a worker's engine thread take the GIL back sooner from the threads beside it that keep it busy.
 
-A thread that gives the GIL up (every torch call that launches work or copies does) and wants it back waits until
-the holder gives it up too, or until the holder has run for the interpreter's switch interval (5 ms by default)
-and is made to. An engine step takes the GIL back dozens of times, and in a worker the event loop's thread
-(gRPC and Ray streams: grpcio copies each received message twice, in Python objects) and the KV checksum and
-staging threads run Python for long stretches while KV moves. On the 2-core development machine a thread waking
+A thread that gives the GIL up long enough for another to take it (waiting for the GPU, for a queue, for a
+lock) and then wants it back waits until the holder gives it up too, or until the holder has run for the
+interpreter's switch interval (5 ms by default) and is made to. An engine step does so at least once (it waits
+for the GPU to hand back the sampled tokens), and in a worker the event loop's thread (gRPC and Ray streams:
+grpcio copies each received message twice, in Python objects) and the KV checksum and staging threads run
+Python for long stretches while KV moves. (Short releases, such as a kernel launch, rarely lose the GIL: the
+releasing thread takes it back before another wakes.) On the 2-core development machine a thread waking
 every 0.5 ms next to a thread copying 4 MiB messages in a loop woke 5.5 ms late at the default interval and 1.0
 ms late at 0.5 ms (a copy in progress is not cut short); next to isal's crc32, which releases the GIL, 0.1 ms
 either way. Serving PD over gRPC on one H100 (Llama-3-8B, bf16 KV, 16 req/s offered), all processes at 0.5 ms
