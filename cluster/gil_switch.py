@@ -12,8 +12,9 @@ ms late at 0.5 ms (a copy in progress is not cut short); next to isal's crc32, w
 either way. Serving PD over gRPC on one H100 (Llama-3-8B, bf16 KV, 16 req/s offered), all processes at 0.5 ms
 against the default, one run each in one call: 6.63 against 6.16 req/s, TPOT p50 40.6 against 49.5 ms, ITL p99
 114 against 162 ms (benchmarks/results/2026-12-07-gil-switch-autotune-cache-h100.md). KV transfer throughput
-alone showed no change at 0.5 ms (2026-12-07-kv-transfer-timeline-h100.md). A shorter interval costs the threads
-that give the GIL up more switches; 0.5 ms keeps that small next to a decode step's 10-50 ms.
+alone showed no change at 0.5 ms (2026-12-07-kv-transfer-timeline-h100.md). The cost: every thread, the engine's
+included, is made to hand the GIL over more often while it runs Python (beside the copying thread, a decode
+step's input staging took 0.98 ms instead of 0.75 at the default; the waits saved are up to 4.5 ms each).
 """
 from __future__ import annotations
 
