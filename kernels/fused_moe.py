@@ -96,12 +96,19 @@ def _gemm_configs(gated: bool) -> list[triton.Config]:
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Keep BLOCK_M near the expected rows per used expert: smaller wastes weight reads, larger
-    wastes MMA work on padding rows."""
+    wastes MMA work on padding rows. Drop BLOCK_N and BLOCK_K past the matrix's N and K (next
+    power of two): such tiles only add masked work, and each config costs a compile at the first
+    start (tiny-moe's first start on an H100 took 105 s, most of it compiling configs). When no
+    tile fits, the smallest one."""
     num_pairs, num_experts = named_args["num_pairs"], named_args["num_experts"]
     rows = triton.cdiv(num_pairs, max(1, min(num_experts, num_pairs)))
     cap = min(128, max(16, triton.next_power_of_2(rows)))
-    kept = [c for c in configs if cap // 4 <= c.kwargs["BLOCK_M"] <= cap]
-    return kept or configs[:1]
+    inter, hidden = named_args["inter_size"], named_args["hidden_size"]
+    n, k = (inter, hidden) if "w13_ptr" in named_args else (hidden, inter)  # gate/up, or down
+    n_cap, k_cap = triton.next_power_of_2(n), triton.next_power_of_2(k)
+    by_rows = [c for c in configs if cap // 4 <= c.kwargs["BLOCK_M"] <= cap] or configs[:1]
+    fitting = [c for c in by_rows if c.kwargs["BLOCK_N"] <= n_cap and c.kwargs["BLOCK_K"] <= k_cap]
+    return fitting or [min(by_rows, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
 def _num_blocks_m(num_pairs: int, num_experts: int, block_m: int) -> int:

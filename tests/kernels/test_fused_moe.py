@@ -234,3 +234,35 @@ def test_autotune_choices_outlive_the_process(tmp_path):
         run = subprocess.run([sys.executable, "-c", _AUTOTUNE_RUN, mode], env=env, capture_output=True, text=True,
                              timeout=600)
         assert run.returncode == 0, f"{mode} run failed:\n{run.stderr[-3000:]}"
+
+
+def test_autotune_keeps_tiles_that_fit_the_matrix(monkeypatch):
+    """The GPU config space (not the interpreter's one config) pruned for a routing: BLOCK_M near the rows per
+    expert, and BLOCK_N, BLOCK_K no larger than the matrix (next power of two), or the smallest tile when none
+    fits; real shapes lose no tile size."""
+    from partita.kernels import fused_moe as fm
+
+    monkeypatch.setattr(fm, "_interpreting", lambda: False)
+
+    def kept(gated, num_pairs, inter, hidden):
+        found = fm._prune_configs(fm._gemm_configs(gated), {"w13_ptr" if gated else "w2_ptr": None,
+                                  "num_pairs": num_pairs, "num_experts": 8, "inter_size": inter,
+                                  "hidden_size": hidden})
+        return sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                      for c in found)
+
+    # tiny-moe (intermediate 64, hidden 128), 16 rows per expert
+    assert kept(True, 128, 64, 128) == sorted([(16, 32, 128, 4, 4), (16, 32, 128, 4, 6), (16, 64, 128, 4, 4),
+                                               (16, 64, 128, 4, 6), (16, 32, 128, 2, 6)])
+    assert kept(False, 128, 64, 128) == [(16, 32, 128, 4, 4)]  # every 16-row tile is 128+ deep: the smallest
+    # 1024 rows per expert: down's 64-deep tiles fit, its 256-wide one does not (hidden 128)
+    assert kept(False, 8192, 64, 128) == sorted([(32, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                                 (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3),
+                                                 (128, 128, 64, 8, 4), (128, 64, 64, 4, 4)])
+    for gated in (True, False):  # qwen3-30b-a3b (intermediate 768, hidden 2048): only BLOCK_M decides
+        for pairs in (128, 8192):
+            rows = pairs // 8
+            cap = min(128, max(16, 1 << (rows - 1).bit_length()))
+            assert kept(gated, pairs, 768, 2048) == sorted(
+                (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                for c in fm._gemm_configs(gated) if cap // 4 <= c.kwargs["BLOCK_M"] <= cap)
