@@ -39,29 +39,22 @@ _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
 @triton.jit
-def _scatter_copy_kernel(src_ptr, table_ptr, BLOCK: tl.constexpr):
+def _copy_kernel(buf_ptr, table_ptr, GATHER: tl.constexpr, BLOCK: tl.constexpr):
+    """Entry e = program_id(0): table[e] = (byte address, offset, count) moves count words from buf[offset:] to
+    the address (scatter) or from the address to buf[offset:] (GATHER)."""
     e = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
-    dst = tl.load(table_ptr + 3 * e).to(tl.pointer_type(src_ptr.dtype.element_ty))
+    address = tl.load(table_ptr + 3 * e).to(tl.pointer_type(buf_ptr.dtype.element_ty))
     offset = tl.load(table_ptr + 3 * e + 1)
     count = tl.load(table_ptr + 3 * e + 2)
+    if GATHER:
+        src, dst = address, buf_ptr + offset
+    else:
+        src, dst = buf_ptr + offset, address
     for start in range(t * BLOCK, count, tl.num_programs(1) * BLOCK):
         i = start + tl.arange(0, BLOCK)
         mask = i < count
-        tl.store(dst + i, tl.load(src_ptr + offset + i, mask=mask), mask=mask)
-
-
-@triton.jit
-def _gather_copy_kernel(dst_ptr, table_ptr, BLOCK: tl.constexpr):
-    e = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1)
-    src = tl.load(table_ptr + 3 * e).to(tl.pointer_type(dst_ptr.dtype.element_ty))
-    offset = tl.load(table_ptr + 3 * e + 1)
-    count = tl.load(table_ptr + 3 * e + 2)
-    for start in range(t * BLOCK, count, tl.num_programs(1) * BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        mask = i < count
-        tl.store(dst_ptr + offset + i, tl.load(src + i, mask=mask), mask=mask)
+        tl.store(dst + i, tl.load(src + i, mask=mask), mask=mask)
 
 
 def word_dtype(byte_quantities) -> torch.dtype:
@@ -93,7 +86,7 @@ def scatter_copy(source: torch.Tensor, table: torch.Tensor, max_words: int) -> N
     _check(source, table)
     if not table.shape[0]:
         return
-    _scatter_copy_kernel[(table.shape[0], _tiles(max_words))](source, table, BLOCK=BLOCK)
+    _copy_kernel[(table.shape[0], _tiles(max_words))](source, table, GATHER=False, BLOCK=BLOCK)
 
 
 def gather_copy(dest: torch.Tensor, table: torch.Tensor, max_words: int) -> None:
@@ -101,7 +94,7 @@ def gather_copy(dest: torch.Tensor, table: torch.Tensor, max_words: int) -> None
     less), which only sizes the grid. Needs CUDA tensors (or TRITON_INTERPRET=1)."""
     _check(dest, table, "dest")
     if table.shape[0]:
-        _gather_copy_kernel[(table.shape[0], _tiles(max_words))](dest, table, BLOCK=BLOCK)
+        _copy_kernel[(table.shape[0], _tiles(max_words))](dest, table, GATHER=True, BLOCK=BLOCK)
 
 
 def warm_up(word: torch.dtype, device: torch.device) -> None:
