@@ -17,6 +17,7 @@
 #      decode     benchmarks/decode_kernels.py       decode-step kernels vs cuBLAS / torch (GPU)
 #      transfer   benchmarks/kv_transfer.py          KV migration, when that benchmark exists
 #      write      benchmarks/kv_write.py             the decode side's KV write per received chunk (GPU)
+#      export     benchmarks/kv_export.py            the prefill side's KV export to host memory (GPU)
 #      transport  deploy/ray/stream_transport_bench.py  token streams over Ray vs gRPC (Ray)
 #      gateway    benchmarks/gateway.py              gateway overhead vs the engine alone
 #      serving    benchmarks/sweep.py                `partita serve` deployments on all GPUs (colocated replicas;
@@ -158,6 +159,8 @@ if [ -f benchmarks/kv_transfer.py ]; then gpu_step transfer benchmarks/kv_transf
 else skip transfer "no KV-transfer benchmark yet (benchmarks/kv_transfer.py)"; fi
 args=(--out "$RAW/kv_write.md"); [ $QUICK = 1 ] && args+=(--rounds 4)
 gpu_step write benchmarks/kv_write.py "$RAW/kv_write.md" "${args[@]}"
+args=(--out "$RAW/kv_export.md"); [ $QUICK = 1 ] && args+=(--rounds 4)
+gpu_step export benchmarks/kv_export.py "$RAW/kv_export.md" "${args[@]}"
 if [ "$HAS_RAY" = 0 ]; then skip transport "Ray is not importable (carry .whl/ from ../shared/tools/device-wheels)"
 elif [ -f deploy/ray/stream_transport_bench.py ]; then
   args=(--json "$RAW/transport.json"); [ $QUICK = 1 ] && args+=(--repeats 1)
