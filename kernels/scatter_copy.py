@@ -109,14 +109,7 @@ def warm_up(word: torch.dtype, device: torch.device) -> None:
 
 def scatter_copy_reference(source: torch.Tensor, table: torch.Tensor) -> None:
     """The same copies, one host memmove each; CPU tensors only."""
-    _check(source, table)
-    if source.device.type != "cpu":
-        raise ValueError("scatter_copy_reference copies host memory; source must be on the CPU")
-    word = source.element_size()
-    for dst, offset, count in table.tolist():
-        if offset < 0 or count < 0 or offset + count > source.numel():
-            raise ValueError(f"entry ({dst:#x}, {offset}, {count}) reads outside source's {source.numel()} words")
-        ctypes.memmove(dst, source.data_ptr() + offset * word, count * word)
+    _memmove_each(source, table, "source", gather=False)
 
 
 def warm_up_gather(word: torch.dtype, device: torch.device) -> None:
@@ -128,11 +121,17 @@ def warm_up_gather(word: torch.dtype, device: torch.device) -> None:
 
 def gather_copy_reference(dest: torch.Tensor, table: torch.Tensor) -> None:
     """The same copies as `gather_copy`, one host memmove each; CPU tensors only."""
-    _check(dest, table, "dest")
-    if dest.device.type != "cpu":
-        raise ValueError("gather_copy_reference copies host memory; dest must be on the CPU")
-    word = dest.element_size()
-    for src, offset, count in table.tolist():
-        if offset < 0 or count < 0 or offset + count > dest.numel():
-            raise ValueError(f"entry ({src:#x}, {offset}, {count}) writes outside dest's {dest.numel()} words")
-        ctypes.memmove(dest.data_ptr() + offset * word, src, count * word)
+    _memmove_each(dest, table, "dest", gather=True)
+
+
+def _memmove_each(words: torch.Tensor, table: torch.Tensor, name: str, gather: bool) -> None:
+    _check(words, table, name)
+    if words.device.type != "cpu":
+        raise ValueError(f"the references copy host memory; {name} must be on the CPU")
+    size = words.element_size()
+    for address, offset, count in table.tolist():
+        if offset < 0 or count < 0 or offset + count > words.numel():
+            raise ValueError(f"entry ({address:#x}, {offset}, {count}) {'writes' if gather else 'reads'} outside "
+                             f"{name}'s {words.numel()} words")
+        here = words.data_ptr() + offset * size
+        ctypes.memmove(here if gather else address, address if gather else here, count * size)
