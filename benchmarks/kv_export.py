@@ -64,8 +64,8 @@ def one_gather_export(engine, request_id: str, target: km.CacheTarget) -> Future
         return km.begin_export(engine, request_id, target)
     seq = engine.prefilled_sequence(request_id)  # the CUDA path's plan and gather, synchronously
     n = seq.num_prompt_tokens
-    layout = km.kv_layout(engine)
-    plan = km.export_plan(target, layout, seq.block_table[:layout.num_blocks(n)], n, seq.kv_slot)
+    layout = target.layout
+    plan = km.export_plan(target, seq.block_table[:layout.num_blocks(n)], n, seq.kv_slot)
     view = memoryview(km.gather_export(plan, engine.device).numpy())
     done: Future = Future()
     done.set_result(km.KvExport(request_id, seq.token_ids[:n], seq.token_ids[n], layout,

@@ -45,7 +45,7 @@ from partita.workers.engine.sequence import Sequence, Status
 from partita.workers.errors import InvalidRequestError, KvCapacityError
 from partita.workers.kv_ipc import device_uuid, share_cache
 from partita.workers.kv_import import prepare_writes, stage_payloads, write_staged
-from partita.workers.kv_migration import CacheTarget, KvLayout, KvLayoutMismatch, cache_target, kv_layout
+from partita.workers.kv_migration import CacheTarget, KvLayout, KvLayoutMismatch, cache_target
 
 if TYPE_CHECKING:
     from partita.cluster.async_engine import AsyncEngine
@@ -425,7 +425,7 @@ async def _prepend(first: "RequestOutput", rest: AsyncIterator["RequestOutput"])
 def _layout_and_target(engine: "Engine") -> tuple[KvLayout, CacheTarget]:
     target = cache_target(engine)
     prepare_writes(target)
-    return kv_layout(engine), target
+    return target.layout, target
 
 
 async def start_kv_transfer_server(engine: "AsyncEngine", *, host: str = "127.0.0.1", port: int = 0,

@@ -35,9 +35,9 @@ dtype, device, pdl) times them as a CUDA graph of calls over rotating weight cop
 decode), rejects any whose output disagrees with torch, and caches the fastest for every M of its row
 tile (`tile_rows`: M = 1, or 2..16, 17..32, 33..64, which run the same tiles); `warmup` does the same
 ahead of time, `set_config` pins one. The engine tunes at start and never times while it serves: M = 3
-then takes M = 2's tuned config, not `default_config`, and so also its compiled kernel. A call during graph capture never times anything: it uses the
-cached choice, or `default_config`. Under Triton's interpreter one pinned config per kernel is used.
-The cache of chosen configs is the one piece of module state, like `triton.autotune`'s own cache.
+then takes M = 2's tuned config, not `default_config`, and so also its compiled kernel. A call during
+graph capture never times anything: it uses the cached choice, or `default_config`. Under Triton's
+interpreter one pinned config per kernel is used. The cache of chosen configs is the one piece of module state, like `triton.autotune`'s own cache.
 This file is a little over 400 lines because the tuner belongs with the configs it tunes.
 """
 from __future__ import annotations

@@ -230,13 +230,16 @@ class CacheTarget:
     """Where an engine's cache parts and per-sequence state are, read once on its thread (they are allocated with
     the engine and never move), so that exports can be planned and writes staged without touching the engine."""
 
+    layout: KvLayout  # `kv_layout` (for fp8 it reads every layer's scales back from the device: once, here)
     rows: tuple[tuple[torch.Tensor, ...], ...]  # per layer, `layer_byte_rows`: [num_blocks, width] uint8 per part
     bases: np.ndarray  # [num_layers, num_parts] int64: each part's address
     widths: np.ndarray  # [num_parts] int64: bytes of one block in each part
     state_bases: np.ndarray  # [num_layers, num_states] int64: each state tensor's address (`layer_state`)
     state_slot_bytes: np.ndarray  # [num_states] int64: bytes from one sequence slot to the next
     state_row_bytes: np.ndarray  # [num_states] int64: bytes of one token row of a slot
-    word: torch.dtype  # the widest word every address, width, stride and row divides (`scatter_copy.word_dtype`)
+    # the widest word every address, width, stride and row divides (`scatter_copy.word_dtype`): so also every
+    # address, offset and size of an export's gather and of a write's scatter
+    word: torch.dtype
 
     @property
     def device(self) -> torch.device:
@@ -258,7 +261,7 @@ def cache_target(engine: Engine) -> CacheTarget:
     slot = np.array([s.stride(0) * s.element_size() for s in states[0]], dtype=np.int64)
     row = np.array([s[0, 0].numel() * s.element_size() for s in states[0]], dtype=np.int64)
     word = word_dtype([*widths, *bases.ravel(), *state_bases.ravel(), *slot, *row])
-    return CacheTarget(rows, bases, widths, state_bases, slot, row, word)
+    return CacheTarget(kv_layout(engine), rows, bases, widths, state_bases, slot, row, word)
 
 
 @dataclass(frozen=True)
@@ -272,12 +275,12 @@ class ExportPlan:
     spans: list[tuple[int, int, int, int]]  # per payload: layer, first block index, first and end byte
 
 
-def export_plan(target: CacheTarget, layout: KvLayout, block_ids: list[int], num_tokens: int,
-                kv_slot: int) -> ExportPlan:
+def export_plan(target: CacheTarget, block_ids: list[int], num_tokens: int, kv_slot: int) -> ExportPlan:
     """The table that gathers a request's KV (its blocks `block_ids`, its state in slot `kv_slot`) into one
     buffer laid out as its payloads in wire order: per layer the block rows [num_blocks, bytes_per_block] (each
     row the parts of one block, in `layer_byte_rows`' order), then the state rows (if the layout has state). One
     entry per block and part, and one per state tensor. Plain numpy: touches no engine state."""
+    layout = target.layout
     ids, n, width = np.asarray(block_ids, dtype=np.int64), len(block_ids), layout.bytes_per_block
     state_rows = num_tokens % layout.state_period if layout.state_bytes(num_tokens) else 0
     if int(target.widths.sum()) != width or n != layout.num_blocks(num_tokens):
@@ -305,10 +308,7 @@ def export_plan(target: CacheTarget, layout: KvLayout, block_ids: list[int], num
         states[..., 1] = firsts + n * width + (np.cumsum(sizes) - sizes)
         states[..., 2] = sizes
     table = table.reshape(-1, 3)
-    size = torch.empty((), dtype=target.word).element_size()
-    if int(np.bitwise_or.reduce(table, axis=None)) % size:
-        raise ValueError(f"an export of this cache does not divide into {target.word} words")
-    table[:, 1:] //= size
+    table[:, 1:] //= target.word.itemsize
     return ExportPlan(table, target.word, num_layers * per_layer, int(table[:, 2].max()), spans)
 
 
@@ -318,8 +318,7 @@ def gather_export(plan: ExportPlan, device: torch.device) -> torch.Tensor:
     table = torch.from_numpy(plan.table)
     if device.type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)
-    words = torch.empty(plan.total_bytes // torch.empty((), dtype=plan.word).element_size(), dtype=plan.word,
-                        device=device)
+    words = torch.empty(plan.total_bytes // plan.word.itemsize, dtype=plan.word, device=device)
     gather_copy(words, table, plan.max_words)
     return words.view(torch.uint8)
 
@@ -380,11 +379,12 @@ def begin_export(engine: Engine, request_id: str, target: CacheTarget | None = N
     wait for it: no step runs while it waits, and a 1k-token prompt of Llama-3-8B holds 128 MiB of bf16 KV. With
     a gather and a copy per layer (some ten torch calls each, a pinned allocation among them) a loaded prefill
     worker's engine thread spent 47% of its time here, 31% on the line that allocates pinned memory and queues
-    the copy (py-spy, 2026-12-07). Elsewhere the export is made here, layer by layer. target: `cache_target(engine)`, read once
-    by the caller (else here). The request must stay held until the future is done."""
+    the copy (py-spy, 2026-12-07). Elsewhere the export is made here, layer by layer. target:
+    `cache_target(engine)`, read once by the caller (else here, on CUDA). The request must stay held until the
+    future is done."""
     seq = engine.prefilled_sequence(request_id)
     n = seq.num_prompt_tokens
-    layout = kv_layout(engine)
+    layout = target.layout if target is not None else kv_layout(engine)
     prompt, first_token = seq.token_ids[:n], seq.token_ids[n]  # read here: the copy thread reads no engine state
     done: Future[KvExport] = Future()
 
@@ -395,8 +395,7 @@ def begin_export(engine: Engine, request_id: str, target: CacheTarget | None = N
         rows = request_rows(engine, seq, n, layout)
         done.set_result(make([p for layer in range(layout.num_layers) for p in export_layer(engine, rows, layer)]))
         return done
-    plan = export_plan(target or cache_target(engine), layout, seq.block_table[:layout.num_blocks(n)], n,
-                       seq.kv_slot)
+    plan = export_plan(target or cache_target(engine), seq.block_table[:layout.num_blocks(n)], n, seq.kv_slot)
 
     def deliver(_: int, hosts: list[torch.Tensor]) -> None:
         view = _bytes_view(hosts[0])

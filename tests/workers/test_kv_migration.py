@@ -262,8 +262,7 @@ def test_planned_gather_equals_the_layers_copies(kv_format, prompt_len, gather):
     seq = engine.prefilled_sequence("r")
     rows = request_rows(engine, seq, prompt_len)
     target = cache_target(engine)
-    plan = export_plan(target, rows.layout, seq.block_table[:rows.layout.num_blocks(prompt_len)], prompt_len,
-                       seq.kv_slot)
+    plan = export_plan(target, seq.block_table[:rows.layout.num_blocks(prompt_len)], prompt_len, seq.kv_slot)
     if gather == "kernel":
         buffer = gather_export(plan, engine.device)
     else:
@@ -284,7 +283,6 @@ def test_export_plan_refuses_a_table_that_does_not_fit_the_layout():
     engine = make_engine("int4", max_num_batched_tokens=128)
     prefill(engine, "r", PROMPTS[3])
     seq = engine.prefilled_sequence("r")
-    layout = kv_layout(engine)
     with pytest.raises(ValueError, match="do not match the layout"):
-        export_plan(cache_target(engine), layout, seq.block_table[:2], len(PROMPTS[3]), seq.kv_slot)
+        export_plan(cache_target(engine), seq.block_table[:2], len(PROMPTS[3]), seq.kv_slot)
     engine.release_prefilled("r")
