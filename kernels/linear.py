@@ -37,8 +37,9 @@ tile (`tile_rows`: M = 1, or 2..16, 17..32, 33..64, which run the same tiles); `
 ahead of time, `set_config` pins one. The engine tunes at start and never times while it serves: M = 3
 then takes M = 2's tuned config, not `default_config`, and so also its compiled kernel. A call during
 graph capture never times anything: it uses the cached choice, or `default_config`. Under Triton's
-interpreter one pinned config per kernel is used. The cache of chosen configs is the one piece of module state, like `triton.autotune`'s own cache.
-This file is a little over 400 lines because the tuner belongs with the configs it tunes.
+interpreter one pinned config per kernel is used. The cache of chosen configs is the one piece of
+module state, like `triton.autotune`'s own cache. This file is a little over 400 lines because the
+tuner belongs with the configs it tunes.
 """
 from __future__ import annotations
 
