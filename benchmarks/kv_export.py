@@ -94,7 +94,7 @@ def busy_thread(stop: threading.Event) -> threading.Thread:
     return thread
 
 
-def bench(fmt: str, tokens: int, rounds: int, device: str) -> dict:
+def bench(fmt: str, tokens: int, rounds: int, device: str, busy: bool) -> dict:
     engine = kt.make_engine(kt.DecodeSpec(fmt, tokens, 2, device, 4 << 20))
     engine.add_request("p", [(7 * j) % 500 + 2 for j in range(tokens)], SamplingParams(max_tokens=2,
                        ignore_eos=True), prefill_only=True)
@@ -105,16 +105,24 @@ def bench(fmt: str, tokens: int, rounds: int, device: str) -> dict:
     paths = {"per layer": lambda: per_layer_export(engine, "p"),
              "one gather": lambda: one_gather_export(engine, "p", target)}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
-    for r in range(rounds):
-        order = list(paths) if r % 2 == 0 else list(paths)[::-1]
-        got = {}
-        for name in order:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            thread_ms, ready_ms, got[name] = timed(paths[name])
-            times[name].append((thread_ms, ready_ms))
-        if got["per layer"] != got["one gather"]:
-            raise AssertionError(f"{fmt} {tokens}: the two exports differ")
+    stop = threading.Event()
+    # Only around the rounds: beside the engine's start-up it would slow the kernels' compiles, not what is timed.
+    thread = busy_thread(stop) if busy else None
+    try:
+        for r in range(rounds):
+            order = list(paths) if r % 2 == 0 else list(paths)[::-1]
+            got = {}
+            for name in order:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                thread_ms, ready_ms, got[name] = timed(paths[name])
+                times[name].append((thread_ms, ready_ms))
+            if got["per layer"] != got["one gather"]:
+                raise AssertionError(f"{fmt} {tokens}: the two exports differ")
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join()
     mb = sum(len(d) for _, _, d in got["one gather"]) / 1e6
     engine.release_prefilled("p")
     return {"format": fmt, "tokens": tokens, "mb": mb, "times": times}
@@ -145,17 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="append the markdown report here")
     args = ap.parse_args(argv)
-    stop = threading.Event()
-    if args.busy:
-        busy_thread(stop)
     rows = []
-    try:
-        for fmt in args.formats.split(","):
-            for tokens in (int(t) for t in args.tokens.split(",")):
-                rows.append(bench(fmt, tokens, max(2, args.rounds), args.device))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
-    finally:
-        stop.set()
+    for fmt in args.formats.split(","):
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            rows.append(bench(fmt, tokens, max(2, args.rounds), args.device, args.busy))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
     dev = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     report = (f"# KV export to host memory, {dev}, {datetime.date.today()}\n\nCommand: `python "
               f"{' '.join(sys.argv)}`{' (busy thread beside)' if args.busy else ''}\n\nms, median over rounds 2.. "
