@@ -16,6 +16,7 @@ import torch
 
 from partita.workers.attention.backend import AttentionBackend, AttentionMetadata, PrefillSeq
 from partita.workers.config import EngineConfig, ModelConfig
+from partita.workers.engine.decode_inputs import DecodeInputs
 from partita.workers.engine.scheduler import ScheduledBatch
 from partita.workers.engine.sequence import Sequence
 from partita.workers.errors import EngineCapacityError
@@ -265,21 +266,11 @@ class _DecodeGraph:
     def __init__(self, runner: ModelRunner, batch_size: int, width: int):
         dev = runner.device
         self.runner = runner
-        self.token_ids = torch.zeros(batch_size, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(batch_size, dtype=torch.long, device=dev)
-        self.slots = torch.full((batch_size,), -1, dtype=torch.long, device=dev)
-        self.tables = torch.zeros(batch_size, width, dtype=torch.int32, device=dev)
-        self.lens = torch.ones(batch_size, dtype=torch.int32, device=dev)
-        self.mask = torch.zeros(batch_size, dtype=torch.long, device=dev)
-        self.seq_slots = torch.zeros(batch_size, dtype=torch.int32, device=dev)
-        # Pinned staging: rows of token ids, positions, slots and mask (int64); context lengths, sequence
-        # slots and block tables (int32), so that every copy is a same-dtype asynchronous copy.
-        self.host_rows = torch.zeros(4, batch_size, dtype=torch.long).pin_memory()
-        self.host_lens = torch.ones(2, batch_size, dtype=torch.int32).pin_memory()
-        self.host_tables = torch.zeros(batch_size, width, dtype=torch.int32).pin_memory()
-        meta = AttentionMetadata(self.slots, 0, [], self.tables, self.lens, width * runner.block_size,
-                                 token_seq_slots=self.seq_slots, decode_seq_slots=self.seq_slots)
-        self.batch = ForwardBatch(self.token_ids, self.positions, meta, self.mask)
+        self.inputs = DecodeInputs(batch_size, width, dev)  # one pinned staging buffer, one copy per replay
+        t = self.inputs.device
+        meta = AttentionMetadata(t["slots"], 0, [], t["tables"], t["lens"], width * runner.block_size,
+                                 token_seq_slots=t["seq_slots"], decode_seq_slots=t["seq_slots"])
+        self.batch = ForwardBatch(t["token_ids"], t["positions"], meta, t["mask"])
         model = runner.model
         for _ in range(2):  # warm-up: kernels compile and autotune outside capture
             model.compute_logits(model(self.batch))
@@ -301,21 +292,7 @@ class _DecodeGraph:
                 gc.enable()
 
     def replay(self, decodes: list[Sequence]) -> torch.Tensor:
-        n, bs, width = len(decodes), self.runner.block_size, self.tables.shape[1]
-        pos = [s.num_computed_tokens for s in decodes]
-        rows = self.host_rows
-        rows[:, n:] = torch.tensor([[0], [0], [-1], [0]])
-        rows[:, :n] = torch.tensor([
-            [s.token_ids[p] for s, p in zip(decodes, pos)], pos,
-            [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos)], [1] * n])
-        self.host_lens[:, n:] = torch.tensor([[1], [0]], dtype=torch.int32)
-        self.host_lens[:, :n] = torch.tensor([[p + 1 for p in pos], [s.kv_slot for s in decodes]], dtype=torch.int32)
-        self.host_tables[:n] = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decodes],
-                                            dtype=torch.int32)
-        for dst, src in zip((self.token_ids, self.positions, self.slots, self.mask), rows):
-            dst.copy_(src, non_blocking=True)
-        self.lens.copy_(self.host_lens[0], non_blocking=True)
-        self.seq_slots.copy_(self.host_lens[1], non_blocking=True)
-        self.tables.copy_(self.host_tables, non_blocking=True)
+        self.inputs.stage(decodes, self.runner.block_size)
+        self.inputs.upload()
         self.graph.replay()
         return self.logits
