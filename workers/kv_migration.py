@@ -289,12 +289,16 @@ def export_plan(target: CacheTarget, block_ids: list[int], num_tokens: int, kv_s
     num_layers, num_parts = layout.num_layers, len(target.widths)
     num_states = len(target.state_row_bytes) if state_rows else 0
     per_layer = n * width + state_rows * int(target.state_row_bytes.sum())
+    # Offsets and counts are in words; the target's word divides every size and address, so they are divided
+    # before they are spread over the table (a division pass over the table took most of its time).
+    w = target.word.itemsize
     firsts = np.arange(num_layers, dtype=np.int64)[:, None] * per_layer  # [num_layers, 1]: each layer's first byte
     table = np.empty((num_layers, n * num_parts + num_states, 3), dtype=np.int64)
     blocks = table[:, :n * num_parts].reshape(num_layers, n, num_parts, 3)
     blocks[..., 0] = target.bases[:, None, :] + ids[None, :, None] * target.widths
-    blocks[..., 1] = firsts[:, :, None] + np.arange(n, dtype=np.int64)[:, None] * width + target.starts
-    blocks[..., 2] = target.widths
+    rows = np.arange(n, dtype=np.int64)[:, None] * (width // w)  # [n, 1]: each block's first word in a layer
+    blocks[..., 1] = (firsts // w)[:, :, None] + rows + target.starts // w
+    blocks[..., 2] = target.widths // w
     spans = []
     for layer in range(num_layers):
         first = layer * per_layer
@@ -305,10 +309,9 @@ def export_plan(target: CacheTarget, block_ids: list[int], num_tokens: int, kv_s
         sizes = state_rows * target.state_row_bytes
         states = table[:, n * num_parts:]
         states[..., 0] = target.state_bases + kv_slot * target.state_slot_bytes
-        states[..., 1] = firsts + n * width + (np.cumsum(sizes) - sizes)
-        states[..., 2] = sizes
+        states[..., 1] = (firsts + n * width + (np.cumsum(sizes) - sizes)) // w
+        states[..., 2] = sizes // w
     table = table.reshape(-1, 3)
-    table[:, 1:] //= target.word.itemsize
     return ExportPlan(table, target.word, num_layers * per_layer, int(table[:, 2].max()), spans)
 
 
