@@ -1,6 +1,6 @@
-"""The prefill side's export of a request's KV to host memory, alone: one gather launch for the whole request
-(`begin_export`) against a gather and a copy per layer (what it did before 2026-12-07, and what layer streaming
-still does), and the engine thread's share of each.
+"""The prefill side's export of a request's KV to host memory, alone: the planned gather of the whole request
+(`begin_export`: one launch and one copy per `EXPORT_STAGING_BYTES`) against a gather and a copy per layer (what
+it did before 2026-12-07, and what layer streaming still does), and the engine thread's share of each.
 
     python benchmarks/kv_export.py [--formats bf16,int4,kivi2] [--tokens 1024,4096] [--rounds 12] [--busy]
         [--device cuda] [--out FILE]
@@ -14,8 +14,8 @@ completed from the copy thread once the last layer has arrived. Both exports mus
 thread beside them that copies 4 MiB `bytes` objects in a loop, holding the GIL as grpcio's copies of received
 and sent chunks do in a worker's event loop. Reported: the median over rounds 2.. and the range.
 
-On the CPU there is no copy thread: the one gather runs under Triton's interpreter into a CPU buffer
-(`export_plan`, `gather_export`) and the per-layer path is `export_layer`; the figures only check the script.
+On the CPU there is no copy thread: the planned gather runs under Triton's interpreter into a CPU buffer
+(`export_plan`, `gather_in_pieces`) and the per-layer path is `export_layer`; the figures only check the script.
 """
 from __future__ import annotations
 
@@ -59,14 +59,16 @@ def per_layer_export(engine, request_id: str) -> Future:
     return done
 
 
-def one_gather_export(engine, request_id: str, target: km.CacheTarget) -> Future:
+def planned_export(engine, request_id: str, target: km.CacheTarget) -> Future:
     if engine.device.type == "cuda":
         return km.begin_export(engine, request_id, target)
     seq = engine.prefilled_sequence(request_id)  # the CUDA path's plan and gather, synchronously
     n = seq.num_prompt_tokens
     layout = target.layout
     plan = km.export_plan(target, seq.block_table[:layout.num_blocks(n)], n, seq.kv_slot)
-    view = memoryview(km.gather_export(plan, engine.device).numpy())
+    host = torch.empty(plan.total_bytes, dtype=torch.uint8)
+    km.gather_in_pieces(plan, engine.device, host, km.EXPORT_STAGING_BYTES)
+    view = memoryview(host.numpy())
     done: Future = Future()
     done.set_result(km.KvExport(request_id, seq.token_ids[:n], seq.token_ids[n], layout,
                                 [(layer, index, view[a:b]) for layer, index, a, b in plan.spans]))
@@ -103,7 +105,7 @@ def bench(fmt: str, tokens: int, rounds: int, device: str, busy: bool) -> dict:
     target = km.cache_target(engine)
     km.prepare_exports(target)
     paths = {"per layer": lambda: per_layer_export(engine, "p"),
-             "one gather": lambda: one_gather_export(engine, "p", target)}
+             "planned": lambda: planned_export(engine, "p", target)}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
     stop = threading.Event()
     # Only around the rounds: beside the engine's start-up it would slow the kernels' compiles, not what is timed.
@@ -117,13 +119,13 @@ def bench(fmt: str, tokens: int, rounds: int, device: str, busy: bool) -> dict:
                     torch.cuda.synchronize()
                 thread_ms, ready_ms, got[name] = timed(paths[name])
                 times[name].append((thread_ms, ready_ms))
-            if got["per layer"] != got["one gather"]:
+            if got["per layer"] != got["planned"]:
                 raise AssertionError(f"{fmt} {tokens}: the two exports differ")
     finally:
         stop.set()
         if thread is not None:
             thread.join()
-    mb = sum(len(d) for _, _, d in got["one gather"]) / 1e6
+    mb = sum(len(d) for _, _, d in got["planned"]) / 1e6
     engine.release_prefilled("p")
     return {"format": fmt, "tokens": tokens, "mb": mb, "times": times}
 
@@ -134,13 +136,13 @@ def summary(values: list[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| format | tokens | MB | engine thread, per layer | engine thread, one gather | in host memory, per layer "
-           "| in host memory, one gather |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = ["| format | tokens | MB | engine thread, per layer | engine thread, planned | in host memory, per layer "
+           "| in host memory, planned |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         t = r["times"]
         out.append(f"| {r['format']} | {r['tokens']} | {r['mb']:.0f} | "
-                   f"{summary([a for a, _ in t['per layer']])} | {summary([a for a, _ in t['one gather']])} | "
-                   f"{summary([b for _, b in t['per layer']])} | {summary([b for _, b in t['one gather']])} |")
+                   f"{summary([a for a, _ in t['per layer']])} | {summary([a for a, _ in t['planned']])} | "
+                   f"{summary([b for _, b in t['per layer']])} | {summary([b for _, b in t['planned']])} |")
     return "\n".join(out)
 
 

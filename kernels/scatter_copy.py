@@ -38,7 +38,9 @@ BLOCK = 1024  # words per tile
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
-@triton.jit
+# A table may be a slice that starts on any entry (an export gathered in pieces); its entries are read as scalars,
+# so its alignment gains nothing and would only make Triton compile a second variant on first use.
+@triton.jit(do_not_specialize_on_alignment=["table_ptr"])
 def _copy_kernel(buf_ptr, table_ptr, GATHER: tl.constexpr, BLOCK: tl.constexpr):
     """Entry e = program_id(0): table[e] = (byte address, offset, count) moves count words from buf[offset:] to
     the address (scatter) or from the address to buf[offset:] (GATHER)."""

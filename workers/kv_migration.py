@@ -19,7 +19,8 @@ ends (fp8's per-head scales: codes written under one scale and read under anothe
 have the same descriptor; converting between formats is refused (`KvLayoutMismatch`), not attempted.
 
 Export runs after prefill has finished (`begin_export`: the whole prompt's KV at once, on CUDA gathered into one
-buffer by one launch that `export_plan` lays out from the cache's addresses, `CacheTarget`), or layer by layer
+host buffer by launches that `export_plan` lays out from the cache's addresses, `CacheTarget`, through a bounded
+staging buffer on the device, `gather_in_pieces`), or layer by layer
 inside the forward pass of the step that completes the prefill (`stream_layers`, through `Engine.stream_kv`),
 so that a sender streams early layers while later ones compute (on CUDA the device-to-host copies run on a
 side stream and a copy thread, so the forward pass never waits for them). The functions that take the engine
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 STATE_PARTS = ("res_k", "res_v")  # per-sequence state of the formats that keep some, in wire order
 _BITS = {"none": 16, "fp8": 8, "int8": 8, "int4": 4, "kivi2": 2}
 Payload = tuple[int, int, bytes | memoryview]  # (layer, first block index, data): whole blocks, or the state
+# Device memory one export gathers through (`gather_in_pieces`); a request's whole KV can be gigabytes (Llama-3-8B,
+# bf16: 128 KiB a token), more than the headroom the engine leaves beside its cache.
+EXPORT_STAGING_BYTES = 256 << 20
 
 
 class KvLayoutMismatch(ValueError):
@@ -202,13 +206,21 @@ class _DeviceToHost:
         self.num_copies, self.deliver, self.on_error = num_copies, deliver, on_error
 
     def submit(self, index: int, gathered: list[torch.Tensor]) -> None:
-        ready = torch.cuda.current_stream(gathered[0].device).record_event()
-        hosts = []
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(ready)
+        def copies() -> list[torch.Tensor]:
+            hosts = []
             for t in gathered:
                 hosts.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True))
                 t.record_stream(self.stream)
+            return hosts
+        self.queue(index, copies)
+
+    def queue(self, index: int, enqueue: Callable[[], list[torch.Tensor]]) -> None:
+        """Runs enqueue() here with the side stream current, after what the compute stream queued so far; it
+        queues work that fills host tensors and returns them, handed to deliver once that work is done."""
+        ready = torch.cuda.current_stream(self.stream.device).record_event()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            hosts = enqueue()
             done = self.stream.record_event()
         self.pool.submit(self._deliver, index, done, hosts)
         if index == self.num_copies - 1:
@@ -315,15 +327,41 @@ def export_plan(target: CacheTarget, block_ids: list[int], num_tokens: int, kv_s
     return ExportPlan(table, target.word, num_layers * per_layer, int(table[:, 2].max()), spans)
 
 
-def gather_export(plan: ExportPlan, device: torch.device) -> torch.Tensor:
-    """The plan's buffer [total_bytes] uint8 on `device`, gathered by one launch queued on the current stream
-    (the table goes up through pinned memory, so the host does not wait for the GPU)."""
-    table = torch.from_numpy(plan.table)
+def export_pieces(plan: ExportPlan, max_bytes: int) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """Cuts the plan's buffer into pieces of at most max_bytes (or one table entry, where an entry is larger),
+    each gathered by its own launch into one staging buffer: (the plan's table with each entry's offset made
+    relative to its piece, per piece (first entry, end entry, first byte, bytes)). The table's entries are in
+    wire order and tile the buffer, so a piece is a run of entries."""
+    w = plan.word.itemsize
+    offsets, ends = plan.table[:, 1], plan.table[:, 1] + plan.table[:, 2]
+    cap = max(1, max_bytes // w)
+    table, pieces, first = plan.table.copy(), [], 0
+    while first < len(ends):
+        start = int(offsets[first])
+        end = max(first + 1, int(np.searchsorted(ends, start + cap, side="right")))
+        if start:
+            table[first:end, 1] -= start
+        pieces.append((first, end, start * w, int(ends[end - 1] - start) * w))
+        first = end
+    return table, pieces
+
+
+def gather_in_pieces(plan: ExportPlan, device: torch.device, host: torch.Tensor, max_bytes: int) -> None:
+    """Gathers the plan's buffer into host ([total_bytes] uint8; pinned when device is CUDA), queued in order
+    on the current stream: per piece (`export_pieces`) one launch into a staging buffer on `device` of at most
+    max_bytes and one copy from it into its place in host. The stream's order keeps a piece's gather from
+    overwriting the staging buffer before the previous piece's copy has read it, so an export of any length
+    holds at most max_bytes of device memory. The table goes up once, through pinned memory."""
+    table, pieces = export_pieces(plan, max_bytes)
+    table = torch.from_numpy(table)
     if device.type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)
-    words = torch.empty(plan.total_bytes // plan.word.itemsize, dtype=plan.word, device=device)
-    gather_copy(words, table, plan.max_words)
-    return words.view(torch.uint8)
+    words = max(size for _, _, _, size in pieces) // plan.word.itemsize
+    staging = torch.empty(words, dtype=plan.word, device=device)
+    for first, end, start, size in pieces:
+        piece = staging[:size // plan.word.itemsize]
+        gather_copy(piece, table[first:end], plan.max_words)
+        host[start:start + size].copy_(piece.view(torch.uint8), non_blocking=True)
 
 
 def prepare_exports(target: CacheTarget) -> None:
@@ -376,10 +414,11 @@ class KvExport:
 
 def begin_export(engine: Engine, request_id: str, target: CacheTarget | None = None) -> "Future[KvExport]":
     """Every layer's payloads of a prefill-only request held after its first token (`Engine.prefilled_sequence`),
-    as a future. On CUDA only one gather (`export_plan`: every layer's blocks and state into one buffer in wire
-    order, one launch) and its queueing run here, on the engine thread: the copy to pinned host memory runs on a
-    side stream and the future is completed by a copy thread (`_DeviceToHost`), so that the engine thread does not
-    wait for it: no step runs while it waits, and a 1k-token prompt of Llama-3-8B holds 128 MiB of bf16 KV. With
+    as a future. On CUDA only the plan (`export_plan`: every layer's blocks and state into one buffer in wire
+    order) and its queueing run here, on the engine thread: the gathers (one launch per `EXPORT_STAGING_BYTES`)
+    and the copies to pinned host memory run on a side stream after the compute stream's work so far, and the
+    future is completed by a copy thread (`_DeviceToHost`), so that the engine thread does not wait for them: no
+    step runs while it waits, and a 1k-token prompt of Llama-3-8B holds 128 MiB of bf16 KV. With
     a gather and a copy per layer (some ten torch calls each, a pinned allocation among them) a loaded prefill
     worker's engine thread spent 47% of its time here, 31% on the line that allocates pinned memory and queues
     the copy (py-spy, 2026-12-07). Elsewhere the export is made here, layer by layer. target:
@@ -408,7 +447,12 @@ def begin_export(engine: Engine, request_id: str, target: CacheTarget | None = N
         if not done.done():
             done.set_exception(e)
 
-    _DeviceToHost(engine.device, 1, deliver, fail).submit(0, [gather_export(plan, engine.device)])
+    def enqueue() -> list[torch.Tensor]:
+        host = torch.empty(plan.total_bytes, dtype=torch.uint8, pin_memory=True)
+        gather_in_pieces(plan, engine.device, host, EXPORT_STAGING_BYTES)
+        return [host]
+
+    _DeviceToHost(engine.device, 1, deliver, fail).queue(0, enqueue)
     return done
 
 

@@ -7,6 +7,7 @@ pool on both sides, through commit, abort and release alike.
 """
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,8 +16,9 @@ from partita.workers.errors import KvCapacityError
 from partita.workers.kv_import import import_payload, import_payloads
 from partita.workers import kv_migration
 from partita.kernels.scatter_copy import gather_copy_reference
-from partita.workers.kv_migration import (KvLayoutMismatch, begin_export, cache_target, export_layer, export_plan,
-                                         export_request, gather_export, kv_layout, request_rows, stream_layers)
+from partita.workers.kv_migration import (EXPORT_STAGING_BYTES, KvLayoutMismatch, begin_export, cache_target,
+                                         export_layer, export_pieces, export_plan, export_request, gather_in_pieces,
+                                         kv_layout, request_rows, stream_layers)
 
 FORMATS = ["none", "fp8", "int8", "int4", "kivi2"]
 PROMPTS = [[(5 * i + 7 * j) % 500 + 2 for j in range(n)] for i, n in enumerate((3, 16, 45, 70))]
@@ -211,12 +213,16 @@ def test_streamed_layers_equal_the_export(device, kv_format):
     assert_all_free(engine)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device, staging_bytes", [("cpu", None), pytest.param("cuda", None, marks=pytest.mark.gpu),
+                                                   pytest.param("cuda", 4096, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
-def test_begun_export_equals_copies_made_on_the_engine_thread(device, kv_format):
-    """begin_export's payloads (on CUDA copied to the host on a side stream and completed from a copy thread,
-    while the engine decodes another request) are the bytes of synchronous copies of each layer, kivi2's residual
+def test_begun_export_equals_copies_made_on_the_engine_thread(device, staging_bytes, kv_format, monkeypatch):
+    """begin_export's payloads (on CUDA gathered and copied to the host on a side stream, through a staging
+    buffer that holds the whole export or a few blocks at a time, and completed from a copy thread, while the
+    engine decodes another request) are the bytes of synchronous copies of each layer, kivi2's residual
     included."""
+    if staging_bytes is not None:
+        monkeypatch.setattr(kv_migration, "EXPORT_STAGING_BYTES", staging_bytes)
     engine = make_engine(kv_format, device=device, max_num_batched_tokens=128)
     first = prefill(engine, "r", PROMPTS[3])
     pending = begin_export(engine, "r")
@@ -230,6 +236,28 @@ def test_begun_export_equals_copies_made_on_the_engine_thread(device, kv_format)
         (layer, i, bytes(d)) for layer, i, d in expected]
     assert (export.prompt_token_ids, export.first_token_id) == (PROMPTS[3], first)
     engine.release_prefilled("r")
+    assert_all_free(engine)
+
+
+@pytest.mark.gpu
+def test_exports_in_pieces_compile_nothing_after_prepare_exports(monkeypatch):
+    """Pieces start on any table entry (their tables are slices at any 24-byte offset): after prepare_exports
+    no export launches a kernel that Triton has not compiled yet (its compile hook sees none)."""
+    import triton
+    if not hasattr(getattr(triton, "knobs", None), "runtime"):
+        pytest.skip("this Triton has no compile hook")
+    monkeypatch.setattr(kv_migration, "EXPORT_STAGING_BYTES", 3000)
+    engine = make_engine("int4", device="cuda", max_num_batched_tokens=128)
+    target = cache_target(engine)
+    kv_migration.prepare_exports(target)
+    compiled = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook", lambda **kw: compiled.append(kw["fn"].name))
+    for name, prompt in (("a", PROMPTS[3]), ("b", PROMPTS[2])):
+        prefill(engine, name, prompt)
+        export = begin_export(engine, name, target).result(timeout=60)
+        assert export.total_bytes() == target.layout.total_bytes(len(prompt))
+        engine.release_prefilled(name)
+    assert compiled == []
     assert_all_free(engine)
 
 
@@ -248,13 +276,14 @@ def test_failed_copy_fails_the_begun_export(monkeypatch):
     assert_all_free(engine)
 
 
-@pytest.mark.parametrize("gather", ["kernel", "reference"])
+@pytest.mark.parametrize("gather", ["kernel", "kernel in pieces", "kernel per entry", "reference"])
 @pytest.mark.parametrize("prompt_len", [70, 64])  # kivi2: 6 residual rows, none
 @pytest.mark.parametrize("kv_format", FORMATS)
 def test_planned_gather_equals_the_layers_copies(kv_format, prompt_len, gather):
-    """The CUDA export's one gather (`export_plan`, run here by the kernel under the interpreter or by the memmove
-    reference) lays out every payload byte for byte as the per-layer copies do, state rows included, for a request
-    whose blocks do not start at the cache's first block."""
+    """The CUDA export's gather (`export_plan`, run here by the kernel under the interpreter, through a staging
+    buffer that holds the whole export, a few entries or one entry, or by the memmove reference) lays out every
+    payload byte for byte as the per-layer copies do, state rows included, for a request whose blocks do not
+    start at the cache's first block."""
     engine = make_engine(kv_format, max_num_batched_tokens=128)
     prefill(engine, "before", PROMPTS[2])
     prompt = [(3 * j) % 500 + 2 for j in range(prompt_len)]
@@ -263,8 +292,23 @@ def test_planned_gather_equals_the_layers_copies(kv_format, prompt_len, gather):
     rows = request_rows(engine, seq, prompt_len)
     target = cache_target(engine)
     plan = export_plan(target, seq.block_table[:rows.layout.num_blocks(prompt_len)], prompt_len, seq.kv_slot)
-    if gather == "kernel":
-        buffer = gather_export(plan, engine.device)
+    if gather.startswith("kernel"):
+        entry_bytes = int(plan.table[:, 2].max()) * plan.word.itemsize
+        staging = {"kernel": EXPORT_STAGING_BYTES, "kernel in pieces": 3 * entry_bytes + 8,
+                   "kernel per entry": 1}[gather]
+        _, pieces = export_pieces(plan, staging)
+        firsts, ends, starts, sizes = (list(column) for column in zip(*pieces))
+        assert firsts == [0, *ends[:-1]] and ends[-1] == len(plan.table)  # runs of entries, each entry once
+        assert starts == [0, *np.cumsum(sizes)[:-1]] and sum(sizes) == plan.total_bytes  # tiling the buffer
+        assert all(size <= staging or end == first + 1 for first, end, _, size in pieces)
+        if gather == "kernel":
+            assert len(pieces) == 1
+        elif gather == "kernel per entry":
+            assert len(pieces) == len(plan.table)
+        else:
+            assert 1 < len(pieces) < len(plan.table)
+        buffer = torch.zeros(plan.total_bytes, dtype=torch.uint8)
+        gather_in_pieces(plan, engine.device, buffer, staging)
     else:
         buffer = torch.zeros(plan.total_bytes, dtype=torch.uint8)
         gather_copy_reference(buffer.view(plan.word), torch.from_numpy(plan.table))
