@@ -23,8 +23,8 @@ host buffer by launches that `export_plan` lays out from the cache's addresses, 
 staging buffer on the device, `gather_in_pieces`), or layer by layer inside the forward pass of the step that
 completes the prefill (`stream_layers`, through `Engine.stream_kv`), so that a sender streams early layers while
 later ones compute (on CUDA the device-to-host copies run on a side stream and a copy thread, so the forward pass
-never waits for them). The functions that take the engine
-touch its cache and must run on the engine's thread. The decode side's writes are in `workers/kv_import.py`.
+never waits for them). The functions that take the engine touch its cache and must run on the engine's thread.
+The decode side's writes are in `workers/kv_import.py`.
 """
 from __future__ import annotations
 
