@@ -192,9 +192,10 @@ def export_layer(engine: Engine, rows: RequestRows, layer: int) -> list[Payload]
 
 
 class _DeviceToHost:
-    """Copies gathered KV to the host without stalling the forward pass: each copy into pinned memory runs on a
-    side stream after the compute stream's gather, and one thread waits for the copies in order and hands each
-    one's host tensors to deliver(index, hosts), index 0, 1, ... in submission order. The gathered device
+    """Copies KV to the host without stalling the forward pass: each copy into pinned memory (`submit`: of
+    buffers the compute stream gathered; `queue`: of whatever the caller queues, gathers included) runs on a
+    side stream after the compute stream's work so far, and one thread waits for the copies in order and hands
+    each one's host tensors to deliver(index, hosts), index 0, 1, ... in submission order. Submitted device
     buffers are kept alive for the side stream (`record_stream`), so the prefill's blocks may be reused as soon
     as the gather has run."""
 
@@ -278,7 +279,8 @@ def cache_target(engine: Engine) -> CacheTarget:
 
 @dataclass(frozen=True)
 class ExportPlan:
-    """One request's KV gathered into one buffer in wire order by one `gather_copy` launch (`export_plan`)."""
+    """How to gather one request's KV into one buffer in wire order with `gather_copy` (`export_plan`; launched
+    in pieces by `gather_in_pieces`)."""
 
     table: np.ndarray  # [E, 3] int64: source byte address, offset in words in the buffer, words
     word: torch.dtype

@@ -16,7 +16,8 @@ alignment as for any other tensor and compiles no other variant):
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 
 from partita.workers.engine.sequence import Sequence
@@ -34,17 +35,13 @@ def input_layout(batch_size: int, width: int) -> tuple[dict[str, tuple[int, torc
     for name, dtype, is_table in _INPUTS:
         shape = (batch_size, width) if is_table else (batch_size,)
         layout[name] = (offset, dtype, shape)
-        size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        offset += -(-size // ALIGN) * ALIGN
+        offset += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
     return layout, offset
 
 
 def _views(buffer: torch.Tensor, layout: dict) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, (offset, dtype, shape) in layout.items():
-        size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        out[name] = buffer[offset:offset + size].view(dtype).view(shape)
-    return out
+    return {name: buffer[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for name, (offset, dtype, shape) in layout.items()}
 
 
 class DecodeInputs:
