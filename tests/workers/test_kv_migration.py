@@ -256,7 +256,7 @@ def test_exports_in_pieces_compile_nothing_after_prepare_exports(monkeypatch):
     for name, prompt in (("a", PROMPTS[3]), ("b", PROMPTS[2])):
         prefill(engine, name, prompt)
         export = begin_export(engine, name, target).result(timeout=60)
-        assert export.total_bytes() == target.layout.total_bytes(len(prompt))
+        assert export.total_bytes == export.layout.total_bytes(len(prompt))
         engine.release_prefilled(name)
     assert compiled == []
     assert_all_free(engine)
