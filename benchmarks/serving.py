@@ -282,9 +282,9 @@ async def benchmark(config: BenchConfig) -> dict:
             progress.close()
             summary = metrics.summarize(records, duration_s, config.goodput_ms, config.percentiles)
             summary.update(request_rate=rate, burstiness=config.burstiness, max_concurrency=config.max_concurrency)
-            print(metrics.format_summary(summary, f"{label} @ {rate:g} req/s"), flush=True)
-            runs.append({"request_rate": rate, "summary": summary,
-                         "server_counters": _delta(before, await _counters(backend, config)),
+            counters = _delta(before, await _counters(backend, config))
+            print(metrics.format_summary(summary, f"{label} @ {rate:g} req/s", counters), flush=True)
+            runs.append({"request_rate": rate, "summary": summary, "server_counters": counters,
                          "requests": [r.to_json(config.save_detailed) for r in records], "_records": records})
     return {"label": label, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "endpoint": {"url": config.url, "backend": backends.parse_url(config.url, config.backend)[0],

@@ -17,9 +17,12 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-METRICS = ("ttft", "tpot", "itl", "e2el")
+# itl1, the gap from a request's first chunk to its second, is where a disaggregated (PD) deployment's KV transfer
+# shows: the prefill worker streams the first token, the decode worker the second once the KV has moved
+METRICS = ("ttft", "tpot", "itl", "itl1", "e2el")
 METRIC_TITLES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
-                 "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
+                 "itl": "Inter-token Latency", "itl1": "First Inter-token Latency (1st to 2nd chunk)",
+                 "e2el": "End-to-end Latency"}
 GOODPUT_TARGETS = ("ttft", "tpot", "e2el")
 
 
@@ -103,10 +106,12 @@ def _stats(name: str, values_s: list[float], percentiles: tuple[float, ...]) -> 
 
 
 def metric_values_s(records: list[RequestRecord]) -> dict[str, list[float]]:
-    """Seconds per metric over the successful requests (ITL pooled over all their gaps)."""
+    """Seconds per metric over the successful requests (ITL pooled over all their gaps; ITL1 the first gap of
+    each request that streamed two chunks or more)."""
     done = [r for r in records if r.success]
     return {"ttft": [r.ttft_s for r in done], "tpot": [r.tpot_s for r in done if r.tpot_s is not None],
-            "itl": [gap for r in done for gap in r.itl_s], "e2el": [r.e2el_s for r in done]}
+            "itl": [gap for r in done for gap in r.itl_s], "itl1": [r.itl_s[0] for r in done if r.itl_s],
+            "e2el": [r.e2el_s for r in done]}
 
 
 def meets_targets(record: RequestRecord, targets_ms: dict[str, float]) -> bool:
@@ -153,8 +158,9 @@ def summarize(records: list[RequestRecord], duration_s: float, goodput_targets_m
     return summary
 
 
-def format_summary(summary: dict, title: str = "Serving Benchmark Result") -> str:
-    """The vLLM-style text block printed after a run."""
+def format_summary(summary: dict, title: str = "Serving Benchmark Result", counters: dict | None = None) -> str:
+    """The vLLM-style text block printed after a run; counters: the server's counts for the run
+    (`SERVER_COUNTERS`), whose KV migrations, when there were any, get a section of their own."""
     width = 50
     lines = [f"{' ' + title + ' ':=^{width}}"]
 
@@ -180,6 +186,12 @@ def format_summary(summary: dict, title: str = "Serving Benchmark Result") -> st
             stat = key.split("_")[0]
             label = {"mean": "Mean", "median": "Median"}.get(stat, stat.upper())
             row(f"{label} {name.upper()} (ms):", summary[key])
+    if counters and counters.get("kv_migrations"):
+        n = counters["kv_migrations"]
+        lines.append(f"{' KV Migration (server counters) ':-^{width}}")
+        row("Requests whose KV moved:", n, "{:.0f}")
+        row("Mean KV bytes per request (MB):", counters["kv_migrated_bytes"] / n / 1e6)
+        row("Mean Reserve-to-Commit (ms):", counters["kv_transfer_seconds"] / n * 1e3)
     for error, count in summary.get("errors", {}).items():
         lines.append(f"failed x{count}: {error[:200]}")
     lines.append("=" * width)

@@ -32,7 +32,9 @@ def _figure(rows: int, cols: int, width_in: float, height_in: float):
 
 def plot_latency_cdfs(runs: list[tuple[str, list]], path: str, title: str = "") -> str:
     """runs: (label, RequestRecords); one panel per metric, log x when the values span > 50x."""
-    fig, axes = _figure(2, 2, 11, 7.5)
+    fig, axes = _figure(2, 3, 16, 7.5)
+    for ax in axes.flat[len(METRICS):]:
+        ax.set_visible(False)
     for ax, name in zip(axes.flat, METRICS):
         lowest, highest = math.inf, 0.0
         for label, records in runs:

@@ -172,12 +172,12 @@ def sweep_table(results: list[dict], config) -> str:
              f"{config.seed}, burstiness {config.burstiness:g}, max concurrency {config.max_concurrency or '-'}; "
              f"goodput targets: {goodput}", "",
              f"| deployment | rate req/s | done | failed | req/s | goodput req/s | out tok/s | x {base_label} "
-             f"| TTFT p50 ms | TTFT p{q:g} ms | TPOT p50 ms | TPOT p{q:g} ms | ITL p{q:g} ms | E2E p50 ms |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"| TTFT p50 ms | TTFT p{q:g} ms | TPOT p50 ms | TPOT p{q:g} ms | ITL p{q:g} ms | ITL1 p50 ms | E2E p50 ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for result in results:
         if result.get("error"):
             lines.append(f"| {result['label']} | did not run: {result['error'][:300].replace('|', '/')} |"
-                         + " |" * 12)
+                         + " |" * 13)
             continue
         for run in result["runs"]:
             s, rate = run["summary"], run["request_rate"]
@@ -187,7 +187,8 @@ def sweep_table(results: list[dict], config) -> str:
             lines.append(f"| {result['label']} | {rate:g} | {s['completed']} | {s['failed']} | "
                          f"{s['request_throughput']:.2f} | {good} | {s['output_throughput']:.1f} | {ratio} | "
                          f"{_ms(s['median_ttft_ms'])} | {_ms(s[f'p{q:g}_ttft_ms'])} | {_ms(s['median_tpot_ms'])} | "
-                         f"{_ms(s[f'p{q:g}_tpot_ms'])} | {_ms(s[f'p{q:g}_itl_ms'])} | {_ms(s['median_e2el_ms'])} |")
+                         f"{_ms(s[f'p{q:g}_tpot_ms'])} | {_ms(s[f'p{q:g}_itl_ms'])} | {_ms(s.get('median_itl1_ms'))} | "
+                         f"{_ms(s['median_e2el_ms'])} |")
     return "\n".join(lines)
 
 

@@ -38,6 +38,8 @@ def test_summary():
     assert s["mean_ttft_ms"] == pytest.approx(550 / 3) and s["median_ttft_ms"] == pytest.approx(100)
     assert s["mean_tpot_ms"] == pytest.approx(55) and s["median_itl_ms"] == pytest.approx(100)
     assert s["mean_e2el_ms"] == pytest.approx((300 + 60 + 400) / 3)
+    # first inter-token gaps: #0 100 ms, #1 10 ms; #2 streamed one chunk and has none
+    assert (s["mean_itl1_ms"], s["median_itl1_ms"], s["p99_itl1_ms"]) == pytest.approx((55, 55, 99.1))
     # goodput: #0 misses TPOT (100 > 50), #1 meets both, #2 misses TTFT (400 > 200); one good request in 2 s
     assert (s["num_good_requests"], s["request_goodput"]) == (1, 0.5)
     assert s["max_concurrent_requests"] == 2  # #2 and #3 overlap
@@ -45,6 +47,19 @@ def test_summary():
     assert metrics.summarize(RECORDS, 2.0)["request_goodput"] is None
     text = metrics.format_summary(s)
     assert "Successful requests:" in text and "Request goodput (req/s):" in text and "P99 ITL (ms):" in text
+    assert "Median ITL1 (ms):" in text and "KV Migration" not in text
+
+
+def test_summary_shows_the_servers_kv_migrations():
+    s = metrics.summarize(RECORDS, 2.0)
+    assert "KV Migration" not in metrics.format_summary(s, counters={"kv_migrations": 0.0, "kv_migrated_bytes": 0.0,
+                                                                      "kv_transfer_seconds": 0.0})
+    text = metrics.format_summary(s, counters={"kv_migrations": 4.0, "kv_migrated_bytes": 144e6,
+                                               "kv_transfer_seconds": 0.5})
+    rows = dict(line.rsplit(None, 1) for line in text.splitlines() if line.startswith(("Requests whose", "Mean KV",
+                                                                                       "Mean Reserve")))
+    assert rows == {"Requests whose KV moved:": "4", "Mean KV bytes per request (MB):": "36.00",
+                    "Mean Reserve-to-Commit (ms):": "125.00"}
 
 
 def test_goodput_counts_a_one_token_request_as_tpot_zero():
