@@ -19,6 +19,10 @@ KV migration (prefill/decode disaggregation; labels kv_format; from the router's
     partita:kv_migrations_total, partita:kv_migrated_bytes_total               counters (wire payload bytes)
     partita:kv_transfer_seconds_total                                          counter (Reserve to Commit;
                                                                                / migrations = mean transfer)
+    partita:kv_handoff_seconds_total                                           counter (the prefill's first
+                                                                               token to Commit: its wait for the
+                                                                               export, then the transfer; 0 for
+                                                                               layer-streamed migrations)
 
 Every metric carries `model_name`. Each `ServingMetrics` has its own registry: no global state.
 """
@@ -45,12 +49,13 @@ class ServingMetrics:
     """The gateway's metrics; `loads`, `gateway_counts` and `migrations` are read at scrape time.
 
     gateway_counts: () -> (queued, active) requests in the gateway.
-    migrations: () -> {kv_format: (migrations, bytes, seconds)} so far; None where nothing migrates.
+    migrations: () -> {kv_format: (migrations, bytes, transfer seconds, handoff seconds)} so far; None where
+        nothing migrates.
     """
 
     def __init__(self, model_name: str, loads: Callable[[], Sequence[WorkerLoad]],
                  gateway_counts: Callable[[], tuple[int, int]], registry: CollectorRegistry | None = None,
-                 migrations: Callable[[], Mapping[str, tuple[int, int, float]]] | None = None):
+                 migrations: Callable[[], Mapping[str, tuple[int, int, float, float]]] | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r, name = self.registry, ["model_name"]
         self.ttft = Histogram("partita:time_to_first_token_seconds", "Time to first token.", name,
@@ -127,7 +132,7 @@ class _LoadCollector:
 class _MigrationCollector:
     """KV migration counters from the router's running totals, per KV format."""
 
-    def __init__(self, model_name: str, migrations: Callable[[], Mapping[str, tuple[int, int, float]]]):
+    def __init__(self, model_name: str, migrations: Callable[[], Mapping[str, tuple[int, int, float, float]]]):
         self._model_name, self._migrations = model_name, migrations
 
     def describe(self):
@@ -141,9 +146,12 @@ class _MigrationCollector:
                                    labels=labels)
         seconds = CounterMetricFamily("partita:kv_transfer_seconds", "Seconds spent in KV transfers.",
                                       labels=labels)
-        for kv_format, (n, num_bytes, s) in sorted(self._migrations().items()):
+        handoff = CounterMetricFamily("partita:kv_handoff_seconds", "Seconds from the prefill's first token to the "
+                                      "decode worker's commit (export wait, export and transfer).", labels=labels)
+        for kv_format, (n, num_bytes, s, h) in sorted(self._migrations().items()):
             values = [self._model_name, kv_format]
             count.add_metric(values, n)
             size.add_metric(values, num_bytes)
             seconds.add_metric(values, s)
-        return [count, size, seconds]
+            handoff.add_metric(values, h)
+        return [count, size, seconds, handoff]

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
@@ -59,9 +60,13 @@ class Migrated:
     decode_address: str
     kv_format: str
     bytes_sent: int
-    seconds: float
+    seconds: float  # the transfer: Reserve to Commit
     streamed: bool = False  # sent layer by layer under the prefill (kv_transfer.stream_layers)
     in_place: bool = False  # copied into the decode worker's cache on the shared GPU (kv_transfer.same_gpu)
+    # the first token's output here to the Commit's answer: what the client waits for between its first and
+    # second token on this side (the export's permit and queueing, the export, the transfer); 0 when streamed,
+    # where the first token follows the commit
+    handoff_seconds: float = 0.0
 
 
 class NotCommittedError(RuntimeError):
@@ -114,6 +119,7 @@ class PrefillSide:
             request_id, lambda e: e.add_request(request_id, prompt, params, prefill_only=True))
         async with contextlib.aclosing(stream):
             first = await anext(stream)
+            first_at = time.perf_counter()
             yield first
             if first.finished:
                 return
@@ -124,7 +130,7 @@ class PrefillSide:
                 result = None
             if result is not None:
                 yield Migrated(request_id, landed[0], self._kv_format, result.bytes_sent, result.seconds,
-                               in_place=result.in_place)
+                               in_place=result.in_place, handoff_seconds=time.perf_counter() - first_at)
                 return
             async for out in stream:
                 yield out

@@ -52,14 +52,14 @@ def test_summary():
 
 def test_summary_shows_the_servers_kv_migrations():
     s = metrics.summarize(RECORDS, 2.0)
-    assert "KV Migration" not in metrics.format_summary(s, counters={"kv_migrations": 0.0, "kv_migrated_bytes": 0.0,
-                                                                      "kv_transfer_seconds": 0.0})
+    none = dict.fromkeys(("kv_migrations", "kv_migrated_bytes", "kv_transfer_seconds", "kv_handoff_seconds"), 0.0)
+    assert "KV Migration" not in metrics.format_summary(s, counters=none)
     text = metrics.format_summary(s, counters={"kv_migrations": 4.0, "kv_migrated_bytes": 144e6,
-                                               "kv_transfer_seconds": 0.5})
-    rows = dict(line.rsplit(None, 1) for line in text.splitlines() if line.startswith(("Requests whose", "Mean KV",
-                                                                                       "Mean Reserve")))
+                                               "kv_transfer_seconds": 0.5, "kv_handoff_seconds": 0.8})
+    rows = dict(line.rsplit(None, 1) for line in text.splitlines()
+                if line.startswith(("Requests whose", "Mean KV", "Mean first", "  of which")))
     assert rows == {"Requests whose KV moved:": "4", "Mean KV bytes per request (MB):": "36.00",
-                    "Mean Reserve-to-Commit (ms):": "125.00"}
+                    "Mean first token to Commit (ms):": "200.00", "  of which Reserve to Commit (ms):": "125.00"}
 
 
 def test_goodput_counts_a_one_token_request_as_tpot_zero():

@@ -169,6 +169,8 @@ def test_pd_through_router_and_gateway_equals_colocated(served):
     migrated = scrape_migrations(served)
     assert migrated["partita:kv_migrations_total"] == router.num_migrations
     assert migrated["partita:kv_migrated_bytes_total"] > 0 and migrated["partita:kv_transfer_seconds_total"] > 0
+    # the handoff (first token to commit, on the prefill side) holds the transfer and the export before it
+    assert migrated["partita:kv_handoff_seconds_total"] > migrated["partita:kv_transfer_seconds_total"]
     assert all((e.kv_address is not None) == (e.role == "decode") for e in entries)
     assert_all_free(served)
 
