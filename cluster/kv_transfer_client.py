@@ -29,12 +29,15 @@ from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 import grpc
 
+from partita.cluster.export_permits import ExportPermits
 from partita.cluster.kv_wire import ChunkPacker, encode_chunk, send_stream
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers.kv_ipc import PeerCache, copy_in_place, device_uuid, open_cache
 from partita.workers.kv_migration import CacheTarget, KvExport, KvLayout, begin_export, kv_layout
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from partita.cluster.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
@@ -269,13 +272,17 @@ async def _attempt_in_place(prefill: "AsyncEngine", stub, request_id: str, peer:
 
 async def migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str,
                   sampling: inference_pb2.SamplingParams | None = None, *, peer: PeerCache | None = None,
-                  exports: asyncio.Semaphore | None = None, source: CacheTarget | None = None,
-                  **send_kwargs) -> TransferResult:
+                  exports: ExportPermits | None = None, source: CacheTarget | None = None,
+                  begun: Future[KvExport] | None = None, **send_kwargs) -> TransferResult:
     """For a prefill-only request held on `prefill` after its first token: moves its KV to the decode worker behind
     `channel` (in place when `peer` maps its cache, else exported and sent in chunks) and releases it here. Raises
     KvTransferFailed when that failed; the request is then still held, for another decode worker or for
-    `resume_prefilled`. exports: held from the export to the end of the send (host memory), when given. source:
-    `cache_target` of the prefill engine, read once (else per export)."""
+    `resume_prefilled`. exports: a permit held from the export to the end of the send (host memory), when given.
+    source: `cache_target` of the prefill engine, read once (else per export). begun: the request's export,
+    begun already (`begin_export`) with a permit of `exports` taken for it; this call gives that permit back."""
+    if begun is not None and peer is not None:
+        exports.release()  # the KV goes device to device: the early export is not needed
+        begun = None
     if peer is not None:
         stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
         try:
@@ -285,11 +292,17 @@ async def migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id:
         else:
             await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
             return result
-    async with exports if exports is not None else contextlib.nullcontext():
-        exporting = await asyncio.wrap_future(prefill.submit(lambda e: begin_export(e, request_id, source)))
-        export = await asyncio.wrap_future(exporting)  # the copies to the host end off the engine thread
+    if begun is None and exports is not None:
+        await exports.take()
+    try:
+        if begun is None:
+            begun = await asyncio.wrap_future(prefill.submit(lambda e: begin_export(e, request_id, source)))
+        export = await asyncio.wrap_future(begun)  # the copies to the host end off the engine thread
         result = await send_kv(channel, export, sampling, **send_kwargs)
-        del export, exporting  # the host copies go with the permit, not when this frame ends
+        del export, begun  # the host copies go with the permit, not when this frame ends
+    finally:
+        if exports is not None:
+            exports.release()
     await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
     return result
 

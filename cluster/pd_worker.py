@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import grpc
 
 from partita.cluster.auth import bearer_token_interceptors
+from partita.cluster.export_permits import ExportPermits
 from partita.cluster.grpc_server import sampling_to_proto
 from partita.cluster.kv_stream_client import prefill_and_migrate
 from partita.cluster.host_memory import retain_freed_buffers
@@ -40,9 +41,11 @@ from partita.cluster.kv_transfer_client import (DEFAULT_CHUNK_BYTES, KvTransferF
                                                 open_peer_cache)
 from partita.cluster.kv_transfer_server import start_kv_transfer_server
 from partita.workers.errors import InvalidRequestError
-from partita.workers.kv_migration import CacheTarget, cache_target, prepare_exports
+from partita.workers.kv_migration import CacheTarget, KvExport, begin_export, cache_target, prepare_exports
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from partita.cluster.async_engine import AsyncEngine
     from partita.workers.kv_ipc import PeerCache
     from partita.workers import Engine, RequestOutput, SamplingParams
@@ -83,7 +86,7 @@ class PrefillSide:
         self._engine = engine
         self._stream_layers = stream_layers
         self._same_gpu = same_gpu
-        self._exports = asyncio.Semaphore(max_exports)  # KvTransferSpec.max_exports
+        self._exports = ExportPermits(max_exports)  # KvTransferSpec.max_exports
         self._peers: dict[str, "PeerCache | None"] = {}  # decode address -> its cache mapped here (same GPU)
         self._worker_id = worker_id
         self._model_name = model_name
@@ -115,38 +118,81 @@ class PrefillSide:
             async for item in self._run_streamed(request_id, prompt, params, decode_addresses[0], fallback, landed):
                 yield item
             return
-        stream = self._engine.adopt(
-            request_id, lambda e: e.add_request(request_id, prompt, params, prefill_only=True))
-        async with contextlib.aclosing(stream):
-            first = await anext(stream)
-            first_at = time.perf_counter()
-            yield first
-            if first.finished:
-                return
-            try:
-                result = await fallback()
-            except InvalidRequestError:
-                # aborted while held: the engine no longer has it; its stream ends with the abort output
-                result = None
-            if result is not None:
-                yield Migrated(request_id, landed[0], self._kv_format, result.bytes_sent, result.seconds,
-                               in_place=result.in_place, handoff_seconds=time.perf_counter() - first_at)
-                return
-            async for out in stream:
-                yield out
+        early: list = []  # the export begun in the step that holds the request, or why it could not begin
+        export_early = self._may_export_early(decode_addresses[0])
 
-    async def _migrate(self, request_id: str, params: "SamplingParams", addresses: list[str],
-                       landed: list[str]) -> TransferResult | None:
+        def start(engine: "Engine") -> None:
+            engine.add_request(request_id, prompt, params, prefill_only=True)
+            if export_early:
+                engine.on_held(request_id, lambda seq: self._export_early(engine, request_id, early))
+
+        stream = self._engine.adopt(request_id, start)
+        async with contextlib.aclosing(stream):
+            try:
+                first = await anext(stream)
+                first_at = time.perf_counter()
+                yield first
+                if first.finished:
+                    return
+                try:
+                    result = await fallback(self._claim_early(early))
+                except InvalidRequestError:
+                    # aborted while held: the engine no longer has it; its stream ends with the abort output
+                    result = None
+                if result is not None:
+                    yield Migrated(request_id, landed[0], self._kv_format, result.bytes_sent, result.seconds,
+                                   in_place=result.in_place, handoff_seconds=time.perf_counter() - first_at)
+                    return
+                async for out in stream:
+                    yield out
+            finally:
+                if self._claim_early(early) is not None:  # never migrated (the caller left): its permit back
+                    self._exports.release()
+
+    def _may_export_early(self, address: str) -> bool:
+        """Whether a request for the decode worker at `address` may begin its export in the step that holds it:
+        not when that worker shares this GPU (its KV is copied device to device), nor while that is not known."""
+        return not self._same_gpu or (address in self._peers and self._peers[address] is None)
+
+    def _export_early(self, engine: "Engine", request_id: str, early: list) -> None:
+        """`Engine.on_held`'s observer, on the engine thread: begins the export if a permit is free now (else the
+        migration waits for one and exports then)."""
+        if not self._exports.try_take():
+            return
+        try:
+            early.append(begin_export(engine, request_id, self._source))
+        except Exception as e:  # noqa: BLE001 - an observer must not raise; the migration exports it instead
+            early.append(e)
+
+    def _claim_early(self, early: list) -> "Future[KvExport] | None":
+        """The export `_export_early` began, whose permit the caller now holds; None when there is none (a
+        failed one gives its permit back here)."""
+        if not early:
+            return None
+        begun = early.pop()
+        if isinstance(begun, Exception):
+            log.warning("%s: exporting in the step that held the request failed (%r); exporting it again",
+                        self._worker_id, begun)
+            self._exports.release()
+            return None
+        return begun
+
+    async def _migrate(self, request_id: str, params: "SamplingParams", addresses: list[str], landed: list[str],
+                       begun: "Future[KvExport] | None" = None) -> TransferResult | None:
         """Moves the held request's KV to the first of `addresses` that takes it (its address into landed[0]); when
-        none does, resumes the request here and returns None."""
+        none does, resumes the request here and returns None. begun: its export, begun with a permit taken, for
+        the first attempt (`migrate` gives the permit back; the first address's `_peer` is known then, so
+        nothing before that call waits or fails)."""
         for address in addresses:
             try:
                 result = await migrate(self._engine, self._channel(address), request_id, sampling_to_proto(params),
                                        peer=await self._peer(address), exports=self._exports, source=self._source,
-                                       model=self._model_name, sender_id=self._worker_id)
+                                       begun=begun, model=self._model_name, sender_id=self._worker_id)
             except KvTransferFailed as e:
                 log.warning("%s: %s", self._worker_id, e)
                 continue
+            finally:
+                begun = None
             landed[0] = address
             return result
         log.warning("%s: no decode worker took the KV of %s (%d tried); decoding it here", self._worker_id,

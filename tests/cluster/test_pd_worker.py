@@ -128,3 +128,48 @@ def test_exports_in_host_memory_are_bounded(monkeypatch):
     results = asyncio.run(main())
     assert results == [colocated("int4")] * 6
     assert most == 2
+
+
+def test_the_export_begins_in_the_step_that_holds_the_request(monkeypatch):
+    """Once a decode worker is known not to share this GPU, a request's export begins on the engine thread in the
+    step that holds it (`Engine.on_held`), not from the event loop after its first token; the first request to
+    that worker, whose GPU is not known yet, exports the usual way. A caller leaving after the first token gives
+    the early export's permit back. Output equals the colocated engine's; permits and blocks all return."""
+    from partita.cluster import kv_transfer_client, pd_worker
+
+    calls = {"early": [], "late": 0}
+    real_begin = pd_worker.begin_export
+
+    def early_begin(engine, request_id, source):
+        calls["early"].append(engine.prefilled_sequence(request_id).request_id)
+        return real_begin(engine, request_id, source)
+
+    def late_begin(engine, request_id, source):
+        calls["late"] += 1
+        return real_begin(engine, request_id, source)
+
+    monkeypatch.setattr(pd_worker, "begin_export", early_begin)
+    monkeypatch.setattr(kv_transfer_client, "begin_export", late_begin)
+
+    async def main():
+        async with Pair("int4") as pair:
+            side = PrefillSide(pair.prefill, "prefill-0", "tiny-llama", "int4", max_exports=2)
+            await side.start()
+            try:
+                tokens = []
+                for request_id in ("r0", "r1"):
+                    *outputs, migrated = [x async for x in side.run(request_id, PROMPT, GREEDY, [pair.address])]
+                    assert isinstance(migrated, Migrated) and migrated.handoff_seconds >= migrated.seconds > 0
+                    tokens.append([t for o in outputs for t in o.new_token_ids] + await pair.outputs[request_id])
+                leaving = side.run("r2", PROMPT, GREEDY, [pair.address])
+                await anext(leaving)
+                await leaving.aclose()
+                assert side._exports.free == 2
+            finally:
+                await side.close()
+            await pair.assert_all_free()
+            return tokens
+
+    tokens = asyncio.run(main())
+    assert tokens == [colocated("int4")] * 2
+    assert calls == {"early": ["r1", "r2"], "late": 1}

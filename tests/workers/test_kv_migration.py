@@ -185,6 +185,39 @@ def test_abort_of_held_prefill_frees_blocks():
     assert_all_free(src)
 
 
+def test_on_held_observes_the_held_request_inside_its_step():
+    """on_held's observer runs in the step that holds the request, before that step's outputs are returned, and
+    an export begun there equals one begun afterwards; it is not called for a request whose first token ends it,
+    nor after an abort, and only a queued prefill-only request takes one."""
+    engine = make_engine("kivi2")
+    delivered: set[str] = set()
+    seen, exports = [], []
+
+    def observe(seq):
+        seen.append((seq.request_id, seq.request_id in delivered, engine.prefilled_sequence(seq.request_id) is seq))
+        exports.append(begin_export(engine, seq.request_id))
+
+    engine.add_request("held", PROMPTS[2], GREEDY, prefill_only=True)
+    engine.add_request("ends", PROMPTS[1], SamplingParams(max_tokens=1, temperature=0.0), prefill_only=True)
+    engine.add_request("gone", PROMPTS[0], GREEDY, prefill_only=True)
+    engine.add_request("plain", PROMPTS[0], GREEDY)
+    for request_id in ("held", "ends", "gone"):
+        engine.on_held(request_id, observe)
+    with pytest.raises(InvalidRequestError):
+        engine.on_held("plain", observe)
+    engine.abort("gone")
+    while engine.has_unfinished():
+        delivered.update(out.request_id for out in engine.step())
+    assert seen == [("held", False, True)]
+    with pytest.raises(InvalidRequestError):
+        engine.on_held("held", observe)  # held already
+    early, later = exports[0].result(timeout=60), begin_export(engine, "held").result(timeout=60)
+    assert [(layer, i, bytes(d)) for layer, i, d in early.payloads] == [
+        (layer, i, bytes(d)) for layer, i, d in later.payloads]
+    engine.release_prefilled("held")
+    assert_all_free(engine)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
 def test_streamed_layers_equal_the_export(device, kv_format):

@@ -128,6 +128,7 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self._reserved: dict[str, Sequence] = {}  # reservations awaiting migrated KV (decode side)
         self._kv_streams: dict[str, Callable[[Sequence, int], None]] = {}  # stream_kv observers (prefill side)
+        self._on_held: dict[str, Callable[[Sequence], None]] = {}  # on_held observers (prefill side)
         self._aborted: list[RequestOutput] = []
         self._arrival = itertools.count()
         self._generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
@@ -193,6 +194,7 @@ class Engine:
         next step(). Returns False for an unknown or finished request."""
         req = self.requests.pop(request_id, None)
         self._kv_streams.pop(request_id, None)
+        self._on_held.pop(request_id, None)
         if req is None:
             return False
         self.scheduler.finish(req.seq, "abort")
@@ -216,6 +218,17 @@ class Engine:
         if req is None or not req.prefill_only or req.seq.num_computed_tokens:
             raise InvalidRequestError("request_id", f"{request_id!r} is not a queued prefill-only request")
         self._kv_streams[request_id] = on_layer
+
+    def on_held(self, request_id: str, observer: Callable[[Sequence], None]) -> None:
+        """Calls observer(seq) on this thread in the step that samples the first token of `request_id` (a queued
+        prefill-only request) and holds it, before that step returns its outputs: the migration can start on the
+        held KV there, rather than once the first token has reached the event loop and a call queued from there
+        has waited for the next step to end. Not called when the first token ends the request, nor after an
+        abort. The observer must not raise."""
+        req = self.requests.get(request_id)
+        if req is None or not req.prefill_only or req.seq.num_computed_tokens:
+            raise InvalidRequestError("request_id", f"{request_id!r} is not a queued prefill-only request")
+        self._on_held[request_id] = observer
 
     def _layer_hook(self, batch) -> Callable[[int], None] | None:
         """The hook of this step's stream_kv observers whose prefill it completes (None: the usual step)."""
@@ -315,6 +328,11 @@ class Engine:
         results = sample(step.logits, rows, self._generator)
         for seq, result in zip(step.sampled, results):
             outputs.append(self._append_token(seq, result))
+        if self._on_held:
+            for seq in step.sampled:
+                observer = self._on_held.pop(seq.request_id, None)
+                if observer is not None and seq.status is Status.HELD:
+                    observer(seq)
         return outputs
 
     def _append_token(self, seq: Sequence, result) -> RequestOutput:
