@@ -21,9 +21,10 @@
 #      transport  deploy/ray/stream_transport_bench.py  token streams over Ray vs gRPC (Ray)
 #      gateway    benchmarks/gateway.py              gateway overhead vs the engine alone
 #      serving    benchmarks/sweep.py                `partita serve` deployments on all GPUs (colocated replicas;
-#                                                    a PD row: prefill and decode GPUs when there are >= 2, both
-#                                                    roles sharing the GPU when there is one; AFD joins when its roles
-#                                                    land) under the same seeded traffic at several rates (Ray)
+#                                                    a PD row: prefill and decode GPUs when there are >= 2, int4 KV
+#                                                    over gRPC beside colocated int4, both roles sharing the GPU when
+#                                                    there is one; AFD joins when its roles land) under the same
+#                                                    seeded traffic at several rates (Ray)
 # 3. writes benchmarks/results/<date>-<device>.md (a section per step: command, status, its table) with the
 #    raw logs, JSON and plots in benchmarks/results/<date>-<device>/, and prints a short table last.
 #    Sections accumulate: running --only a,b then --only c on the same day and device gives one file.
@@ -194,9 +195,13 @@ else
   deployments=(--deployment "colocated=$colocated")
   # an AFD deployment joins here when the attention and ffn roles land
   if [ "$NUM_GPUS" -ge 2 ]; then  # the same GPUs split into roles; rows say why when this build refuses them
+    # between GPUs the KV crosses gRPC, where bf16's 128 KiB a token caps what PD sustains (results of
+    # 2026-12-07, pd-quantized-kv): the PD row moves int4, as deploy/specs/llama3-8b-pd.yaml does, beside a
+    # colocated int4 row
+    deployments+=(--deployment "colocated-int4=$colocated --kv-cache-dtype int4")
     cat >"$RAW/pd.yaml" <<EOF
 name: suite-pd
-model: {preset: $model, dtype: bfloat16}
+model: {preset: $model, dtype: bfloat16, kv_format: int4}
 pools:
   - {name: prefill, role: prefill, replicas: 1, gpus_per_worker: 1}
   - {name: decode, role: decode, replicas: $((NUM_GPUS - 1)), gpus_per_worker: 1}
