@@ -187,7 +187,7 @@ def sweep_table(results: list[dict], config) -> str:
             lines.append(f"| {result['label']} | {rate:g} | {s['completed']} | {s['failed']} | "
                          f"{s['request_throughput']:.2f} | {good} | {s['output_throughput']:.1f} | {ratio} | "
                          f"{_ms(s['median_ttft_ms'])} | {_ms(s[f'p{q:g}_ttft_ms'])} | {_ms(s['median_tpot_ms'])} | "
-                         f"{_ms(s[f'p{q:g}_tpot_ms'])} | {_ms(s[f'p{q:g}_itl_ms'])} | {_ms(s.get('median_itl1_ms'))} | "
+                         f"{_ms(s[f'p{q:g}_tpot_ms'])} | {_ms(s[f'p{q:g}_itl_ms'])} | {_ms(s['median_itl1_ms'])} | "
                          f"{_ms(s['median_e2el_ms'])} |")
     return "\n".join(lines)
 

@@ -214,9 +214,7 @@ class Engine:
         """Calls on_layer(seq, layer) on this thread right after each layer's attention wrote its KV, in the
         step that completes the prefill of `request_id` (a queued prefill-only request): then the whole
         prompt's KV of that layer is in the cache while later layers still compute."""
-        req = self.requests.get(request_id)
-        if req is None or not req.prefill_only or req.seq.num_computed_tokens:
-            raise InvalidRequestError("request_id", f"{request_id!r} is not a queued prefill-only request")
+        self._check_queued_prefill_only(request_id)
         self._kv_streams[request_id] = on_layer
 
     def on_held(self, request_id: str, observer: Callable[[Sequence], None]) -> None:
@@ -225,10 +223,13 @@ class Engine:
         held KV there, rather than once the first token has reached the event loop and a call queued from there
         has waited for the next step to end. Not called when the first token ends the request, nor after an
         abort. The observer must not raise."""
+        self._check_queued_prefill_only(request_id)
+        self._on_held[request_id] = observer
+
+    def _check_queued_prefill_only(self, request_id: str) -> None:
         req = self.requests.get(request_id)
         if req is None or not req.prefill_only or req.seq.num_computed_tokens:
             raise InvalidRequestError("request_id", f"{request_id!r} is not a queued prefill-only request")
-        self._on_held[request_id] = observer
 
     def _layer_hook(self, batch) -> Callable[[int], None] | None:
         """The hook of this step's stream_kv observers whose prefill it completes (None: the usual step)."""
