@@ -339,7 +339,7 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
         except InvalidRequestError as e:
             await self._run(lambda eng: eng.abort_reserved(t.request_id))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        self._on_commit(t.request_id, _prepend(first, outputs))
+        self._on_commit(t.request_id, _Prepended(first, outputs))
         return pb.CommitResponse(transfer_id=t.transfer_id, request_id=t.request_id)
 
     async def Abort(self, request: pb.AbortTransferRequest, context) -> pb.AbortTransferResponse:
@@ -374,6 +374,12 @@ class KvTransferServicer(kv_transfer_pb2_grpc.KvTransferServicer):
             # shielded: a cancelled caller (a stream's store cancelled at its end) must not cancel the free itself
             await asyncio.shield(self._run(lambda e: e.abort_reserved(t.request_id)))
         return t.error or error
+
+    async def drop_request(self, request_id: str) -> None:
+        """Frees the reservations of `request_id` (an earlier attempt of a request being run again here)."""
+        for t in [t for t in self.transfers.values() if t.request_id == request_id]:
+            log.warning("transfer %s of %s dropped: the request runs again here", t.transfer_id, request_id)
+            await self._fail(t)
 
     async def reap_expired(self) -> int:
         """Frees every reservation past its ttl; returns how many."""
@@ -413,13 +419,30 @@ def _status(e: TransferError | ValueError) -> tuple[grpc.StatusCode, str]:
     return (e.code, e.message) if isinstance(e, TransferError) else (grpc.StatusCode.INVALID_ARGUMENT, f"chunk: {e}")
 
 
-async def _prepend(first: "RequestOutput", rest: AsyncIterator["RequestOutput"]) -> AsyncIterator["RequestOutput"]:
-    """first, then rest; closing this closes rest (which aborts an unfinished request)."""
-    async with contextlib.aclosing(rest):
-        yield first
-        if not first.finished:
-            async for out in rest:
-                yield out
+class _Prepended:
+    """first, then rest. Closing it closes rest (which aborts an unfinished request) also before the first item
+    was taken: an async generator closed before it started never runs its body, so a committed request that
+    nobody followed would have run on, its stream held in the engine after its end."""
+
+    def __init__(self, first: "RequestOutput", rest: AsyncIterator["RequestOutput"]):
+        self._first: "RequestOutput | None" = first
+        self._rest = rest
+        self._ended = first.finished
+
+    def __aiter__(self) -> "_Prepended":
+        return self
+
+    async def __anext__(self) -> "RequestOutput":
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        if self._ended:
+            await self.aclose()
+            raise StopAsyncIteration
+        return await anext(self._rest)
+
+    async def aclose(self) -> None:
+        await self._rest.aclose()
 
 
 def _layout_and_target(engine: "Engine") -> tuple[KvLayout, CacheTarget]:

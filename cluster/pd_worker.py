@@ -276,6 +276,18 @@ class DecodeSide:
         """Reservations not yet committed or freed (a test checks they all end)."""
         return len(self._servicer.transfers) if self._servicer is not None else 0
 
+    async def drop_stale(self, request_id: str) -> None:
+        """Frees what an earlier attempt of `request_id` left here before this worker runs it again: a
+        reservation whose prefill worker died mid-transfer, or a committed request nobody followed. The router
+        runs a request again only once its earlier attempt failed, so both are stale; left in place, the engine
+        would refuse the new attempt as already running."""
+        if self._servicer is not None:
+            await self._servicer.drop_request(request_id)
+        outputs = self._committed.pop(request_id, None)
+        if outputs is not None:
+            self._expiry.pop(request_id).cancel()
+            await outputs.aclose()  # closing aborts it in the engine
+
     def _on_commit(self, request_id: str, outputs: AsyncIterator["RequestOutput"]) -> None:
         waiter = self._waiting.pop(request_id, None)
         if waiter is not None and not waiter.done():

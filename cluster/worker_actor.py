@@ -147,6 +147,8 @@ class WorkerActor:
 
     async def generate(self, request_id: str, prompt: str | list[int], params, priority: int = 0):
         """Streams the request's outputs (call with num_returns="streaming"); module docstring has the contract."""
+        if self._decode is not None:  # a re-run on a decode worker: what its failed attempt left here goes first
+            await self._decode.drop_stale(request_id)
         async for item in self._serve(request_id, lambda: self._engine.generate(request_id, prompt, params, priority)):
             yield item
 

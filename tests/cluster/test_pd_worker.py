@@ -173,3 +173,60 @@ def test_the_export_begins_in_the_step_that_holds_the_request(monkeypatch):
     tokens = asyncio.run(main())
     assert tokens == [colocated("int4")] * 2
     assert calls == {"early": ["r1", "r2"], "late": 1}
+
+
+def test_a_run_on_the_decode_worker_frees_what_a_dead_attempt_left_there():
+    """A prefill worker that died after its Reserve, or after its Commit but before anyone followed, leaves a
+    reservation or a committed request under the request's id; the router then runs the request again, on the
+    decode worker among others. There the engine refuses the id as already running until `drop_stale` frees
+    both; afterwards the run equals the colocated engine's and every block returns."""
+    import grpc
+
+    from partita.cluster.async_engine import AsyncEngine
+    from partita.cluster.kv_transfer_client import reserve_request, send_kv
+    from partita.cluster.pd_worker import DecodeSide
+    from partita.protos.partita.v1 import kv_transfer_pb2_grpc
+    from partita.workers import EngineConfig, InvalidRequestError
+    from partita.workers.kv_migration import export_request, kv_layout
+    from tests.cluster.test_kv_transfer import CONFIG, WIRE_GREEDY
+
+    async def generate(engine, request_id):
+        return [t async for o in engine.generate(request_id, PROMPT, GREEDY) for t in o.new_token_ids]
+
+    async def main():
+        decode = AsyncEngine.from_model("tiny-llama", device="cpu", kv_format="int4", config=EngineConfig(**CONFIG))
+        prefill = AsyncEngine.from_model("tiny-llama", device="cpu", kv_format="int4", config=EngineConfig(**CONFIG))
+        side = DecodeSide(decode, "decode-0", "")
+        channel = grpc.aio.insecure_channel(await side.start("127.0.0.1"))
+        try:
+            layout = await asyncio.wrap_future(decode.submit(kv_layout))
+            await kv_transfer_pb2_grpc.KvTransferStub(channel).Reserve(
+                reserve_request("reserved", PROMPT, layout, model="", sender_id="", ttl_s=60.0))
+            stream = prefill.adopt("committed", lambda e: e.add_request("committed", PROMPT, GREEDY,
+                                                                        prefill_only=True))
+            await anext(stream)
+            export = await asyncio.wrap_future(prefill.submit(lambda e: export_request(e, "committed")))
+            await send_kv(channel, export, WIRE_GREEDY)
+            await asyncio.wrap_future(prefill.submit(lambda e: e.release_prefilled("committed")))
+            await stream.aclose()
+            assert side.num_transfers == 1 and "committed" in side._committed
+            results = {}
+            for request_id in ("reserved", "committed"):
+                with pytest.raises(InvalidRequestError, match="already running"):
+                    await generate(decode, request_id)
+                await side.drop_stale(request_id)
+                results[request_id] = await generate(decode, request_id)
+            assert side.num_transfers == 0 and not side._committed
+
+            def all_free(e):
+                return e.blocks.num_free_blocks == e.blocks.num_blocks and not e.scheduler.held
+            assert await asyncio.wrap_future(decode.submit(all_free))
+            return results
+        finally:
+            await channel.close()
+            await side.close()
+            decode.shutdown()
+            prefill.shutdown()
+
+    results = asyncio.run(main())
+    assert results == {"reserved": colocated("int4"), "committed": colocated("int4")}
