@@ -139,14 +139,21 @@ async def stream_chunks(channel: grpc.aio.Channel, transfer_id: str, chunks: Ite
             raise AttemptFailed(None, f"ack for chunk {ack.seq}, expected {acked}")
         acked += 1
 
+    async def write(chunk: bytes | None) -> None:
+        try:
+            await (call.write(chunk) if chunk is not None else call.done_writing())
+        except asyncio.InvalidStateError:
+            # the receiver ended the stream (a refused chunk) while this one was on its way: its status says why
+            raise AttemptFailed(await call.code(), f"SendStream ended early: {await call.details()}") from None
+
     source = _one_ahead(chunks) if hasattr(chunks, "__anext__") else _built_ahead(chunks)
     async with contextlib.aclosing(source):
         async for chunk in source:
             if sent - acked >= window:
                 await read_ack()
-            await call.write(chunk)
+            await write(chunk)
             sent += 1
-    await call.done_writing()
+    await write(None)
     while acked < sent:
         await read_ack()
     return sent

@@ -278,6 +278,30 @@ def test_corrupt_run_is_data_loss_and_frees_the_blocks():
     asyncio.run(main())
 
 
+def test_a_chunk_written_after_the_receiver_refused_the_stream_fails_the_attempt():
+    """The receiver refuses a corrupt chunk (DATA_LOSS) and ends the stream while the sender is still writing the
+    next: the sender's attempt fails with the receiver's status (AttemptFailed, which `send_kv` retries), not with
+    gRPC's "RPC already finished"."""
+    async def main():
+        async with Pair("none") as pair:
+            stream, export, tid, first = await pair.held_and_reserved()
+            async with contextlib.aclosing(stream):
+                bad = bytearray(first.SerializeToString())
+                bad[-10] ^= 0xFF  # inside the block's data: its crc32 no longer matches
+
+                async def chunks():
+                    yield bytes(bad)
+                    assert await eventually(lambda: tid not in pair.servicer.transfers)  # refused and freed
+                    yield first.SerializeToString()
+
+                with pytest.raises(kv_transfer_client.AttemptFailed) as err:
+                    await kv_transfer_client.stream_chunks(pair.channel, tid, chunks(), 8, 30)
+                assert err.value.code == grpc.StatusCode.DATA_LOSS and "crc32" in str(err.value)
+                await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
+            await pair.assert_all_free()
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("case", ["past the last block", "overlapping a received block", "short of its size"])
 def test_bad_runs_abort_the_transfer(case):
     async def main():
