@@ -95,16 +95,26 @@ class AttemptFailed(Exception):
         self.message = message
 
 
-async def _attempt(channel: grpc.aio.Channel, export: KvExport, sampling, *, model: str, sender_id: str,
-                   chunk_bytes: int, window: int, ttl_s: float, timeout_s: float) -> TransferResult:
+async def reserve(channel: grpc.aio.Channel, request_id: str, prompt_token_ids: list[int], layout: KvLayout, *,
+                  model: str = "", sender_id: str = "", ttl_s: float = 30.0, timeout_s: float = 30.0
+                  ) -> pb.ReserveResponse:
+    """Reserves blocks for the request's prompt on the decode worker behind `channel`; AttemptFailed if refused."""
     stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
-    start = time.perf_counter()
-    reserve = reserve_request(export.request_id, export.prompt_token_ids, export.layout, model=model,
-                              sender_id=sender_id, ttl_s=ttl_s)
     try:
-        reserved = await stub.Reserve(reserve, timeout=timeout_s)
+        return await stub.Reserve(reserve_request(request_id, prompt_token_ids, layout, model=model,
+                                                  sender_id=sender_id, ttl_s=ttl_s), timeout=timeout_s)
     except grpc.aio.AioRpcError as e:
         raise AttemptFailed(e.code(), f"Reserve: {e.details()}") from None
+
+
+async def _attempt(channel: grpc.aio.Channel, export: KvExport, sampling, *, model: str, sender_id: str,
+                   chunk_bytes: int, window: int, ttl_s: float, timeout_s: float,
+                   reserved: pb.ReserveResponse | None = None) -> TransferResult:
+    stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
+    start = time.perf_counter()
+    if reserved is None:
+        reserved = await reserve(channel, export.request_id, export.prompt_token_ids, export.layout, model=model,
+                                 sender_id=sender_id, ttl_s=ttl_s, timeout_s=timeout_s)
     tid = reserved.transfer_id
     try:
         limit = min(chunk_bytes, reserved.max_chunk_bytes or chunk_bytes)
@@ -200,16 +210,21 @@ async def abort_transfer(stub, transfer_id: str, reason: str) -> None:
 
 async def send_kv(channel: grpc.aio.Channel, export: KvExport, sampling: inference_pb2.SamplingParams | None = None,
                   *, model: str = "", sender_id: str = "", chunk_bytes: int = DEFAULT_CHUNK_BYTES, window: int = 4,
-                  ttl_s: float = 30.0, timeout_s: float = 30.0, attempts: int = 2) -> TransferResult:
+                  ttl_s: float = 30.0, timeout_s: float = 30.0, attempts: int = 2,
+                  reserved: pb.ReserveResponse | None = None) -> TransferResult:
     """Migrates `export` to the decode worker behind `channel` (module docstring); KvTransferFailed if every
-    attempt failed. The caller keeps the prefilled request until this returns (release or resume it then)."""
+    attempt failed. The caller keeps the prefilled request until this returns (release or resume it then).
+    reserved: that worker's reservation for this request, made beforehand (`reserve`), for the first attempt;
+    a retry reserves anew."""
     if window < 1 or chunk_bytes < 1 or attempts < 1:
         raise ValueError(f"window={window}, chunk_bytes={chunk_bytes}, attempts={attempts}: each must be >= 1")
     last: AttemptFailed | None = None
     for attempt in range(1, attempts + 1):
+        given, reserved = reserved, None
         try:
             result = await _attempt(channel, export, sampling, model=model, sender_id=sender_id,
-                                    chunk_bytes=chunk_bytes, window=window, ttl_s=ttl_s, timeout_s=timeout_s)
+                                    chunk_bytes=chunk_bytes, window=window, ttl_s=ttl_s, timeout_s=timeout_s,
+                                    reserved=given)
         except AttemptFailed as e:
             last = e
             log.warning("KV transfer of %s, attempt %d of %d failed: %s", export.request_id, attempt, attempts,
@@ -246,7 +261,7 @@ async def open_peer_cache(prefill: "AsyncEngine", channel: grpc.aio.Channel, *, 
 
 async def _attempt_in_place(prefill: "AsyncEngine", stub, request_id: str, peer: PeerCache, sampling, *,
                             model: str = "", sender_id: str = "", ttl_s: float = 30.0, timeout_s: float = 30.0,
-                            **_chunking) -> TransferResult:
+                            reserved: pb.ReserveResponse | None = None, **_chunking) -> TransferResult:
     """One same-GPU attempt (module docstring); send_kv's defaults, and its chunking options do not apply."""
     start = time.perf_counter()
 
@@ -255,14 +270,18 @@ async def _attempt_in_place(prefill: "AsyncEngine", stub, request_id: str, peer:
         n = seq.num_prompt_tokens
         return list(seq.token_ids[:n]), seq.token_ids[n], kv_layout(engine)
 
-    prompt, first_token, layout = await asyncio.wrap_future(prefill.submit(describe))
-    try:
-        reserved = await stub.Reserve(reserve_request(request_id, prompt, layout, model=model, sender_id=sender_id,
-                                                      ttl_s=ttl_s), timeout=timeout_s)
-    except grpc.aio.AioRpcError as e:
-        raise AttemptFailed(e.code(), f"Reserve: {e.details()}") from None
+    given = reserved is not None
+    if not given:
+        prompt, first_token, layout = await asyncio.wrap_future(prefill.submit(describe))
+        try:
+            reserved = await stub.Reserve(reserve_request(request_id, prompt, layout, model=model,
+                                                          sender_id=sender_id, ttl_s=ttl_s), timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise AttemptFailed(e.code(), f"Reserve: {e.details()}") from None
     tid = reserved.transfer_id
     try:
+        if given:
+            first_token = await asyncio.wrap_future(prefill.submit(lambda e: describe(e)[1]))
         written = await asyncio.wrap_future(prefill.submit(
             lambda e: copy_in_place(e, request_id, peer, list(reserved.block_ids), reserved.seq_slot)))
         copied = time.perf_counter() - start
@@ -280,36 +299,48 @@ async def _attempt_in_place(prefill: "AsyncEngine", stub, request_id: str, peer:
 async def migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str,
                   sampling: inference_pb2.SamplingParams | None = None, *, peer: PeerCache | None = None,
                   exports: ExportPermits | None = None, source: CacheTarget | None = None,
-                  begun: Future[KvExport] | None = None, **send_kwargs) -> TransferResult:
+                  begun: Future[KvExport] | None = None, reserved: pb.ReserveResponse | None = None,
+                  **send_kwargs) -> TransferResult:
     """For a prefill-only request held on `prefill` after its first token: moves its KV to the decode worker behind
     `channel` (in place when `peer` maps its cache, else exported and sent in chunks) and releases it here. Raises
     KvTransferFailed when that failed; the request is then still held, for another decode worker or for
     `resume_prefilled`. exports: a permit held from the export to the end of the send (host memory), when given.
     source: `cache_target` of the prefill engine, read once (else per export). begun: the request's export,
-    begun already (`begin_export`) with a permit of `exports` taken for it; this call gives that permit back."""
+    begun already (`begin_export`) with a permit of `exports` taken for it; this call gives that permit back.
+    reserved: the decode worker's reservation for the request, made beforehand (`reserve`), for the first
+    attempt; it is used or aborted."""
     if begun is not None and peer is not None:
         exports.release()  # the KV goes device to device: the early export is not needed
         begun = None
-    if peer is not None:
-        stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
-        try:
-            result = await _attempt_in_place(prefill, stub, request_id, peer, sampling, **send_kwargs)
-        except AttemptFailed as e:
-            log.warning("same-GPU KV transfer of %s failed (%s); sending chunks instead", request_id, e.message)
-        else:
-            await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
-            return result
-    if begun is None and exports is not None:
-        await exports.take()
     try:
-        if begun is None:
-            begun = await asyncio.wrap_future(prefill.submit(lambda e: begin_export(e, request_id, source)))
-        export = await asyncio.wrap_future(begun)  # the copies to the host end off the engine thread
-        result = await send_kv(channel, export, sampling, **send_kwargs)
-        del export, begun  # the host copies go with the permit, not when this frame ends
-    finally:
-        if exports is not None:
-            exports.release()
+        if peer is not None:
+            stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
+            given, reserved = reserved, None  # the attempt uses it or aborts it
+            try:
+                result = await _attempt_in_place(prefill, stub, request_id, peer, sampling, reserved=given,
+                                                 **send_kwargs)
+            except AttemptFailed as e:
+                log.warning("same-GPU KV transfer of %s failed (%s); sending chunks instead", request_id, e.message)
+            else:
+                await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
+                return result
+        if begun is None and exports is not None:
+            await exports.take()
+        try:
+            if begun is None:
+                begun = await asyncio.wrap_future(prefill.submit(lambda e: begin_export(e, request_id, source)))
+            export = await asyncio.wrap_future(begun)  # the copies to the host end off the engine thread
+            given, reserved = reserved, None
+            result = await send_kv(channel, export, sampling, reserved=given, **send_kwargs)
+            del export, begun  # the host copies go with the permit, not when this frame ends
+        finally:
+            if exports is not None:
+                exports.release()
+    except BaseException:
+        if reserved is not None:  # never handed to an attempt: freed now rather than at its ttl
+            await asyncio.shield(abort_transfer(kv_transfer_pb2_grpc.KvTransferStub(channel), reserved.transfer_id,
+                                                "the transfer did not start"))
+        raise
     await asyncio.wrap_future(prefill.submit(lambda eng: eng.release_prefilled(request_id)))
     return result
 

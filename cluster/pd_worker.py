@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import grpc
 
 from partita.cluster.auth import bearer_token_interceptors
+from partita.cluster.early_reservation import EarlyReservation
 from partita.cluster.export_permits import ExportPermits
 from partita.cluster.grpc_server import sampling_to_proto
 from partita.cluster.kv_stream_client import prefill_and_migrate
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from partita.cluster.async_engine import AsyncEngine
+    from partita.protos.partita.v1 import kv_transfer_pb2 as pb
     from partita.workers.kv_ipc import PeerCache
     from partita.workers import Engine, RequestOutput, SamplingParams
 
@@ -94,6 +96,7 @@ class PrefillSide:
         self._interceptors = bearer_token_interceptors(auth_token) if auth_token else []
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._source: CacheTarget | None = None  # where the engine's cache is, read once by `start`
+        self._tasks: set[asyncio.Future] = set()  # unclaimed early reservations being aborted
         retain_freed_buffers(DEFAULT_CHUNK_BYTES)  # each chunk sent is a new joined buffer of that size
 
     async def start(self) -> None:
@@ -120,11 +123,17 @@ class PrefillSide:
             return
         early: list = []  # the export begun in the step that holds the request, or why it could not begin
         export_early = self._may_export_early(decode_addresses[0])
+        reservation = EarlyReservation(self._channel(decode_addresses[0]), request_id, self._source.layout,
+                                       model=self._model_name, sender_id=self._worker_id, spawn=self._keep) \
+            if self._source is not None else None
 
         def start(engine: "Engine") -> None:
             engine.add_request(request_id, prompt, params, prefill_only=True)
             if export_early:
                 engine.on_held(request_id, lambda seq: self._export_early(engine, request_id, early))
+            if reservation is not None:
+                engine.on_scheduled(request_id,
+                                    lambda seq: reservation.begin(seq.token_ids[:seq.num_prompt_tokens]))
 
         stream = self._engine.adopt(request_id, start)
         async with contextlib.aclosing(stream):
@@ -135,7 +144,8 @@ class PrefillSide:
                 if first.finished:
                     return
                 try:
-                    result = await fallback(self._claim_early(early))
+                    reserved = await reservation.claim() if reservation is not None else None
+                    result = await fallback(self._claim_early(early), reserved)
                 except InvalidRequestError:
                     # aborted while held: the engine no longer has it; its stream ends with the abort output
                     result = None
@@ -148,6 +158,12 @@ class PrefillSide:
             finally:
                 if self._claim_early(early) is not None:  # never migrated (the caller left): its permit back
                     self._exports.release()
+                if reservation is not None:
+                    reservation.drop()
+
+    def _keep(self, task: asyncio.Future) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _may_export_early(self, address: str) -> bool:
         """Whether a request for the decode worker at `address` may begin its export in the step that holds it:
@@ -178,21 +194,24 @@ class PrefillSide:
         return begun
 
     async def _migrate(self, request_id: str, params: "SamplingParams", addresses: list[str], landed: list[str],
-                       begun: "Future[KvExport] | None" = None) -> TransferResult | None:
+                       begun: "Future[KvExport] | None" = None, reserved: "pb.ReserveResponse | None" = None
+                       ) -> TransferResult | None:
         """Moves the held request's KV to the first of `addresses` that takes it (its address into landed[0]); when
         none does, resumes the request here and returns None. begun: its export, begun with a permit taken, for
         the first attempt (`migrate` gives the permit back; the first address's `_peer` is known then, so
-        nothing before that call waits or fails)."""
+        nothing before that call waits or fails). reserved: the first address's reservation (`EarlyReservation`),
+        which `migrate` uses or aborts."""
         for address in addresses:
             try:
                 result = await migrate(self._engine, self._channel(address), request_id, sampling_to_proto(params),
                                        peer=await self._peer(address), exports=self._exports, source=self._source,
-                                       begun=begun, model=self._model_name, sender_id=self._worker_id)
+                                       begun=begun, reserved=reserved, model=self._model_name,
+                                       sender_id=self._worker_id)
             except KvTransferFailed as e:
                 log.warning("%s: %s", self._worker_id, e)
                 continue
             finally:
-                begun = None
+                begun = reserved = None
             landed[0] = address
             return result
         log.warning("%s: no decode worker took the KV of %s (%d tried); decoding it here", self._worker_id,
@@ -238,6 +257,8 @@ class PrefillSide:
         return channel
 
     async def close(self) -> None:
+        if self._tasks:  # reservations being aborted: before their channels close
+            await asyncio.wait(list(self._tasks), timeout=5.0)
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()

@@ -175,6 +175,65 @@ def test_the_export_begins_in_the_step_that_holds_the_request(monkeypatch):
     assert calls == {"early": ["r1", "r2"], "late": 1}
 
 
+def test_the_decode_worker_reserves_while_the_prefill_computes():
+    """The prefill worker reserves on the decode worker when its engine schedules the request's prefill
+    (`EarlyReservation`), not after the first token: with prefill steps slowed to 0.2 s, the decode engine holds
+    the reservation long before the first token, and the migration uses it (one reservation per request). A
+    request whose first token ends it, and one whose caller leaves after its first token, have theirs aborted.
+    Output equals the colocated engine's; every block and transfer is freed."""
+    import time
+
+    from partita.workers import SamplingParams
+
+    reserved_at: list[tuple[str, float]] = []
+
+    def slow_prefill(engine):
+        run = engine.runner.run
+
+        def slow(batch, *args):
+            if batch.prefills:
+                time.sleep(0.2)
+            return run(batch, *args)
+        engine.runner.run = slow
+
+    def record_reserves(engine):
+        reserve = engine.reserve_migrated
+
+        def recorded(request_id, *args, **kwargs):
+            reserved_at.append((request_id, time.perf_counter()))
+            return reserve(request_id, *args, **kwargs)
+        engine.reserve_migrated = recorded
+
+    async def main():
+        async with Pair("int4") as pair:
+            await asyncio.wrap_future(pair.prefill.submit(slow_prefill))
+            await asyncio.wrap_future(pair.decode.submit(record_reserves))
+            side = PrefillSide(pair.prefill, "prefill-0", "tiny-llama", "int4")
+            await side.start()
+            try:
+                stream = side.run("r0", PROMPT, GREEDY, [pair.address])
+                first = await anext(stream)
+                first_at = time.perf_counter()
+                *outputs, migrated = [first] + [x async for x in stream]
+                assert isinstance(migrated, Migrated)
+                tokens = [t for o in outputs for t in o.new_token_ids] + await pair.outputs["r0"]
+                one = [x async for x in side.run("r1", PROMPT, SamplingParams(max_tokens=1, temperature=0.0),
+                                                 [pair.address])]
+                assert len(one) == 1 and one[0].finished
+                leaving = side.run("r2", PROMPT, GREEDY, [pair.address])
+                await anext(leaving)
+                await leaving.aclose()
+            finally:
+                await side.close()
+            await pair.assert_all_free()
+            return tokens, first_at
+
+    tokens, first_at = asyncio.run(main())
+    assert tokens == colocated("int4")
+    assert [r for r, _ in reserved_at] == ["r0", "r1", "r2"]
+    assert reserved_at[0][1] < first_at - 0.2  # reserved during the first of two 0.2 s prefill steps
+
+
 def test_a_run_on_the_decode_worker_frees_what_a_dead_attempt_left_there():
     """A prefill worker that died after its Reserve, or after its Commit but before anyone followed, leaves a
     reservation or a committed request under the request's id; the router then runs the request again, on the

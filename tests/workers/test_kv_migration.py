@@ -218,6 +218,42 @@ def test_on_held_observes_the_held_request_inside_its_step():
     assert_all_free(engine)
 
 
+def test_on_scheduled_observes_a_prefill_once_as_its_first_step_begins():
+    """on_scheduled's observer runs in the step that first schedules the request's prefill, before that step
+    computes anything, and once even when the prefill takes several chunked steps; not for a request still
+    queued behind others, nor after an abort; only a queued prefill-only request takes one."""
+    engine = make_engine(max_num_batched_tokens=32, max_num_seqs=2)
+    seen: list[tuple[str, int, int]] = []  # (request, step, tokens computed when observed)
+    step = 0
+
+    def observe(seq):
+        seen.append((seq.request_id, step, seq.num_computed_tokens))
+
+    engine.add_request("long", PROMPTS[3], GREEDY, prefill_only=True)  # 70 tokens: three steps of 32
+    engine.add_request("gone", PROMPTS[1], GREEDY, prefill_only=True)
+    engine.add_request("next", PROMPTS[2], GREEDY, prefill_only=True)
+    engine.add_request("plain", PROMPTS[0], GREEDY)
+    for request_id in ("long", "gone", "next"):
+        engine.on_scheduled(request_id, observe)
+    with pytest.raises(InvalidRequestError):
+        engine.on_scheduled("plain", observe)
+    engine.abort("gone")
+    computed_at: dict[str, int] = {}
+    while engine.has_unfinished() and step < 50:
+        engine.step()
+        for request_id in ("long", "next"):
+            req = engine.requests.get(request_id)
+            if req is not None and req.seq.num_computed_tokens and request_id not in computed_at:
+                computed_at[request_id] = step
+        step += 1
+        for request_id in ("long", "next"):
+            if request_id in engine.requests and engine.requests[request_id].seq.status.name == "HELD":
+                engine.release_prefilled(request_id)
+    assert sorted(seen) == sorted([("long", computed_at["long"], 0), ("next", computed_at["next"], 0)])
+    assert computed_at["next"] > 0  # it waited behind the long prompt's first chunk
+    assert_all_free(engine)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
 def test_streamed_layers_equal_the_export(device, kv_format):

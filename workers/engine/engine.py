@@ -129,6 +129,7 @@ class Engine:
         self._reserved: dict[str, Sequence] = {}  # reservations awaiting migrated KV (decode side)
         self._kv_streams: dict[str, Callable[[Sequence, int], None]] = {}  # stream_kv observers (prefill side)
         self._on_held: dict[str, Callable[[Sequence], None]] = {}  # on_held observers (prefill side)
+        self._on_scheduled: dict[str, Callable[[Sequence], None]] = {}  # on_scheduled observers (prefill side)
         self._aborted: list[RequestOutput] = []
         self._arrival = itertools.count()
         self._generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
@@ -195,6 +196,7 @@ class Engine:
         req = self.requests.pop(request_id, None)
         self._kv_streams.pop(request_id, None)
         self._on_held.pop(request_id, None)
+        self._on_scheduled.pop(request_id, None)
         if req is None:
             return False
         self.scheduler.finish(req.seq, "abort")
@@ -225,6 +227,14 @@ class Engine:
         abort. The observer must not raise."""
         self._check_queued_prefill_only(request_id)
         self._on_held[request_id] = observer
+
+    def on_scheduled(self, request_id: str, observer: Callable[[Sequence], None]) -> None:
+        """Calls observer(seq) on this thread in the step that first schedules the prefill of `request_id` (a
+        queued prefill-only request), before its forward pass: work that the prefill's end waits for (the
+        decode worker's reservation) can start then and run beside it, for requests about to be computed only,
+        not for every queued one. Not called after an abort. The observer must not raise."""
+        self._check_queued_prefill_only(request_id)
+        self._on_scheduled[request_id] = observer
 
     def _check_queued_prefill_only(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -318,6 +328,11 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return outputs
+        if self._on_scheduled:
+            for seq, _ in batch.prefills:
+                observer = self._on_scheduled.pop(seq.request_id, None)
+                if observer is not None:
+                    observer(seq)
         step = self.runner.run(batch, self._layer_hook(batch) if self._kv_streams else None)
         for seq, n in batch.prefills:
             seq.num_computed_tokens += n
