@@ -192,7 +192,7 @@ def format_summary(summary: dict, title: str = "Serving Benchmark Result", count
         row("Requests whose KV moved:", n, "{:.0f}")
         row("Mean KV bytes per request (MB):", counters["kv_migrated_bytes"] / n / 1e6)
         row("Mean first token to Commit (ms):", counters["kv_handoff_seconds"] / n * 1e3)
-        row("  of which Reserve to Commit (ms):", counters["kv_transfer_seconds"] / n * 1e3)
+        row("  of which the transfer (ms):", counters["kv_transfer_seconds"] / n * 1e3)
     for error, count in summary.get("errors", {}).items():
         lines.append(f"failed x{count}: {error[:200]}")
     lines.append("=" * width)

@@ -60,7 +60,9 @@ class TransferResult:
     attempts: int
     bytes_sent: int  # payload bytes of the successful attempt
     num_chunks: int
-    seconds: float  # the successful attempt, Reserve to Commit (which waits for the first decode step there)
+    # the successful attempt, Reserve (or its start, when reserved beforehand) to Commit (which waits for the
+    # first decode step there)
+    seconds: float
     stream_seconds: float = 0.0  # the successful attempt, Reserve to the last chunk's ack: the bytes alone
     in_place: bool = False  # written straight into the receiver's cache (same GPU), no chunks
 

@@ -17,8 +17,11 @@ Gateway:
     partita:gateway_queued_requests, partita:gateway_active_requests           gauges
 KV migration (prefill/decode disaggregation; labels kv_format; from the router's totals at scrape time):
     partita:kv_migrations_total, partita:kv_migrated_bytes_total               counters (wire payload bytes)
-    partita:kv_transfer_seconds_total                                          counter (Reserve to Commit;
-                                                                               / migrations = mean transfer)
+    partita:kv_transfer_seconds_total                                          counter (Reserve, or the first
+                                                                               chunk where the decode worker
+                                                                               was reserved during the prefill,
+                                                                               to Commit; / migrations = mean
+                                                                               transfer)
     partita:kv_handoff_seconds_total                                           counter (the prefill's first
                                                                                token to Commit: its wait for the
                                                                                export, then the transfer; 0 for

@@ -2,8 +2,9 @@
 
 A PD request crosses two workers:
 
-    prefill worker   PrefillSide.run: the request runs prefill_only; its first token is yielded at once; its
-                     KV then migrates over gRPC to the decode worker the router chose (`migrate`,
+    prefill worker   PrefillSide.run: the request runs prefill_only, the decode worker the router chose
+                     reserving its blocks meanwhile (`EarlyReservation`); its first token is yielded at once; its
+                     KV then migrates over gRPC to that decode worker (`migrate`,
                      cluster/kv_transfer_client.py), or, when that worker shares this worker's GPU and
                      `kv_transfer.same_gpu` allows, is copied device to device into its reserved blocks
                      (CUDA IPC, workers/kv_ipc.py; gRPC then carries only Reserve and Commit). When the
@@ -65,7 +66,7 @@ class Migrated:
     decode_address: str
     kv_format: str
     bytes_sent: int
-    seconds: float  # the transfer: Reserve to Commit
+    seconds: float  # the transfer: Reserve (or the first chunk, when reserved during the prefill) to Commit
     streamed: bool = False  # sent layer by layer under the prefill (kv_transfer.stream_layers)
     in_place: bool = False  # copied into the decode worker's cache on the shared GPU (kv_transfer.same_gpu)
     # the first token's output here to the Commit's answer: what the client waits for between its first and

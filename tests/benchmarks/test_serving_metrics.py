@@ -59,7 +59,7 @@ def test_summary_shows_the_servers_kv_migrations():
     rows = dict(line.rsplit(None, 1) for line in text.splitlines()
                 if line.startswith(("Requests whose", "Mean KV", "Mean first", "  of which")))
     assert rows == {"Requests whose KV moved:": "4", "Mean KV bytes per request (MB):": "36.00",
-                    "Mean first token to Commit (ms):": "200.00", "  of which Reserve to Commit (ms):": "125.00"}
+                    "Mean first token to Commit (ms):": "200.00", "  of which the transfer (ms):": "125.00"}
 
 
 def test_goodput_counts_a_one_token_request_as_tpot_zero():
