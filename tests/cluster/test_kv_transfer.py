@@ -579,18 +579,25 @@ async def all_free(engine: AsyncEngine) -> bool:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("reserved_early", [False, True], ids=["reserved-after", "reserved-early"])
 @pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
-def test_same_gpu_pd_in_place_equals_colocated(kv_format):
+def test_same_gpu_pd_in_place_equals_colocated(kv_format, reserved_early):
     """A decode worker in another process on the same GPU: the prefill side maps its cache (OpenCache, CUDA IPC),
     copies the blocks (and kivi2's residual) in place, commits without chunks; greedy output equals the colocated
-    engine's on the GPU, and every block returns on both sides."""
+    engine's on the GPU, and every block returns on both sides. Also into a reservation made before the prefill
+    (`reserve`, as `EarlyReservation` makes it)."""
     with same_gpu_decode_worker(kv_format) as (port, decoded):
         async def main():
             async with same_gpu_prefill(kv_format, port) as (prefill, channel, peer):
+                reserved = None
+                if reserved_early:
+                    layout = await asyncio.wrap_future(prefill.submit(kv_layout))
+                    reserved = await kv_transfer_client.reserve(channel, "r", PROMPT, layout)
                 stream = prefill.adopt("r", lambda e: e.add_request("r", PROMPT, GREEDY, prefill_only=True))
                 async with contextlib.aclosing(stream):
                     first = await anext(stream)
-                    result = await migrate_or_resume(prefill, channel, "r", WIRE_GREEDY, peer=peer)
+                    result = await migrate_or_resume(prefill, channel, "r", WIRE_GREEDY, peer=peer,
+                                                     reserved=reserved)
                 return first.new_token_ids, result, await all_free(prefill)
 
         first, result, prefill_free = asyncio.run(main())
