@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from partita.workers import Engine, EngineConfig, InvalidRequestError, SamplingParams
+from partita.workers.engine.sequence import Status
 from partita.workers.errors import KvCapacityError
 from partita.workers.kv_import import import_payload, import_payloads
 from partita.workers import kv_migration
@@ -247,7 +248,7 @@ def test_on_scheduled_observes_a_prefill_once_as_its_first_step_begins():
                 computed_at[request_id] = step
         step += 1
         for request_id in ("long", "next"):
-            if request_id in engine.requests and engine.requests[request_id].seq.status.name == "HELD":
+            if request_id in engine.requests and engine.requests[request_id].seq.status is Status.HELD:
                 engine.release_prefilled(request_id)
     assert sorted(seen) == sorted([("long", computed_at["long"], 0), ("next", computed_at["next"], 0)])
     assert computed_at["next"] > 0  # it waited behind the long prompt's first chunk
