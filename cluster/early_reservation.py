@@ -39,7 +39,10 @@ class EarlyReservation:
 
     def begin(self, prompt_token_ids: list[int]) -> None:
         """Sends the Reserve (from any thread; the request's prompt, as its prefill computes it)."""
-        self._loop.call_soon_threadsafe(self._start, prompt_token_ids)
+        try:
+            self._loop.call_soon_threadsafe(self._start, prompt_token_ids)
+        except RuntimeError:  # the loop has closed (the worker is shutting down): nothing to reserve for
+            pass
 
     def _start(self, prompt_token_ids: list[int]) -> None:
         if self._task is None and not self._claimed:
