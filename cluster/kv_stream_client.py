@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 import grpc
 
 from partita.cluster.kv_transfer_client import (DEFAULT_CHUNK_BYTES, NOT_RETRYABLE, AttemptFailed, TransferResult,
-                                                abort_transfer, migrate_or_resume, reserve_request, stream_chunks)
+                                                abort_transfer, migrate_or_resume, reserve, stream_chunks)
 from partita.cluster.kv_wire import ChunkPacker, Piece, encode_chunk
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers.kv_ipc import InPlaceStream, PeerCache, stream_in_place
@@ -119,11 +119,11 @@ async def prefill_and_migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel,
     same_worker = dict(model=model, sender_id=sender_id, chunk_bytes=chunk_bytes, window=window, ttl_s=ttl_s,
                        timeout_s=timeout_s)
     try:
-        reserved = await stub.Reserve(reserve_request(request_id, prompt, layout, model=model, sender_id=sender_id,
-                                                      ttl_s=ttl_s), timeout=timeout_s)
-    except grpc.aio.AioRpcError as e:
+        reserved = await reserve(channel, request_id, prompt, layout, model=model, sender_id=sender_id, ttl_s=ttl_s,
+                                 timeout_s=timeout_s)
+    except AttemptFailed as e:
         log.warning("Reserve for the streamed KV of %s refused (%s: %s); exporting after the prefill instead",
-                    request_id, e.code(), e.details())
+                    request_id, e.code, e.message)
         times.admitted = time.perf_counter()
         outputs = prefill.adopt(request_id, lambda eng: eng.add_request(request_id, prompt, params, prefill_only=True))
         first = await _first(outputs)

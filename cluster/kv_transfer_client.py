@@ -261,9 +261,9 @@ async def open_peer_cache(prefill: "AsyncEngine", channel: grpc.aio.Channel, *, 
         return None
 
 
-async def _attempt_in_place(prefill: "AsyncEngine", stub, request_id: str, peer: PeerCache, sampling, *,
-                            model: str = "", sender_id: str = "", ttl_s: float = 30.0, timeout_s: float = 30.0,
-                            reserved: pb.ReserveResponse | None = None, **_chunking) -> TransferResult:
+async def _attempt_in_place(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str, peer: PeerCache,
+                            sampling, *, model: str = "", sender_id: str = "", ttl_s: float = 30.0,
+                            timeout_s: float = 30.0, reserved: pb.ReserveResponse | None = None, **_chunking) -> TransferResult:
     """One same-GPU attempt (module docstring); send_kv's defaults, and its chunking options do not apply."""
     start = time.perf_counter()
 
@@ -275,11 +275,9 @@ async def _attempt_in_place(prefill: "AsyncEngine", stub, request_id: str, peer:
     given = reserved is not None
     if not given:
         prompt, first_token, layout = await asyncio.wrap_future(prefill.submit(describe))
-        try:
-            reserved = await stub.Reserve(reserve_request(request_id, prompt, layout, model=model,
-                                                          sender_id=sender_id, ttl_s=ttl_s), timeout=timeout_s)
-        except grpc.aio.AioRpcError as e:
-            raise AttemptFailed(e.code(), f"Reserve: {e.details()}") from None
+        reserved = await reserve(channel, request_id, prompt, layout, model=model, sender_id=sender_id, ttl_s=ttl_s,
+                                 timeout_s=timeout_s)
+    stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
     tid = reserved.transfer_id
     try:
         if given:
@@ -316,10 +314,9 @@ async def migrate(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id:
         begun = None
     try:
         if peer is not None:
-            stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
             given, reserved = reserved, None  # the attempt uses it or aborts it
             try:
-                result = await _attempt_in_place(prefill, stub, request_id, peer, sampling, reserved=given,
+                result = await _attempt_in_place(prefill, channel, request_id, peer, sampling, reserved=given,
                                                  **send_kwargs)
             except AttemptFailed as e:
                 log.warning("same-GPU KV transfer of %s failed (%s); sending chunks instead", request_id, e.message)
