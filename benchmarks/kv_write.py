@@ -9,13 +9,14 @@ A prompt of --tokens tokens of the Llama-3-8B KV shape (`kv_transfer.py`'s engin
 prefilled and exported, its payloads packed into chunks as `send_kv` packs them (`build_chunks`, runs of blocks
 crossing layers) and decoded as the receiver decodes them, and each chunk is written into a reserved sequence of
 two other engines on the same device as the receiver writes it (`workers/kv_import.py`: `stage_payloads`,
-which a receiver runs on its checksum thread, then `write_staged`, which it runs on the engine thread), one
+then the block write, which a receiver runs on its checksum thread too; here `write_staged`), one
 engine per write path: impl='triton' (`kernels/scatter_copy.py`, what CUDA uses) and impl='torch' (one
 `index_copy_` per layer and part on CUDA, numpy on the CPU: all of it in `write_staged`). Rounds alternate the
 paths; each round times every chunk on the calling thread, nothing else running, the device synchronized
 before and after. Reported: the median over rounds 2.. of each round's median ms per chunk, whole and its
-engine-thread part (`write_staged`), with the range over rounds, and the median time of a whole round (all
-chunks, then a device synchronize). Both caches must end byte-equal.
+launch part (`write_staged`, the engine thread's share before the receiver wrote off it), with the range over
+rounds, and the median time of a whole round (all chunks, then a device synchronize). Both caches must end
+byte-equal.
 
 What this leaves out: under a live stream the write shares the GIL with the receiving event loop
 (`kv_transfer.py` measures that transfer as a whole).

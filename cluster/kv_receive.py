@@ -6,7 +6,7 @@ data stays a view of the received message). `check_chunk` is what a chunk must s
 payloads' bytes is looked at.
 
 `ChunkPipeline`: each chunk passes `admit` (on the event loop, in order, one at a time: the checks that need
-no pass over the data) and then `store` (checksums on a worker thread, the write on the engine thread). Up to
+no pass over the data) and then `store` (checksums and the write on a worker thread). Up to
 `depth` chunks are in the second stage at once, so that the event loop reads and admits the next chunk (gRPC's
 reassembly of a message is the receiver's largest cost on the loop) while the ones before it are checksummed
 and written, instead of waiting for each in turn. Chunks come out of `stored` in order, each only once stored:

@@ -4,9 +4,11 @@ sequence's blocks and slot state.
 A write has two halves. `stage_payloads` checks payloads against the layout and lays them out (with Triton also
 fills the pinned upload: a copy table, then the rows); it touches no engine state, only a `CacheTarget` (where
 the cache parts are, read once on the engine's thread) and a copy of the sequence's block table, so a receiver
-runs it on a worker thread next to the checksums. `write_staged` does the rest on the engine's thread: on CUDA
-one upload and one `kernels/scatter_copy.py` launch per chunk, plus the state rows. `import_payloads` does both
-in one call.
+runs it on a worker thread next to the checksums. The block runs' write it returns (`StagedWrite.write_blocks`:
+on CUDA one upload and one `kernels/scatter_copy.py` launch) touches only the reserved blocks, so a receiver
+runs it on that thread too, on the engine's stream, while the engine steps other sequences; the state rows,
+which go through the engine, are written on its thread (`write_states`). `write_staged` does both halves there,
+and `import_payloads` everything in one call.
 """
 from __future__ import annotations
 
@@ -52,8 +54,10 @@ class StagedWrite:
 
     num_tokens: int
     layout: KvLayout
-    write_blocks: Callable[[], None] | None  # the block runs' write; must run on the engine's thread
-    states: list[tuple[int, bytes | memoryview]]  # (layer, data) of state payloads
+    # the block runs' write: on any thread, queued on the current stream, only while the sequence still holds the
+    # blocks it was staged for, and before the engine reads them
+    write_blocks: Callable[[], None] | None
+    states: list[tuple[int, bytes | memoryview]]  # (layer, data) of state payloads, for `write_states`
 
 
 def stage_payloads(target: CacheTarget, block_table: list[int], num_tokens: int, payloads: list[Payload],
@@ -105,6 +109,11 @@ def write_staged(engine: Engine, seq: Sequence, staged: StagedWrite) -> None:
     while seq still holds the blocks the staging was given."""
     if staged.write_blocks is not None:
         staged.write_blocks()
+    write_states(engine, seq, staged)
+
+
+def write_states(engine: Engine, seq: Sequence, staged: StagedWrite) -> None:
+    """Writes the state payloads `stage_payloads` set aside into seq's slot; on the engine's thread."""
     for layer, data in staged.states:
         _import_state(engine, seq, staged.num_tokens, layer, data, staged.layout)
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import threading
 import zlib
 
 import grpc
 import pytest
+import torch
 
-from partita.cluster import kv_transfer_client
+from partita.cluster import kv_transfer_client, kv_transfer_server
 from partita.cluster.async_engine import AsyncEngine
 from partita.cluster.auth import bearer_token_interceptors
 from partita.cluster.kv_transfer_client import migrate_or_resume, reserve_request, send_kv
@@ -28,7 +30,7 @@ from partita.cluster.kv_transfer_server import KvTransferServicer, start_kv_tran
 from partita.cluster.kv_wire import send_stream
 from partita.protos.partita.v1 import inference_pb2, kv_transfer_pb2 as pb, kv_transfer_pb2_grpc
 from partita.workers import Engine, EngineConfig, SamplingParams
-from partita.workers.kv_migration import export_request, kv_layout
+from partita.workers.kv_migration import export_request, kv_layout, layer_byte_rows
 
 CONFIG = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32)
 PROMPT = [(7 * j) % 500 + 2 for j in range(45)]
@@ -340,6 +342,94 @@ def test_truncated_transfer_is_refused_and_freed():
                 with pytest.raises(grpc.aio.AioRpcError) as err:  # the aborted transfer takes no more chunks
                     await pair.stub.Send(iter([pb.KvChunk(transfer_id=tid, seq=1)]))
                 assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
+            await pair.assert_all_free()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("kv_format", ["int4", "kivi2"])
+def test_chunks_are_written_while_the_engine_thread_is_busy(kv_format):
+    """The decode worker writes a transfer's blocks off its engine thread: every chunk is checked, written and
+    acknowledged while that thread is busy (here held by a call that waits; in service, decode steps), and the
+    state payloads (kivi2's) are written at Commit. The request then decodes what the colocated engine does."""
+    async def main():
+        async with Pair(kv_format) as pair:
+            stream, export, tid, _ = await pair.held_and_reserved()
+            async with contextlib.aclosing(stream):
+                started, release = threading.Event(), threading.Event()
+                busy = pair.decode.submit(lambda e: (started.set(), release.wait(30)))
+                try:
+                    assert await eventually(started.is_set)
+                    unit = max(export.layout.bytes_per_block, export.layout.state_bytes(export.num_tokens))
+                    chunks = kv_transfer_client.build_chunks(tid, export, unit, True)
+                    sending = kv_transfer_client.stream_chunks(pair.channel, tid, chunks, 2, 30)
+                    sent = await asyncio.wait_for(sending, 10)
+                    assert sent > 2 and not busy.done()  # more chunks than the window: acks were needed
+                finally:
+                    release.set()
+                await asyncio.wrap_future(busy)
+                await pair.stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=export.first_token_id,
+                                                        sampling=WIRE_GREEDY))
+                await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
+                assert [export.first_token_id] + await pair.outputs["r"] == colocated(kv_format)
+            await pair.assert_all_free()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("when", ["before the write", "during the write"])
+def test_abort_and_a_chunk_being_written(monkeypatch, when):
+    """A chunk's write and the transfer's end exclude each other: an Abort that comes while a chunk is being
+    staged frees the blocks and the write that follows is refused (the cache is left as it was); one that comes
+    while a chunk is being written waits for that write before the blocks are freed."""
+    staging, go = threading.Event(), threading.Event()
+    real_stage = kv_transfer_server.stage_payloads
+
+    def stage(*args, **kwargs):
+        staged = real_stage(*args, **kwargs)
+        if when == "before the write":
+            staging.set()
+            go.wait(30)
+            return staged
+        write = staged.write_blocks
+
+        def slow_write():
+            staging.set()
+            go.wait(30)
+            write()
+        return dataclasses.replace(staged, write_blocks=slow_write)
+
+    monkeypatch.setattr(kv_transfer_server, "stage_payloads", stage)
+
+    async def main():
+        async with Pair("int4") as pair:
+            stream, _, tid, chunk = await pair.held_and_reserved()
+            async with contextlib.aclosing(stream):
+                def snapshot(e):
+                    return [part.clone() for layer in range(e.model_config.num_layers)
+                            for part in layer_byte_rows(e, layer)]
+                before = await asyncio.wrap_future(pair.decode.submit(snapshot))
+                call = pair.stub.SendStream()
+                await call.write(chunk)
+                await call.done_writing()
+                assert await eventually(staging.is_set)
+                abort = asyncio.ensure_future(pair.stub.Abort(pb.AbortTransferRequest(transfer_id=tid, reason="test")))
+                if when == "during the write":
+                    done, _ = await asyncio.wait([abort], timeout=0.3)
+                    assert not done  # the free waits for the write under way
+                else:
+                    assert (await abort).was_reserved
+                go.set()
+                assert (await abort).was_reserved
+                acks = []
+                try:
+                    acks = [ack.seq async for ack in call]
+                except grpc.aio.AioRpcError as e:
+                    assert when == "before the write" and e.code() == grpc.StatusCode.INTERNAL
+                    assert "aborted before its chunk 0 was written" in e.details()
+                assert acks == ([0] if when == "during the write" else [])
+                if when == "before the write":
+                    after = await asyncio.wrap_future(pair.decode.submit(snapshot))
+                    assert all(torch.equal(a, b) for a, b in zip(before, after))
                 await asyncio.wrap_future(pair.prefill.submit(lambda e: e.release_prefilled("r")))
             await pair.assert_all_free()
     asyncio.run(main())
