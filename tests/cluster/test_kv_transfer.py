@@ -52,12 +52,12 @@ class Pair:
     """A prefill engine, a decode engine behind a KvTransfer server, a channel to it, decode outputs by request."""
 
     def __init__(self, kv_format: str, decode_format: str | None = None, api_key: str | None = None,
-                 client_token: str | None = None, **decode_config):
+                 client_token: str | None = None, device: str = "cpu", config: dict = CONFIG, **decode_config):
         self.api_key, self.client_token = api_key, client_token
-        self.prefill = AsyncEngine.from_model("tiny-llama", device="cpu", kv_format=kv_format,
-                                              config=EngineConfig(**CONFIG))
-        self.decode = AsyncEngine.from_model("tiny-llama", device="cpu", kv_format=decode_format or kv_format,
-                                             config=EngineConfig(**{**CONFIG, **decode_config}))
+        self.prefill = AsyncEngine.from_model("tiny-llama", device=device, kv_format=kv_format,
+                                              config=EngineConfig(**config))
+        self.decode = AsyncEngine.from_model("tiny-llama", device=device, kv_format=decode_format or kv_format,
+                                             config=EngineConfig(**{**config, **decode_config}))
         self.outputs: dict[str, asyncio.Task] = {}
 
     def on_commit(self, request_id, outputs) -> None:
@@ -666,6 +666,21 @@ async def all_free(engine: AsyncEngine) -> bool:
     """Every KV block of `engine` free and nothing held for migration."""
     return await asyncio.wrap_future(engine.submit(
         lambda e: e.blocks.num_free_blocks == e.blocks.num_blocks and not e.scheduler.held))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_format", ["none", "int4", "kivi2"])
+def test_pd_over_grpc_on_cuda_equals_colocated(kv_format):
+    """Chunks over gRPC between two engines on the GPU: the receiver writes the blocks from its checksum thread
+    on the decode engine's stream and the states at Commit; greedy output equals the colocated engine's there."""
+    async def main():
+        async with Pair(kv_format, device="cuda", config=GPU_CONFIG) as pair:
+            layout = await asyncio.wrap_future(pair.decode.submit(kv_layout))
+            tokens, result = await pair.run(chunk_bytes=max(layout.bytes_per_block, layout.state_bytes(len(PROMPT))))
+            assert result is not None and result.num_chunks > 2 and not result.in_place
+            await pair.assert_all_free()
+            return tokens
+    assert asyncio.run(main()) == colocated(kv_format, "cuda", GPU_CONFIG)
 
 
 @pytest.mark.gpu
