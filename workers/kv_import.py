@@ -43,7 +43,7 @@ def import_payloads(engine: Engine, seq: Sequence, num_tokens: int, payloads: li
 
 def prepare_writes(target: CacheTarget, impl: str = "auto") -> None:
     """Compiles what `write_staged` will launch for this cache (Triton compiles on first use), so that the first
-    transfer does not stall the engine thread; on the engine's thread, before the first transfer."""
+    transfer does not stall; on the engine's thread, before the first transfer."""
     if use_triton(impl, target.rows[0][0]):
         warm_up(target.word, target.device)
 
@@ -66,7 +66,7 @@ def stage_payloads(target: CacheTarget, block_table: list[int], num_tokens: int,
     the blocks `block_table` names (a sequence's table, or a copy of it taken on the engine's thread): all block
     runs at once, since one small copy per block, then one per layer and part, is what made the receiver slow.
     Touches no engine state, so it may run on any thread: with Triton it also fills the pinned upload (a copy
-    table, then the rows), which leaves the engine's thread one upload and one launch per chunk. data may be any
+    table, then the rows), which leaves the write one upload and one launch per chunk. data may be any
     bytes-like object (a view of a received message). A wrong size or index raises ValueError. impl: 'auto'
     (the Triton scatter on CUDA, numpy on the CPU), 'triton' (also on the CPU, through Triton's interpreter) or
     'torch' (numpy on the CPU, one indexed copy per layer and part on CUDA)."""
@@ -122,8 +122,8 @@ def _staged_scatter(target: CacheTarget, spans: list[tuple[int, int, int]], bloc
                     runs: list[np.ndarray]) -> Callable[[], None]:
     """One upload and one `scatter_copy` launch for every layer and part the runs touch. The copy table (per row
     and part: the part's block address, where the row's piece starts, its length) is made with numpy and goes up
-    with the rows, so the engine's thread makes a few torch calls per chunk instead of dozens (most of them give
-    the GIL up and wait to take it back from the event loop receiving the next chunk)."""
+    with the rows, so the write makes a few torch calls per chunk instead of dozens (most of them give the GIL
+    up and wait to take it back from the event loop receiving the next chunk)."""
     widths, word, width, rows = target.widths, target.word, runs[0].shape[1], len(block_ids)
     table = np.empty((rows, len(widths), 3), dtype=np.int64)
     for layer, a, b in spans:
