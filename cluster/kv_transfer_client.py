@@ -263,27 +263,28 @@ async def open_peer_cache(prefill: "AsyncEngine", channel: grpc.aio.Channel, *, 
 
 async def _attempt_in_place(prefill: "AsyncEngine", channel: grpc.aio.Channel, request_id: str, peer: PeerCache,
                             sampling, *, model: str = "", sender_id: str = "", ttl_s: float = 30.0,
-                            timeout_s: float = 30.0, reserved: pb.ReserveResponse | None = None, **_chunking) -> TransferResult:
+                            timeout_s: float = 30.0, reserved: pb.ReserveResponse | None = None,
+                            **_chunking) -> TransferResult:
     """One same-GPU attempt (module docstring); send_kv's defaults, and its chunking options do not apply."""
     start = time.perf_counter()
 
     def describe(engine):
         seq = engine.prefilled_sequence(request_id)
-        n = seq.num_prompt_tokens
-        return list(seq.token_ids[:n]), seq.token_ids[n], kv_layout(engine)
+        return list(seq.token_ids[:seq.num_prompt_tokens]), kv_layout(engine)
 
-    given = reserved is not None
-    if not given:
-        prompt, first_token, layout = await asyncio.wrap_future(prefill.submit(describe))
+    def copy(engine):  # the first token is read in the same visit to the engine thread as the copy
+        seq = engine.prefilled_sequence(request_id)
+        first_token = seq.token_ids[seq.num_prompt_tokens]
+        return first_token, copy_in_place(engine, request_id, peer, list(reserved.block_ids), reserved.seq_slot)
+
+    if reserved is None:
+        prompt, layout = await asyncio.wrap_future(prefill.submit(describe))
         reserved = await reserve(channel, request_id, prompt, layout, model=model, sender_id=sender_id, ttl_s=ttl_s,
                                  timeout_s=timeout_s)
     stub = kv_transfer_pb2_grpc.KvTransferStub(channel)
     tid = reserved.transfer_id
     try:
-        if given:
-            first_token = await asyncio.wrap_future(prefill.submit(lambda e: describe(e)[1]))
-        written = await asyncio.wrap_future(prefill.submit(
-            lambda e: copy_in_place(e, request_id, peer, list(reserved.block_ids), reserved.seq_slot)))
+        first_token, written = await asyncio.wrap_future(prefill.submit(copy))
         copied = time.perf_counter() - start
         await stub.Commit(pb.CommitRequest(transfer_id=tid, first_token_id=first_token, sampling=sampling,
                                            written_in_place=True), timeout=timeout_s)
