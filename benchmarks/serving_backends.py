@@ -31,11 +31,12 @@ SERVER_COUNTERS = {"prompt_tokens": "partita:prompt_tokens_total",
                    "request_success": "partita:request_success_total",
                    "num_preemptions": "partita:num_preemptions_total",
                    # PD deployments: requests whose KV moved, its wire bytes, the seconds of the transfer (Reserve,
-                   # or the first chunk when reserved during the prefill, to Commit) and from the prefill's first
-                   # token to Commit, summed
+                   # or the first chunk when reserved during the prefill, to Commit), of its stream (to the last
+                   # chunk's ack) and from the prefill's first token to Commit, summed
                    "kv_migrations": "partita:kv_migrations_total",
                    "kv_migrated_bytes": "partita:kv_migrated_bytes_total",
                    "kv_transfer_seconds": "partita:kv_transfer_seconds_total",
+                   "kv_stream_seconds": "partita:kv_stream_seconds_total",
                    "kv_handoff_seconds": "partita:kv_handoff_seconds_total"}
 
 

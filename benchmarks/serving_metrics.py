@@ -193,6 +193,8 @@ def format_summary(summary: dict, title: str = "Serving Benchmark Result", count
         row("Mean KV bytes per request (MB):", counters["kv_migrated_bytes"] / n / 1e6)
         row("Mean first token to Commit (ms):", counters["kv_handoff_seconds"] / n * 1e3)
         row("  of which the transfer (ms):", counters["kv_transfer_seconds"] / n * 1e3)
+        if counters.get("kv_stream_seconds"):  # servers before the counter have none
+            row("    of which to the last ack (ms):", counters["kv_stream_seconds"] / n * 1e3)
     for error, count in summary.get("errors", {}).items():
         lines.append(f"failed x{count}: {error[:200]}")
     lines.append("=" * width)

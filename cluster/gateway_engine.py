@@ -53,6 +53,25 @@ class WorkerLoad:
     num_preemptions: int = 0
 
 
+@dataclass(frozen=True)
+class MigrationTotals:
+    """KV migrations of one KV format so far (prefill/decode disaggregation), summed over requests: their count,
+    wire payload bytes and seconds: the transfer (Reserve, or the first chunk when reserved during the prefill, to
+    Commit), the stream within it (to the last chunk's ack, or the end of a copy in place: the bytes alone; Commit
+    then waits for the decode worker's first step) and the handoff (the prefill's first token to Commit)."""
+
+    migrations: int = 0
+    num_bytes: int = 0
+    transfer_seconds: float = 0.0
+    stream_seconds: float = 0.0
+    handoff_seconds: float = 0.0
+
+    def add(self, num_bytes: int, transfer_s: float, stream_s: float, handoff_s: float) -> "MigrationTotals":
+        """These totals with one more migration."""
+        return MigrationTotals(self.migrations + 1, self.num_bytes + num_bytes, self.transfer_seconds + transfer_s,
+                               self.stream_seconds + stream_s, self.handoff_seconds + handoff_s)
+
+
 class Tokenizer(Protocol):
     """The slice of a tokenizer the gateway uses (chat templates, prompt lengths, logprob tokens)."""
 

@@ -22,6 +22,11 @@ KV migration (prefill/decode disaggregation; labels kv_format; from the router's
                                                                                was reserved during the prefill,
                                                                                to Commit; / migrations = mean
                                                                                transfer)
+    partita:kv_stream_seconds_total                                            counter (the part of the
+                                                                               transfer to the last chunk's
+                                                                               ack: the bytes alone; the rest
+                                                                               is Commit, which waits for the
+                                                                               decode worker's first step)
     partita:kv_handoff_seconds_total                                           counter (the prefill's first
                                                                                token to Commit: its wait for the
                                                                                export, then the transfer; 0 for
@@ -36,7 +41,7 @@ from typing import Callable, Mapping, Sequence
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from partita.cluster.gateway_engine import WorkerLoad
+from partita.cluster.gateway_engine import MigrationTotals, WorkerLoad
 
 TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                   20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -52,13 +57,13 @@ class ServingMetrics:
     """The gateway's metrics; `loads`, `gateway_counts` and `migrations` are read at scrape time.
 
     gateway_counts: () -> (queued, active) requests in the gateway.
-    migrations: () -> {kv_format: (migrations, bytes, transfer seconds, handoff seconds)} so far; None where
+    migrations: () -> {kv_format: MigrationTotals} so far; None where
         nothing migrates.
     """
 
     def __init__(self, model_name: str, loads: Callable[[], Sequence[WorkerLoad]],
                  gateway_counts: Callable[[], tuple[int, int]], registry: CollectorRegistry | None = None,
-                 migrations: Callable[[], Mapping[str, tuple[int, int, float, float]]] | None = None):
+                 migrations: Callable[[], Mapping[str, MigrationTotals]] | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r, name = self.registry, ["model_name"]
         self.ttft = Histogram("partita:time_to_first_token_seconds", "Time to first token.", name,
@@ -135,7 +140,7 @@ class _LoadCollector:
 class _MigrationCollector:
     """KV migration counters from the router's running totals, per KV format."""
 
-    def __init__(self, model_name: str, migrations: Callable[[], Mapping[str, tuple[int, int, float, float]]]):
+    def __init__(self, model_name: str, migrations: Callable[[], Mapping[str, MigrationTotals]]):
         self._model_name, self._migrations = model_name, migrations
 
     def describe(self):
@@ -149,12 +154,15 @@ class _MigrationCollector:
                                    labels=labels)
         seconds = CounterMetricFamily("partita:kv_transfer_seconds", "Seconds spent in KV transfers.",
                                       labels=labels)
+        stream = CounterMetricFamily("partita:kv_stream_seconds", "Seconds of KV transfers up to the last chunk's "
+                                     "ack (the bytes alone; the rest is the commit).", labels=labels)
         handoff = CounterMetricFamily("partita:kv_handoff_seconds", "Seconds from the prefill's first token to the "
                                       "decode worker's commit (export wait, export and transfer).", labels=labels)
-        for kv_format, (n, num_bytes, s, h) in sorted(self._migrations().items()):
+        for kv_format, t in sorted(self._migrations().items()):
             values = [self._model_name, kv_format]
-            count.add_metric(values, n)
-            size.add_metric(values, num_bytes)
-            seconds.add_metric(values, s)
-            handoff.add_metric(values, h)
-        return [count, size, seconds, handoff]
+            count.add_metric(values, t.migrations)
+            size.add_metric(values, t.num_bytes)
+            seconds.add_metric(values, t.transfer_seconds)
+            stream.add_metric(values, t.stream_seconds)
+            handoff.add_metric(values, t.handoff_seconds)
+        return [count, size, seconds, stream, handoff]

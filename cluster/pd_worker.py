@@ -73,6 +73,9 @@ class Migrated:
     # second token on this side (the export's permit and queueing, the export, the transfer); 0 when streamed,
     # where the first token follows the commit
     handoff_seconds: float = 0.0
+    # the transfer's start to the last chunk's ack (or the end of the copy in place): the bytes alone; the rest of
+    # `seconds` is Commit, which answers after the decode worker's first step of the request
+    stream_seconds: float = 0.0
 
 
 class NotCommittedError(RuntimeError):
@@ -152,7 +155,8 @@ class PrefillSide:
                     result = None
                 if result is not None:
                     yield Migrated(request_id, landed[0], self._kv_format, result.bytes_sent, result.seconds,
-                                   in_place=result.in_place, handoff_seconds=time.perf_counter() - first_at)
+                                   in_place=result.in_place, handoff_seconds=time.perf_counter() - first_at,
+                                   stream_seconds=result.stream_seconds)
                     return
                 async for out in stream:
                     yield out
@@ -236,7 +240,7 @@ class PrefillSide:
                 return
             if m.result is not None:
                 yield Migrated(request_id, landed[0], self._kv_format, m.result.bytes_sent, m.result.seconds,
-                               m.streamed, m.result.in_place)
+                               m.streamed, m.result.in_place, stream_seconds=m.result.stream_seconds)
                 return
             async for out in m.prefill_outputs:
                 yield out

@@ -38,7 +38,7 @@ from typing import Any, AsyncIterator
 
 import ray
 
-from partita.cluster.gateway_engine import EngineUnavailableError, ModelInfo, WorkerLoad
+from partita.cluster.gateway_engine import EngineUnavailableError, MigrationTotals, ModelInfo, WorkerLoad
 from partita.cluster.pd_worker import Migrated
 from partita.cluster.routing import decode_alternates, pick_pair, pick_worker, worker_score
 from partita.cluster.spec import ClusterSpec, RouterSpec, SpecError
@@ -128,8 +128,7 @@ class RayRouter:
         self.num_migrations = 0  # PD requests whose KV moved to their decode worker
         self.num_streamed_migrations = 0  # ... of which layer by layer under the prefill
         self.num_in_place_migrations = 0  # ... of which copied on a GPU shared with the decode worker
-        # kv_format -> (migrations, bytes, transfer seconds, handoff seconds): `Migrated`'s, summed
-        self._migrated: dict[str, tuple[int, int, float, float]] = {}
+        self._migrated: dict[str, MigrationTotals] = {}  # by kv_format: `Migrated`'s, summed
 
     @classmethod
     async def connect(cls, controller, spec: ClusterSpec, timeout_s: float = 600.0) -> "RayRouter":
@@ -279,13 +278,11 @@ class RayRouter:
         self.num_migrations += 1
         self.num_streamed_migrations += m.streamed
         self.num_in_place_migrations += m.in_place
-        n, num_bytes, seconds, handoff = self._migrated.get(m.kv_format, (0, 0, 0.0, 0.0))
-        self._migrated[m.kv_format] = (n + 1, num_bytes + m.bytes_sent, seconds + m.seconds,
-                                       handoff + m.handoff_seconds)
+        totals = self._migrated.get(m.kv_format, MigrationTotals())
+        self._migrated[m.kv_format] = totals.add(m.bytes_sent, m.seconds, m.stream_seconds, m.handoff_seconds)
 
-    def migration_totals(self) -> dict[str, tuple[int, int, float, float]]:
-        """{kv_format: (migrations, wire payload bytes, transfer seconds, handoff seconds)} of this router so far
-        (metrics)."""
+    def migration_totals(self) -> dict[str, MigrationTotals]:
+        """{kv_format: its migrations so far} of this router (metrics)."""
         return dict(self._migrated)
 
     async def abort(self, request_id: str) -> bool:

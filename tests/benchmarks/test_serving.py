@@ -139,9 +139,10 @@ def test_server_counters_parse():
             'partita:kv_migrations_total{model_name="m",kv_format="int4"} 3.0\n'
             'partita:kv_migrations_total{model_name="m",kv_format="none"} 2.0\n'
             'partita:kv_transfer_seconds_total{model_name="m",kv_format="int4"} 0.25\n'
+            'partita:kv_stream_seconds_total{model_name="m",kv_format="int4"} 0.125\n'
             'partita:kv_handoff_seconds_total{model_name="m",kv_format="int4"} 0.5\n')
     counters = backends.parse_counters(text)
     assert counters["generation_tokens"] == 12.0 and counters["request_success"] == 4.0
     assert counters["prompt_tokens"] == 0.0 and not math.isnan(counters["num_preemptions"])
     assert (counters["kv_migrations"], counters["kv_transfer_seconds"], counters["kv_migrated_bytes"]) == (5, 0.25, 0)
-    assert counters["kv_handoff_seconds"] == 0.5
+    assert (counters["kv_handoff_seconds"], counters["kv_stream_seconds"]) == (0.5, 0.125)

@@ -60,6 +60,11 @@ def test_summary_shows_the_servers_kv_migrations():
                 if line.startswith(("Requests whose", "Mean KV", "Mean first", "  of which")))
     assert rows == {"Requests whose KV moved:": "4", "Mean KV bytes per request (MB):": "36.00",
                     "Mean first token to Commit (ms):": "200.00", "  of which the transfer (ms):": "125.00"}
+    assert "to the last ack" not in text  # a server without the stream counter
+    text = metrics.format_summary(s, counters={"kv_migrations": 4.0, "kv_migrated_bytes": 144e6,
+                                               "kv_transfer_seconds": 0.5, "kv_stream_seconds": 0.3,
+                                               "kv_handoff_seconds": 0.8})
+    assert "    of which to the last ack (ms):" in text and text.split("to the last ack (ms):")[1].split()[0] == "75.00"
 
 
 def test_goodput_counts_a_one_token_request_as_tpot_zero():

@@ -7,7 +7,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from partita.client import Client
-from partita.cluster.gateway_engine import WorkerLoad
+from partita.cluster.gateway_engine import MigrationTotals, WorkerLoad
 from partita.cluster.metrics import ServingMetrics
 from tests.client.gateway_server import LONG, engine_idle, running_gateway, wait_until
 
@@ -44,6 +44,19 @@ def test_serving_metrics_render_engine_and_gateway_gauges():
     assert value(s, "partita:request_rejected_total", model_name="m", reason="queue_full") == 1
     assert value(s, "partita:time_to_first_token_seconds_count", model_name="m") == 1
     assert value(s, "partita:inter_token_latency_seconds_bucket", model_name="m", le="0.005") == 1
+
+
+def test_kv_migration_counters_sum_per_format():
+    totals = {"int4": MigrationTotals().add(1000, 0.25, 0.125, 0.5).add(3000, 0.5, 0.25, 1.0),
+              "kivi2": MigrationTotals().add(700, 0.1, 0.05, 0.2)}
+    s = samples(ServingMetrics("m", lambda: [], lambda: (0, 0), migrations=lambda: totals).render().decode())
+    int4 = {"model_name": "m", "kv_format": "int4"}
+    assert value(s, "partita:kv_migrations_total", **int4) == 2
+    assert value(s, "partita:kv_migrated_bytes_total", **int4) == 4000
+    assert value(s, "partita:kv_transfer_seconds_total", **int4) == 0.75
+    assert value(s, "partita:kv_stream_seconds_total", **int4) == 0.375
+    assert value(s, "partita:kv_handoff_seconds_total", **int4) == 1.5
+    assert value(s, "partita:kv_stream_seconds_total", model_name="m", kv_format="kivi2") == 0.05
 
 
 def test_metrics_follow_requests_through_the_gateway():

@@ -171,6 +171,8 @@ def test_pd_through_router_and_gateway_equals_colocated(served):
     assert migrated["partita:kv_migrated_bytes_total"] > 0 and migrated["partita:kv_transfer_seconds_total"] > 0
     # the handoff (first token to commit, on the prefill side) holds the transfer and the export before it
     assert migrated["partita:kv_handoff_seconds_total"] > migrated["partita:kv_transfer_seconds_total"]
+    # the stream (to the last ack) is part of the transfer, which ends with Commit
+    assert 0 < migrated["partita:kv_stream_seconds_total"] < migrated["partita:kv_transfer_seconds_total"]
     assert all((e.kv_address is not None) == (e.role == "decode") for e in entries)
     assert_all_free(served)
 

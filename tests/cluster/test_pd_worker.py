@@ -160,6 +160,7 @@ def test_the_export_begins_in_the_step_that_holds_the_request(monkeypatch):
                 for request_id in ("r0", "r1"):
                     *outputs, migrated = [x async for x in side.run(request_id, PROMPT, GREEDY, [pair.address])]
                     assert isinstance(migrated, Migrated) and migrated.handoff_seconds >= migrated.seconds > 0
+                    assert 0 < migrated.stream_seconds < migrated.seconds  # Commit comes after the last ack
                     tokens.append([t for o in outputs for t in o.new_token_ids] + await pair.outputs[request_id])
                 leaving = side.run("r2", PROMPT, GREEDY, [pair.address])
                 await anext(leaving)
